@@ -1,0 +1,46 @@
+"""Runtime settings (pydantic-settings): ``CBMIR_*`` environment variables and ``.env``.
+
+CLI flags override these values; see ``cbmir --help``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """cbmir configuration.
+
+    Attributes:
+        data_dir: folder holding MedMNIST ``<flag>.npz`` / ``<flag>_<size>.npz`` files
+            (``CBMIR_DATA_DIR``; default ``~/.medmnist``, the medmnist package's own default).
+        store_path: directory of the embedded Qdrant Edge engine, one shard directory per
+            collection (``CBMIR_STORE_PATH``).
+        qdrant_url: when set, a Qdrant server is used through qdrant-client instead of the
+            embedded engine (``CBMIR_QDRANT_URL``, e.g. ``http://localhost:6333``).
+        qdrant_api_key: API key for the server (``CBMIR_QDRANT_API_KEY``); never logged.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per extractor forward pass.
+        num_workers: DataLoader workers for preprocessing (0 = in the main process).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CBMIR_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".medmnist")
+    store_path: Path = Path(".cbmir/store")
+    qdrant_url: str | None = None
+    qdrant_api_key: SecretStr | None = None
+    qdrant_timeout_s: float = 60.0
+    device: str = "auto"
+    batch_size: int = Field(default=64, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    distance: Literal["cosine", "euclidean"] = "cosine"
+
+
+def get_settings(**overrides) -> Settings:
+    """Settings from the environment, with non-None ``overrides`` (CLI flags) applied on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""Evaluation: the study's retrieval metrics, the evaluation run, benchmarks and reports."""

@@ -1,0 +1,157 @@
+"""Embedded engine: Qdrant Edge (``qdrant-edge-py``), the Qdrant engine in-process.
+
+One shard directory per collection under the store root::
+
+    <store_path>/<collection>/shard/       Qdrant Edge shard (segments + WAL)
+    <store_path>/<collection>/meta.json    cbmir collection metadata (CollectionMeta)
+
+Every query passes ``exact=True``: after ``optimize()`` Edge builds HNSW and non-exact queries
+become approximate (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import qdrant_edge as qe
+
+from ingest.base import CbmirError
+from search.schema import CollectionMeta
+from search.store import VectorStore, engine_distance
+
+_DIST = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot, "euclidean": qe.Distance.Euclid}
+
+
+def _split_filter(split: str | None):
+    if split is None:
+        return None
+    return qe.Filter(must=[qe.FieldCondition(key="split", match=qe.MatchValue(split))])
+
+
+class EdgeStore(VectorStore):
+    """Collections stored as Qdrant Edge shards under ``root`` (see module docstring).
+
+    Raises:
+        CbmirError: a shard cannot be opened (e.g. another process holds it).
+    """
+
+    engine = "qdrant-edge"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._shards: dict[str, qe.EdgeShard] = {}
+
+    # -- paths and shards
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    def _shard(self, name: str) -> qe.EdgeShard:
+        sh = self._shards.get(name)
+        if sh is None:
+            path = self._dir(name) / "shard"
+            try:
+                sh = qe.EdgeShard.load(str(path))
+            except Exception as e:  # engine reports lock / corruption as a generic error
+                raise CbmirError(
+                    f"cannot open the embedded store collection at {path}: {e}. If another cbmir process "
+                    "is using this store, wait for it to finish or use another --store-path.") from None
+            self._shards[name] = sh
+        return sh
+
+    # -- primitives
+    def _create(self, name: str, meta: CollectionMeta) -> None:
+        d = self._dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        dist = _DIST[engine_distance(meta)]
+        config = qe.EdgeConfig(
+            vectors={c: qe.EdgeVectorParams(size=b - a, distance=dist) for c, a, b in meta.layout},
+            payload_memory=qe.Memory.Cached,
+        )
+        sh = qe.EdgeShard.create(str(d / "shard"), config)
+        sh.update(qe.UpdateOperation.create_field_index("split", qe.PayloadSchemaType.Keyword))
+        sh.flush()
+        self._shards[name] = sh
+        tmp = d / "meta.json.tmp"
+        tmp.write_text(meta.to_json())
+        os.replace(tmp, d / "meta.json")  # metadata appears atomically, after the shard exists
+
+    def read_meta(self, name: str) -> CollectionMeta | None:
+        p = self._dir(name) / "meta.json"
+        if not p.exists():
+            return None
+        return CollectionMeta.from_dict(json.loads(p.read_text()))
+
+    def _upsert(self, name, ids, chunks, payloads) -> None:
+        sh = self._shard(name)
+        lists = {c: v.tolist() for c, v in chunks.items()}
+        points = [qe.Point(pid, {c: lists[c][i] for c in lists}, payloads[i]) for i, pid in enumerate(ids)]
+        sh.update(qe.UpdateOperation.upsert_points(points))
+
+    def _query(self, name, vector_name, queries, limit, split):
+        sh = self._shard(name)
+        flt = _split_filter(split)
+        params = qe.SearchParams(exact=True)
+        reqs = [qe.QueryRequest(limit=int(limit), query=qe.Query.Nearest(row.tolist(), using=vector_name),
+                                filter=flt, params=params, with_payload=False, with_vector=False)
+                for row in queries]
+        out = sh.query_batch(qe.QueryBatchRequest(reqs))
+        return [[(int(p.id), float(p.score)) for p in res] for res in out]
+
+    def _scroll(self, name, split, with_vectors, batch=1024) -> Iterator:
+        sh = self._shard(name)
+        offset = None
+        while True:
+            recs, offset = sh.scroll(qe.ScrollRequest(offset=offset, limit=batch, filter=_split_filter(split),
+                                                      with_payload=True, with_vector=with_vectors))
+            if recs:
+                ids = [int(r.id) for r in recs]
+                chunks = None
+                if with_vectors:
+                    chunks = {c: np.asarray([r.vector[c] for r in recs], dtype=np.float32) for c in recs[0].vector}
+                yield ids, chunks, [dict(r.payload or {}) for r in recs]
+            if offset is None:
+                break
+
+    def _retrieve(self, name, ids, with_vectors):
+        recs = self._shard(name).retrieve(list(ids), with_payload=True, with_vector=with_vectors)
+        return [(int(r.id), ({c: np.asarray(v, dtype=np.float32) for c, v in r.vector.items()}
+                             if with_vectors else None), dict(r.payload or {})) for r in recs]
+
+    def count(self, name: str, split: str | None = None) -> int:
+        self.meta(name)
+        return int(self._shard(name).count(qe.CountRequest(exact=True, filter=_split_filter(split))))
+
+    def delete_points(self, name: str, ids: Sequence[int]) -> None:
+        self._shard(name).update(qe.UpdateOperation.delete_points([int(i) for i in ids]))
+
+    def flush(self, name: str | None = None) -> None:
+        """Flush pending writes of one collection (or all open ones) to disk."""
+        for n, sh in list(self._shards.items()):
+            if name is None or n == name:
+                sh.flush()
+
+    def delete_collection(self, name: str) -> None:
+        sh = self._shards.pop(name, None)
+        if sh is not None:
+            sh.close()
+        d = self._dir(name)
+        if d.exists():
+            (d / "meta.json").unlink(missing_ok=True)  # first: a half-deleted collection reads as absent
+            shutil.rmtree(d)
+
+    def list_collections(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob("*/meta.json"))
+
+    def close(self) -> None:
+        for sh in self._shards.values():
+            try:
+                sh.flush()
+            finally:
+                sh.close()
+        self._shards.clear()

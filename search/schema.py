@@ -1,0 +1,154 @@
+"""Collection naming, deterministic point ids, payload schema and collection metadata.
+
+One collection per (dataset, size, model); non-default backend, distance or volume
+aggregation add a suffix so that such runs never share a collection
+(e.g. ``breastmnist_28_hog``, ``adrenalmnist3d_64_resnet50_keras_euclidean``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ingest.base import CbmirError
+
+SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+_CODE_SPLITS = {v: k for k, v in SPLIT_CODES.items()}
+_INDEX_BITS = 40
+#: Qdrant servers reject dense vectors above this many dimensions (documented limit).
+MAX_VECTOR_DIM = 65_535
+DISTANCES = ("cosine", "euclidean")
+
+
+def collection_name(
+    dataset: str,
+    size: int,
+    model: str,
+    *,
+    backend: str = "torch",
+    distance: str = "cosine",
+    aggregation: str = "concat",
+) -> str:
+    """Name of the collection of (dataset, size, model), e.g. ``breastmnist_28_hog``.
+
+    Defaults (torch backend, cosine distance, concat slice aggregation) add no suffix.
+    """
+    parts = [dataset, str(size), model]
+    if backend not in ("torch", "numpy"):
+        parts.append(backend)
+    if aggregation != "concat":
+        parts.append(aggregation)
+    if distance != "cosine":
+        parts.append(distance)
+    name = "_".join(parts).lower()
+    if not re.fullmatch(r"[a-z0-9_.\-]+", name):
+        raise CbmirError(f"invalid collection name {name!r}: use letters, digits, '_', '-', '.'")
+    return name
+
+
+def point_id(split: str, index: int) -> int:
+    """Deterministic unsigned point id of row ``index`` of ``split`` (``split`` code << 40 | index).
+
+    Re-ingesting the same row overwrites the same point. Within one split, id order equals
+    row order, so sorting hits by id breaks similarity ties by lower database index.
+    """
+    if split not in SPLIT_CODES:
+        raise CbmirError(f"unknown split {split!r}; valid: {', '.join(SPLIT_CODES)}")
+    if not 0 <= int(index) < (1 << _INDEX_BITS):
+        raise CbmirError(f"row index {index} out of range")
+    return (SPLIT_CODES[split] << _INDEX_BITS) | int(index)
+
+
+def split_and_index(pid: int) -> tuple[str, int]:
+    """Inverse of :func:`point_id`: ``(split, index)``."""
+    pid = int(pid)
+    return _CODE_SPLITS[pid >> _INDEX_BITS], pid & ((1 << _INDEX_BITS) - 1)
+
+
+def chunk_layout(dim: int, max_dim: int = MAX_VECTOR_DIM) -> list[tuple[str, int, int]]:
+    """Split ``dim`` into named vector chunks ``(name, start, stop)`` of at most ``max_dim`` each.
+
+    One chunk (name ``v0``) when ``dim <= max_dim``; otherwise ``ceil(dim / max_dim)`` chunks of
+    near-equal length, in order. Used for 3D concatenated slice vectors above Qdrant's
+    65,535-dim limit (DESIGN.md §1).
+    """
+    if dim < 1:
+        raise CbmirError(f"vector dimension must be positive, got {dim}")
+    n = -(-dim // max_dim)
+    step = -(-dim // n)
+    return [(f"v{i}", i * step, min(dim, (i + 1) * step)) for i in range(n)]
+
+
+@dataclass
+class CollectionMeta:
+    """What a collection holds; stored with the collection and checked on every ingest.
+
+    Attributes:
+        dataset, size, model, backend: the (dataset, size, model, backend) cell.
+        dim: full embedding dimension (for volumes: slices × per-slice dim when concatenated).
+        distance: ``cosine`` or ``euclidean``.
+        weights: weights identity (hub id, ``sha256:...`` of a file, ``random-init``, ``none``).
+        random_init: True for smoke-test collections built without pretrained weights.
+        preprocessing: description of the preprocessing chain.
+        is_3d: True when points are volumes.
+        aggregation: slice aggregation for volumes (``concat``, ``mean``, ``max``), else ``none``.
+        layout: named vector chunks ``[[name, start, stop], ...]``; more than one when
+            ``dim`` exceeds :data:`MAX_VECTOR_DIM`. Cosine vectors are L2-normalised as a whole
+            before chunking; the score of a point is the sum of its chunk scores.
+        extra: free-form extra facts (source kind, version) — not checked for compatibility.
+    """
+
+    dataset: str
+    size: int
+    model: str
+    backend: str
+    dim: int
+    distance: str = "cosine"
+    weights: str = "none"
+    random_init: bool = False
+    preprocessing: str = ""
+    is_3d: bool = False
+    aggregation: str = "none"
+    layout: list = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    CHECKED = ("dataset", "size", "model", "backend", "dim", "distance", "weights",
+               "random_init", "preprocessing", "is_3d", "aggregation")
+
+    def __post_init__(self) -> None:
+        if self.distance not in DISTANCES:
+            raise CbmirError(f"unknown distance {self.distance!r}; valid: {', '.join(DISTANCES)}")
+        if not self.layout:
+            self.layout = [list(c) for c in chunk_layout(self.dim)]
+        self.layout = [list(c) for c in self.layout]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CollectionMeta":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    def differences(self, other: "CollectionMeta") -> dict[str, tuple[Any, Any]]:
+        """Fields (of :attr:`CHECKED`) whose values differ: ``{field: (self, other)}``."""
+        return {k: (getattr(self, k), getattr(other, k)) for k in self.CHECKED
+                if getattr(self, k) != getattr(other, k)}
+
+    def describe(self) -> str:
+        """One-line human description (model, backend, dim, weights, distance)."""
+        ri = " RANDOM-INIT" if self.random_init else ""
+        return (f"{self.dataset}@{self.size} model={self.model} backend={self.backend} dim={self.dim} "
+                f"distance={self.distance} weights={self.weights}{ri} preprocessing={self.preprocessing!r}")
+
+
+def make_payload(*, dataset: str, split: str, index: int, label: int, model: str, size: int,
+                 image_id: str, extra: dict | None = None) -> dict:
+    """Payload of one point: ``dataset``, ``split``, ``index``, ``label``, ``model``, ``size``,
+    ``image_id`` (plus user-supplied extra fields, which never override these)."""
+    p = dict(extra or {})
+    p.update(dataset=dataset, split=split, index=int(index), label=int(label), model=model,
+             size=int(size), image_id=image_id)
+    return p

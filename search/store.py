@@ -1,0 +1,323 @@
+"""The vector store interface: one collection per (dataset, size, model), exact top-k search.
+
+:class:`VectorStore` holds the engine-independent logic — metadata checks, the chunked vector
+layout for vectors above Qdrant's 65,535-dim limit, exact top-k with deterministic ties — and
+delegates a handful of primitives to an engine:
+
+* :class:`search.edge_store.EdgeStore` — Qdrant Edge, the Qdrant engine in-process (default);
+* :class:`search.server_store.ServerStore` — a Qdrant server through qdrant-client (also
+  qdrant-client's local mode, which speaks the same client API and stands in for a server in tests).
+
+Both answer every query with ``exact=True`` (never HNSW), so rankings equal brute force.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ingest.base import CbmirError
+from search.schema import CollectionMeta, point_id, split_and_index
+
+#: Extra candidates fetched beyond k so that similarity ties at rank k are resolved exactly.
+TIE_MARGIN = 8
+
+
+@dataclass
+class SearchResult:
+    """Top-k results of a batch of queries, rank order.
+
+    Attributes:
+        ids: uint64-valued int64 ``(Q, k)`` point ids.
+        indices: int64 ``(Q, k)`` database row index of each hit (row in its split).
+        scores: float32 ``(Q, k)``: cosine similarity (higher is closer) or Euclidean distance
+            (lower is closer), as the collection's ``distance``.
+    """
+
+    ids: np.ndarray
+    indices: np.ndarray
+    scores: np.ndarray
+
+
+def _as_matrix(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise CbmirError(f"{what} must have shape (n, {dim}); got {tuple(np.shape(x))}")
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise CbmirError(f"{what} contains NaN/inf in rows {bad[:10].tolist()}; refusing to store or search it")
+    return np.ascontiguousarray(x)
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    return (x / np.where(n > 0, n, 1.0)).astype(np.float32)
+
+
+class VectorStore(ABC):
+    """Collections of embeddings with payload, and exact top-k search over one split.
+
+    Engines implement the ``_``-prefixed primitives; everything else is shared, so every engine
+    returns the same results for the same vectors.
+    """
+
+    engine: str = "abstract"
+
+    # ---------------------------------------------------------------- engine primitives
+    @abstractmethod
+    def _create(self, name: str, meta: CollectionMeta) -> None:
+        """Create collection ``name`` with one named dense vector per layout chunk and store ``meta``."""
+
+    @abstractmethod
+    def read_meta(self, name: str) -> CollectionMeta | None:
+        """Metadata of collection ``name``, or None when it does not exist."""
+
+    @abstractmethod
+    def _upsert(self, name: str, ids: list[int], chunks: dict[str, np.ndarray], payloads: list[dict]) -> None:
+        """Upsert points: ``chunks`` maps vector name -> float32 ``(B, chunk_dim)``."""
+
+    @abstractmethod
+    def _query(self, name: str, vector_name: str, queries: np.ndarray, limit: int,
+               split: str | None) -> list[list[tuple[int, float]]]:
+        """Exact nearest neighbours of each query row within ``split``: ``[(id, score), ...]`` per query."""
+
+    @abstractmethod
+    def _scroll(self, name: str, split: str | None, with_vectors: bool,
+                batch: int = 1024) -> Iterator[tuple[list[int], dict[str, np.ndarray] | None, list[dict]]]:
+        """Iterate over points of ``split``: ``(ids, chunk vectors or None, payloads)`` per page."""
+
+    @abstractmethod
+    def _retrieve(self, name: str, ids: Sequence[int], with_vectors: bool) -> list[tuple[int, dict[str, np.ndarray] | None, dict]]:
+        """Points by id (missing ids are absent from the result)."""
+
+    @abstractmethod
+    def count(self, name: str, split: str | None = None) -> int:
+        """Number of points in collection ``name`` (in ``split`` when given)."""
+
+    @abstractmethod
+    def delete_points(self, name: str, ids: Sequence[int]) -> None:
+        """Delete points by id."""
+
+    @abstractmethod
+    def delete_collection(self, name: str) -> None:
+        """Delete collection ``name`` and all its points (no error when absent)."""
+
+    @abstractmethod
+    def list_collections(self) -> list[str]:
+        """Names of all collections."""
+
+    def close(self) -> None:
+        """Flush and release the engine's resources."""
+
+    def __enter__(self) -> "VectorStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- shared logic
+    def ensure_collection(self, name: str, meta: CollectionMeta, *, recreate: bool = False) -> CollectionMeta:
+        """Create ``name`` for ``meta``, or check that the existing collection holds the same configuration.
+
+        Raises:
+            CbmirError: the collection exists with another model, dim, distance, backend, weights or
+                preprocessing; the message names both configurations and ``--recreate``.
+        """
+        existing = self.read_meta(name)
+        if existing is not None and recreate:
+            self.delete_collection(name)
+            existing = None
+        if existing is None:
+            self._create(name, meta)
+            return meta
+        diff = existing.differences(meta)
+        if diff:
+            details = "; ".join(f"{k}: stored={a!r} requested={b!r}" for k, (a, b) in diff.items())
+            raise CbmirError(
+                f"collection {name!r} already holds another configuration ({details}).\n"
+                f"  stored:    {existing.describe()}\n  requested: {meta.describe()}\n"
+                "Use another collection, or pass --recreate to delete it and ingest again.")
+        return existing
+
+    def meta(self, name: str) -> CollectionMeta:
+        """Metadata of an existing collection; CbmirError naming the store's collections when absent."""
+        m = self.read_meta(name)
+        if m is None:
+            have = ", ".join(sorted(self.list_collections())) or "none"
+            raise CbmirError(f"collection {name!r} does not exist in the {self.engine} store "
+                             f"(existing: {have}); run `cbmir ingest` first")
+        return m
+
+    def _prepare(self, meta: CollectionMeta, vectors: np.ndarray, what: str) -> np.ndarray:
+        x = _as_matrix(vectors, meta.dim, what)
+        if meta.distance == "cosine" and len(meta.layout) > 1:
+            x = _l2_normalise(x)  # whole-vector normalisation: chunk dot products sum to cosine
+        return x
+
+    def upsert(self, name: str, split: str, indices: Sequence[int], vectors: np.ndarray,
+               payloads: list[dict]) -> None:
+        """Upsert embeddings of rows ``indices`` of ``split`` (ids from :func:`point_id`; idempotent).
+
+        Args:
+            vectors: float32 ``(B, dim)``; NaN/inf rows are refused (CbmirError), nothing written.
+            payloads: one dict per row (see :func:`search.schema.make_payload`).
+        """
+        meta = self.meta(name)
+        x = self._prepare(meta, vectors, f"vectors for {name!r}")
+        if not (len(indices) == len(x) == len(payloads)):
+            raise CbmirError(f"upsert to {name!r}: {len(indices)} indices, {len(x)} vectors, "
+                             f"{len(payloads)} payloads — lengths must match")
+        ids = [point_id(split, i) for i in indices]
+        chunks = {c: x[:, a:b] for c, a, b in meta.layout}
+        self._upsert(name, ids, chunks, payloads)
+
+    def search(self, name: str, queries: np.ndarray, k: int, *, split: str = "train",
+               exclude_ids: Sequence[Sequence[int]] | None = None) -> SearchResult:
+        """Exact top-``k`` of each query among the points of ``split`` (the database).
+
+        Ties in similarity are broken by lower database index (DESIGN.md §2), so results are
+        deterministic and equal a brute-force ranking.
+
+        Args:
+            queries: float32 ``(Q, dim)`` or ``(dim,)``.
+            k: number of results per query (clipped to the database size).
+            exclude_ids: optional per-query point ids to leave out (e.g. the query itself).
+
+        Returns:
+            :class:`SearchResult` with ``(Q, k)`` arrays.
+        """
+        meta = self.meta(name)
+        q = self._prepare(meta, queries, "query vectors")
+        n_db = self.count(name, split)
+        if n_db == 0:
+            raise CbmirError(f"collection {name!r} has no points in split {split!r} to search")
+        k = min(int(k), n_db)
+        if k < 1:
+            raise CbmirError(f"k must be >= 1, got {k}")
+        excl = [set(map(int, e)) for e in exclude_ids] if exclude_ids is not None else [set()] * len(q)
+        lower_better = meta.distance == "euclidean"
+        if len(meta.layout) == 1:
+            hits = self._search_single(name, meta, q, k, n_db, split, excl, lower_better)
+        else:
+            hits = self._search_chunked(name, meta, q, n_db, split, lower_better)
+        return self._finish(hits, k, excl, lower_better)
+
+    def _search_single(self, name, meta, q, k, n_db, split, excl, lower_better):
+        vname = meta.layout[0][0]
+        pad = max(len(e) for e in excl) if excl else 0
+        limit = min(n_db, k + TIE_MARGIN + pad)
+        out = self._query(name, vname, q, limit, split)
+        for i, res in enumerate(out):
+            lim = limit
+            while lim < n_db and len(res) >= lim and self._tie_at_boundary(res, k + len(excl[i]), lower_better):
+                lim = min(n_db, lim * 4)
+                res = self._query(name, vname, q[i:i + 1], lim, split)[0]
+            out[i] = res
+        return out
+
+    @staticmethod
+    def _tie_at_boundary(res, k, lower_better) -> bool:
+        s = sorted((sc for _, sc in res), reverse=not lower_better)
+        return k <= len(s) and s[min(k, len(s)) - 1] == s[-1]
+
+    def _search_chunked(self, name, meta, q, n_db, split, lower_better):
+        # Exact: every chunk scores every database point; per-point scores are then combined.
+        total: list[dict[int, float]] = [dict() for _ in range(len(q))]
+        for vname, a, b in meta.layout:
+            res = self._query(name, vname, np.ascontiguousarray(q[:, a:b]), n_db, split)
+            for i, r in enumerate(res):
+                acc = total[i]
+                for pid, sc in r:
+                    acc[pid] = acc.get(pid, 0.0) + (sc * sc if lower_better else sc)
+        if lower_better:
+            return [[(pid, float(np.sqrt(s))) for pid, s in t.items()] for t in total]
+        return [list(t.items()) for t in total]
+
+    @staticmethod
+    def _finish(hits, k, excl, lower_better) -> SearchResult:
+        Q = len(hits)
+        ids = np.zeros((Q, k), dtype=np.int64)
+        scores = np.zeros((Q, k), dtype=np.float32)
+        for i, res in enumerate(hits):
+            res = [h for h in res if h[0] not in excl[i]]
+            res.sort(key=(lambda h: (h[1], h[0])) if lower_better else (lambda h: (-h[1], h[0])))
+            if len(res) < k:
+                raise CbmirError(f"query {i}: only {len(res)} database points left after exclusions, k={k}")
+            ids[i] = [h[0] for h in res[:k]]
+            scores[i] = [h[1] for h in res[:k]]
+        idx = ids & ((1 << 40) - 1)
+        return SearchResult(ids=ids, indices=idx, scores=scores)
+
+    def fetch(self, name: str, split: str, *, with_vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
+        """All points of ``split`` in row order: ``(indices int64 (N,), vectors float32 (N, dim) | None, payloads)``.
+
+        Vectors are as stored: for cosine collections with several chunks, L2-normalised as a whole.
+        """
+        meta = self.meta(name)
+        ids_all: list[int] = []
+        vecs: list[np.ndarray] = []
+        pays: list[dict] = []
+        for ids, chunks, payloads in self._scroll(name, split, with_vectors):
+            ids_all.extend(ids)
+            pays.extend(payloads)
+            if with_vectors:
+                vecs.append(np.concatenate([chunks[c] for c, _, _ in meta.layout], axis=1))
+        order = np.argsort(np.asarray(ids_all, dtype=np.int64), kind="stable")
+        indices = np.asarray([split_and_index(ids_all[j])[1] for j in order], dtype=np.int64)
+        pays = [pays[j] for j in order]
+        vectors = None
+        if with_vectors:
+            vectors = (np.concatenate(vecs, axis=0)[order] if vecs
+                       else np.zeros((0, meta.dim), dtype=np.float32)).astype(np.float32)
+        return indices, vectors, pays
+
+    def get_points(self, name: str, split: str, indices: Sequence[int], *, with_vectors: bool = True
+                   ) -> tuple[np.ndarray | None, list[dict]]:
+        """Stored points of rows ``indices`` of ``split``: ``(vectors (n, dim) | None, payloads)``.
+
+        Raises:
+            CbmirError: a requested point is not in the collection.
+        """
+        meta = self.meta(name)
+        ids = [point_id(split, i) for i in indices]
+        got = {pid: (ch, pl) for pid, ch, pl in self._retrieve(name, ids, with_vectors)}
+        missing = [split_and_index(p)[1] for p in ids if p not in got]
+        if missing:
+            raise CbmirError(f"collection {name!r} has no {split} point(s) with index {missing[:10]}")
+        pays = [got[p][1] for p in ids]
+        if not with_vectors:
+            return None, pays
+        vecs = np.stack([np.concatenate([got[p][0][c] for c, _, _ in meta.layout]) for p in ids]).astype(np.float32)
+        return vecs, pays
+
+
+def engine_distance(meta: CollectionMeta) -> str:
+    """Distance configured in the engine for ``meta``: ``cosine`` (one chunk), ``dot`` (several chunks
+    of a whole-vector-normalised cosine vector) or ``euclidean``."""
+    if meta.distance == "euclidean":
+        return "euclidean"
+    return "cosine" if len(meta.layout) == 1 else "dot"
+
+
+def open_store(settings=None, *, store_path=None, qdrant_url=None, api_key=None) -> VectorStore:
+    """Open the configured store: a Qdrant server when ``qdrant_url`` (``CBMIR_QDRANT_URL``) is set,
+    else the embedded Qdrant Edge engine at ``store_path`` (``CBMIR_STORE_PATH``).
+    """
+    if settings is not None:
+        store_path = store_path or settings.store_path
+        qdrant_url = qdrant_url or settings.qdrant_url
+        if api_key is None and settings.qdrant_api_key is not None:
+            api_key = settings.qdrant_api_key.get_secret_value()
+    if qdrant_url:
+        from search.server_store import ServerStore
+
+        timeout = getattr(settings, "qdrant_timeout_s", 60.0) if settings is not None else 60.0
+        return ServerStore(url=qdrant_url, api_key=api_key, timeout=timeout)
+    from search.edge_store import EdgeStore
+
+    return EdgeStore(store_path or ".cbmir/store")

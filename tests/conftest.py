@@ -1,0 +1,34 @@
+"""Shared fixtures: the real MedMNIST files in ../shared/data/medmnist and fresh stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CBMIR_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "medmnist"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder of the real, MD5-verified MedMNIST files (read-only)."""
+    if not (SHARED_DATA / "breastmnist.npz").exists():
+        pytest.skip(f"real MedMNIST files not found in {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(params=["edge", "client"])
+def store(request, tmp_path):
+    """A fresh store on each engine: Qdrant Edge, and qdrant-client local mode (the server code path)."""
+    if request.param == "edge":
+        from search.edge_store import EdgeStore
+
+        s = EdgeStore(tmp_path / "store")
+    else:
+        from search.server_store import ServerStore
+
+        s = ServerStore(location=":memory:")
+    yield s
+    s.close()
