@@ -22,7 +22,12 @@ class Settings(BaseSettings):
             collection (``CBMIR_STORE_PATH``).
         qdrant_url: when set, a Qdrant server is used through qdrant-client instead of the
             embedded engine (``CBMIR_QDRANT_URL``, e.g. ``http://localhost:6333``).
-        qdrant_api_key: API key for the server (``CBMIR_QDRANT_API_KEY``); never logged.
+        qdrant_api_key: API key for the server (``CBMIR_QDRANT_API_KEY``); a ``SecretStr``, so it
+            never appears in reprs, logs or error messages.
+        qdrant_timeout_s: seconds per server request (``CBMIR_QDRANT_TIMEOUT_S``).
+        qdrant_retry_s: longest time, in seconds, one server call is retried (exponential backoff)
+            while the server is unreachable, timing out or answering 5xx, before a clear error
+            (``CBMIR_QDRANT_RETRY_S``; 0 = no retries).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: images per extractor forward pass.
         num_workers: DataLoader workers for preprocessing (0 = in the main process).
@@ -34,7 +39,8 @@ class Settings(BaseSettings):
     store_path: Path = Path(".cbmir/store")
     qdrant_url: str | None = None
     qdrant_api_key: SecretStr | None = None
-    qdrant_timeout_s: float = 60.0
+    qdrant_timeout_s: float = Field(default=60.0, gt=0)
+    qdrant_retry_s: float = Field(default=120.0, ge=0)
     device: str = "auto"
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=0, ge=0)

@@ -26,8 +26,11 @@ class Evaluation:
         per_query: per-query outcomes (float64 ``(Q,)`` each) for statistics.
         query_indices: int64 ``(Q,)`` test rows; query_labels int64 ``(Q,)``.
         topk_indices: int64 ``(Q, k)`` database rows; topk_labels ``(Q, k)``; topk_scores float32 ``(Q, k)``.
-        timings: ``search_s`` (all queries, batched), ``latency_p50_ms`` / ``latency_p95_ms``
-            (single-query latency over a sample), ``fetch_s``.
+        timings: ``search_s`` (all queries, batched; excludes the latency sample), ``latency_p50_ms`` /
+            ``latency_p95_ms`` (single-query latency over a sample; NaN when ``latency_sample=0``),
+            ``fetch_s`` (reading points back: payloads, query vectors, and for the ``blas`` backend the
+            database vectors).
+        search_backend: ``store`` (the engine's exact queries) or ``blas`` (:mod:`search.blas`).
         majority_class_rate: ACC@1 of always answering the majority class of the database, computed on
             the queries — the floor any model should beat.
     """
@@ -47,19 +50,38 @@ class Evaluation:
     topk_scores: np.ndarray
     majority_class_rate: float
     timings: dict[str, float] = field(default_factory=dict)
+    search_backend: str = "store"
+
+
+SEARCH_BACKENDS = ("store", "blas")
 
 
 def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size: int = 256,
                         latency_sample: int = 50, database_split: str = "train", query_split: str = "test",
-                        progress: bool = True) -> Evaluation:
+                        progress: bool = True, search_backend: str = "store") -> Evaluation:
     """Query every ``query_split`` point against the ``database_split`` points of collection ``name``.
 
+    Args:
+        batch_size: queries per batched exact search call.
+        latency_sample: queries timed one by one afterwards for the latency percentiles (0: none).
+        search_backend: ``store`` (the engine's exact batched queries) or ``blas`` (the cross-check:
+            :mod:`search.blas`, blocked sgemm over the vectors read back from the store; same results).
+
     Raises:
-        CbmirError: the collection is missing, or a split is empty.
+        CbmirError: the collection is missing, a split is empty, or an unknown ``search_backend``.
     """
+    if search_backend not in SEARCH_BACKENDS:
+        raise CbmirError(f"unknown search backend {search_backend!r}; valid: {', '.join(SEARCH_BACKENDS)}")
     meta = store.meta(name)
     t0 = time.perf_counter()
-    db_idx, _, db_pay = store.fetch(name, database_split, with_vectors=False)
+    blas_index = None
+    if search_backend == "blas":
+        from search.blas import BlasIndex
+
+        blas_index = BlasIndex.from_store(store, name, database_split)
+        db_idx, db_pay = blas_index.indices, blas_index.payloads
+    else:
+        db_idx, _, db_pay = store.fetch(name, database_split, with_vectors=False)
     q_idx, q_vec, q_pay = store.fetch(name, query_split, with_vectors=True)
     fetch_s = time.perf_counter() - t0
     if len(db_idx) == 0 or len(q_idx) == 0:
@@ -72,8 +94,12 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
     t0 = time.perf_counter()
     idx_parts, score_parts = [], []
     bar = tqdm(total=len(q_idx), desc=f"{name} [search]", unit="q", disable=not progress, leave=False)
-    for s in range(0, len(q_idx), batch_size):
-        res = store.search(name, q_vec[s:s + batch_size], k, split=database_split)
+    bs = len(q_idx) if blas_index is not None else batch_size  # blas: blocked internally
+    for s in range(0, len(q_idx), bs):
+        if blas_index is not None:
+            res = blas_index.search(q_vec[s:s + bs], k)
+        else:
+            res = store.search(name, q_vec[s:s + bs], k, split=database_split)
         idx_parts.append(res.indices)
         score_parts.append(res.scores)
         bar.update(len(res.indices))
@@ -83,10 +109,14 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
     topk_scores = np.concatenate(score_parts)
 
     lat = []
-    for i in np.linspace(0, len(q_idx) - 1, min(latency_sample, len(q_idx))).astype(int):
+    for i in np.linspace(0, len(q_idx) - 1, min(max(int(latency_sample), 0), len(q_idx))).astype(int):
         t = time.perf_counter()
-        store.search(name, q_vec[i], k, split=database_split)
+        if blas_index is not None:
+            blas_index.search(q_vec[i], k)
+        else:
+            store.search(name, q_vec[i], k, split=database_split)
         lat.append((time.perf_counter() - t) * 1e3)
+    p50, p95 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 95))) if lat else (float("nan"),) * 2
 
     topk_labels = db_labels_by_row[topk_idx]
     values, counts = np.unique(db_labels_by_row[db_idx], return_counts=True)
@@ -96,8 +126,8 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
         n_database=len(db_idx), metrics=retrieval_metrics(q_labels, topk_labels, k),
         per_query=per_query_metrics(q_labels, topk_labels, k), query_indices=q_idx, query_labels=q_labels,
         topk_indices=topk_idx, topk_labels=topk_labels, topk_scores=topk_scores,
-        majority_class_rate=float((q_labels == majority).mean()),
+        majority_class_rate=float((q_labels == majority).mean()), search_backend=search_backend,
         timings={"fetch_s": fetch_s, "search_s": search_s,
                  "search_per_query_ms": search_s / len(q_idx) * 1e3,
-                 "latency_p50_ms": float(np.percentile(lat, 50)), "latency_p95_ms": float(np.percentile(lat, 95))},
+                 "latency_p50_ms": p50, "latency_p95_ms": p95},
     )

@@ -71,27 +71,31 @@ class SearchClient:
 
     def search_by_image(self, collection: str, images: np.ndarray, k: int = 5, *, weights: str | None = None,
                         device: str = "auto") -> list[list[Hit]]:
-        """Embed uint8 images ``(B, H, W, C)`` (or one ``(H, W, C)``/``(H, W)`` image; volumes ``(B, D, H, W)``
-        for 3D collections) with the collection's own extractor, then search.
+        """Embed in-memory images with the collection's own extractor, then search.
+
+        Args:
+            images: 2D collections: one image ``(H, W)`` / ``(H, W, C)`` or a batch ``(B, H, W, C)``,
+                C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA), any numeric dtype and any size;
+                3D collections: one volume ``(D, H, W)`` or a batch ``(B, D, H, W)``. Converted by the
+                rules of :func:`ingest.embedder.prepare_images` (uint8 kept, other dtypes min-max per
+                image, alpha composited on black, resized to the collection's size, grey -> RGB).
+
+        Returns:
+            One list of :class:`Hit` per query image.
 
         Raises:
-            CbmirError: the collection's weights cannot be loaded here (``weights`` gives a local file).
+            CbmirError: a 2D image given to a 3D collection or a volume to a 2D one, NaN/inf pixels,
+                or the collection's weights cannot be loaded here (``weights`` gives a local file).
         """
-        from ingest.embedder import make_embedder
+        from ingest.embedder import make_embedder, prepare_images
         from ingest.extractors import create_extractor
 
         meta = self.store.meta(collection)
-        images = np.asarray(images)
-        if not meta.is_3d and images.ndim == 2:
-            images = images[None, :, :, None]
-        elif not meta.is_3d and images.ndim == 3:
-            images = images[None] if images.shape[-1] in (1, 3, 4) else images[..., None]
-        elif meta.is_3d and images.ndim == 3:
-            images = images[None]
+        images = prepare_images(images, size=meta.size, is_3d=meta.is_3d)
         key = (collection, weights)
         if key not in self._extractors:
             ext = create_extractor(meta.model, weights=weights, random_init=meta.random_init, device=device,
-                                   backend=meta.backend if meta.backend != "numpy" else "torch")
+                                   backend=meta.backend if meta.backend != "numpy" else None)
             self._extractors[key] = make_embedder(ext, size=meta.size, is_3d=meta.is_3d,
                                                   aggregation=meta.aggregation if meta.is_3d else "concat")
         vecs = self._extractors[key].embed(images)

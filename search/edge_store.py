@@ -4,9 +4,26 @@ One shard directory per collection under the store root::
 
     <store_path>/<collection>/shard/       Qdrant Edge shard (segments + WAL)
     <store_path>/<collection>/meta.json    cbmir collection metadata (CollectionMeta)
+    <store_path>/.locks/<collection>.lock  advisory lock file (see below)
 
 Every query passes ``exact=True``: after ``optimize()`` Edge builds HNSW and non-exact queries
 become approximate (DESIGN.md §4).
+
+**One process per collection.** Qdrant Edge itself refuses a second opener of a shard with an
+opaque WAL error (``Can't init WAL: Kind(WouldBlock)``). cbmir takes an advisory exclusive lock
+first (``fcntl.flock`` on ``<store_path>/.locks/<collection>.lock``, non-blocking) whenever it opens,
+creates or deletes a collection, holds it until :meth:`EdgeStore.close`, and writes the holder's
+PID, host and start time into the file; a second process gets a :class:`~ingest.base.CbmirError`
+naming the collection, the lock file and the holder. The kernel drops the lock when the holder
+exits, even on SIGKILL, so a stale lock file never blocks anyone. The lock files live outside the
+collection directory so that deleting / recreating a collection keeps them. Reading metadata
+(``read_meta``, ``list_collections``) takes no lock.
+
+**Crash safety.** Points go through Edge's write-ahead log; after a SIGKILL the next
+``EdgeShard.load`` replays it, so every acknowledged upsert is kept. ``meta.json`` is written
+atomically after the shard exists and removed first on delete, so a collection interrupted while
+being created or deleted reads as absent, and its leftover shard directory is removed by the next
+create.
 """
 
 from __future__ import annotations
@@ -14,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,6 +42,11 @@ import qdrant_edge as qe
 from ingest.base import CbmirError
 from search.schema import CollectionMeta
 from search.store import VectorStore, engine_distance
+
+try:  # advisory locks (POSIX); elsewhere Edge's own WAL lock is the only guard
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 _DIST = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot, "euclidean": qe.Distance.Euclid}
 
@@ -46,14 +70,57 @@ class EdgeStore(VectorStore):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._shards: dict[str, qe.EdgeShard] = {}
+        self._locks: dict[str, object] = {}
 
     # -- paths and shards
     def _dir(self, name: str) -> Path:
         return self.root / name
 
+    def lock_path(self, name: str) -> Path:
+        """Advisory lock file of collection ``name``: ``<root>/.locks/<name>.lock``."""
+        return self.root / ".locks" / f"{name}.lock"
+
+    def _lock(self, name: str) -> None:
+        """Take the exclusive advisory lock of ``name`` for this store (no-op when already held).
+
+        Raises:
+            CbmirError: another process (or another open store in this process) holds it; names the
+                collection, the lock file and the holder's PID / host / start time.
+        """
+        if name in self._locks or fcntl is None:
+            return
+        path = self.lock_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            fh.close()
+            raise CbmirError(
+                f"collection {name!r} of the embedded store {self.root} is in use by another process "
+                f"({holder}; lock file {path}). Wait for it to finish, or use another --store-path "
+                "(CBMIR_STORE_PATH); nothing was changed.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid={os.getpid()} host={socket.gethostname()} "
+                 f"since={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        fh.flush()
+        self._locks[name] = fh
+
+    def _unlock_all(self) -> None:
+        for fh in self._locks.values():
+            try:
+                fh.close()  # closing the descriptor releases the flock
+            except OSError:  # pragma: no cover
+                pass
+        self._locks.clear()
+
     def _shard(self, name: str) -> qe.EdgeShard:
         sh = self._shards.get(name)
         if sh is None:
+            self._lock(name)
             path = self._dir(name) / "shard"
             try:
                 sh = qe.EdgeShard.load(str(path))
@@ -66,7 +133,15 @@ class EdgeStore(VectorStore):
 
     # -- primitives
     def _create(self, name: str, meta: CollectionMeta) -> None:
+        self._lock(name)
         d = self._dir(name)
+        if (d / "shard").exists() and not (d / "meta.json").exists():
+            # left by a create or delete that was interrupted: it holds no cbmir points (every
+            # upsert needs meta.json), so it is removed rather than reused
+            old = self._shards.pop(name, None)
+            if old is not None:
+                old.close()
+            shutil.rmtree(d / "shard")
         d.mkdir(parents=True, exist_ok=True)
         dist = _DIST[engine_distance(meta)]
         config = qe.EdgeConfig(
@@ -137,6 +212,8 @@ class EdgeStore(VectorStore):
                 sh.flush()
 
     def delete_collection(self, name: str) -> None:
+        if self._dir(name).exists():
+            self._lock(name)
         sh = self._shards.pop(name, None)
         if sh is not None:
             sh.close()
@@ -149,9 +226,13 @@ class EdgeStore(VectorStore):
         return sorted(p.parent.name for p in self.root.glob("*/meta.json"))
 
     def close(self) -> None:
-        for sh in self._shards.values():
-            try:
-                sh.flush()
-            finally:
-                sh.close()
-        self._shards.clear()
+        """Flush and close every open shard, then release their locks."""
+        try:
+            for sh in self._shards.values():
+                try:
+                    sh.flush()
+                finally:
+                    sh.close()
+        finally:
+            self._shards.clear()
+            self._unlock_all()

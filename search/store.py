@@ -24,6 +24,16 @@ from search.schema import CollectionMeta, point_id, split_and_index
 
 #: Extra candidates fetched beyond k so that similarity ties at rank k are resolved exactly.
 TIE_MARGIN = 8
+#: Most vector values moved per engine call by :meth:`VectorStore.upsert` / :meth:`VectorStore.fetch`
+#: (engines exchange vectors as Python lists, ~32 bytes per value): 8 Mi values, so that a 64³ volume
+#: collection (HOG 518,400 dims, ResNet50 131,072 dims) moves 16 / 64 points per call instead of
+#: holding gigabytes of Python floats.
+MAX_VALUES_PER_CALL = 1 << 23
+
+
+def rows_per_call(dim: int) -> int:
+    """Points per engine call for ``dim``-dimensional vectors (1..1024, :data:`MAX_VALUES_PER_CALL`)."""
+    return max(1, min(1024, MAX_VALUES_PER_CALL // max(1, int(dim))))
 
 
 @dataclass
@@ -154,8 +164,22 @@ class VectorStore(ABC):
         return m
 
     def _prepare(self, meta: CollectionMeta, vectors: np.ndarray, what: str) -> np.ndarray:
+        """Check shape / finiteness and, for cosine collections, L2-normalise in float64.
+
+        **Zero-vector rule (cosine).** A vector whose entries are all exactly 0 (e.g. HOG of a
+        constant image) has no direction; it is stored (and queried) as all zeros, and its cosine
+        similarity with anything is defined as 0: as a database point it ranks after every point
+        of positive similarity, as a query every score is 0 and the tie rule returns the lowest
+        database rows. Every other finite vector, however small or large, is normalised here, once,
+        for every layout, so that both engines see unit vectors: left to themselves, Qdrant Edge skips
+        normalising vectors of squared norm below float32 epsilon (norm < 3.5e-4) and both engines
+        overflow to a zero vector above about 1.8e19 per entry, while qdrant-client's local mode
+        normalises everything — the engines would disagree. The ingest job reports the rows of
+        zero vectors (:class:`ingest.job.IngestReport`); NaN/inf rows are refused by
+        :func:`_as_matrix`.
+        """
         x = _as_matrix(vectors, meta.dim, what)
-        if meta.distance == "cosine" and len(meta.layout) > 1:
+        if meta.distance == "cosine":
             x = _l2_normalise(x)  # whole-vector normalisation: chunk dot products sum to cosine
         return x
 
@@ -173,8 +197,10 @@ class VectorStore(ABC):
             raise CbmirError(f"upsert to {name!r}: {len(indices)} indices, {len(x)} vectors, "
                              f"{len(payloads)} payloads — lengths must match")
         ids = [point_id(split, i) for i in indices]
-        chunks = {c: x[:, a:b] for c, a, b in meta.layout}
-        self._upsert(name, ids, chunks, payloads)
+        step = rows_per_call(meta.dim)
+        for lo in range(0, len(ids), step):
+            chunks = {c: x[lo:lo + step, a:b] for c, a, b in meta.layout}
+            self._upsert(name, ids[lo:lo + step], chunks, payloads[lo:lo + step])
 
     def search(self, name: str, queries: np.ndarray, k: int, *, split: str = "train",
                exclude_ids: Sequence[Sequence[int]] | None = None) -> SearchResult:
@@ -262,7 +288,8 @@ class VectorStore(ABC):
         ids_all: list[int] = []
         vecs: list[np.ndarray] = []
         pays: list[dict] = []
-        for ids, chunks, payloads in self._scroll(name, split, with_vectors):
+        page = rows_per_call(meta.dim) if with_vectors else 1024
+        for ids, chunks, payloads in self._scroll(name, split, with_vectors, page):
             ids_all.extend(ids)
             pays.extend(payloads)
             if with_vectors:
@@ -317,7 +344,8 @@ def open_store(settings=None, *, store_path=None, qdrant_url=None, api_key=None)
         from search.server_store import ServerStore
 
         timeout = getattr(settings, "qdrant_timeout_s", 60.0) if settings is not None else 60.0
-        return ServerStore(url=qdrant_url, api_key=api_key, timeout=timeout)
+        retry = getattr(settings, "qdrant_retry_s", 120.0) if settings is not None else 120.0
+        return ServerStore(url=qdrant_url, api_key=api_key, timeout=timeout, retry_total_s=retry)
     from search.edge_store import EdgeStore
 
     return EdgeStore(store_path or ".cbmir/store")

@@ -1,0 +1,1 @@
+"""Stand-alone benchmark scripts (``python -m benchmarks.<name>``); not imported by cbmir itself."""

@@ -1,0 +1,472 @@
+"""The ``cbmir`` console script: a thin layer over plain functions of ingest/, search/, evaluation/.
+
+Every user-facing error is a :class:`ingest.base.CbmirError`, printed as one ``error:`` line
+(no traceback) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from cbmir.settings import get_settings
+from ingest.base import CbmirError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Content-based medical image retrieval: ingest -> exact Qdrant search -> the study's metrics.")
+
+# ----------------------------------------------------------------------------- shared options
+DatasetOpt = typer.Option(..., "--dataset", "-d", help="MedMNIST flag (breastmnist, adrenalmnist3d) or a user "
+                          "archive: image folder, .csv/.parquet manifest, DICOM folder, .nii/.nii.gz/.npy volume(s)")
+SizeOpt = typer.Option(28, "--size", "-s", help="image side (2D: 28/64/128/224; 3D: 28/64; user archives: any "
+                       "side, every image resized to it)")
+ModelOpt = typer.Option(..., "--model", "-m", help="extractor name (see `cbmir models`)")
+DataDirOpt = typer.Option(None, "--data-dir", help="folder of MedMNIST npz files [CBMIR_DATA_DIR]")
+StoreOpt = typer.Option(None, "--store-path", help="embedded store directory [CBMIR_STORE_PATH]")
+UrlOpt = typer.Option(None, "--qdrant-url", help="Qdrant server URL; default: embedded engine [CBMIR_QDRANT_URL]")
+BackendOpt = typer.Option("torch", "--backend", help="extractor backend: torch or keras")
+DistanceOpt = typer.Option(None, "--distance", help="cosine (default) or euclidean [CBMIR_DISTANCE]")
+AggOpt = typer.Option("concat", "--volume-aggregation", help="3D: concat (the study) | mean | max")
+SearchBackendOpt = typer.Option("store", "--search-backend", help="store (the engine's exact queries) | blas "
+                                "(cross-check: blocked sgemm over the vectors read back from the store; same results)")
+# user archives (ingest/sources): see `ingest.sources` and README
+SourceOpt = typer.Option(None, "--source", help="medmnist | folder | manifest | dicom | nifti [inferred from --dataset]")
+NameOpt = typer.Option(None, "--name", help="user archive: dataset/collection name [folder or file stem]")
+StrictOpt = typer.Option(False, "--strict", help="user archive: fail on the first unreadable file [skip and list]")
+IntensityOpt = typer.Option(None, "--intensity", help="user archive pixel rule: auto | minmax | window | range [auto]")
+WindowOpt = typer.Option(None, "--window", help="user archive: intensity window CENTER,WIDTH (e.g. 40,400 for CT)")
+SliceAxisOpt = typer.Option(None, "--slice-axis", help="volumes: axis sliced [NIfTI: 2 = axial after RAS+; .npy: 0]")
+DicomModeOpt = typer.Option("auto", "--dicom-mode", help="DICOM: auto | 2d | 3d (series/multi-frame as volumes)")
+FitOpt = typer.Option("stretch", "--fit", help="user archive 2D resize: stretch | pad | crop")
+
+
+def _arch(source=None, name=None, strict=False, intensity=None, window=None, slice_axis=None, dicom_mode="auto",
+          fit="stretch") -> dict:
+    """User-archive options for :func:`ingest.sources.open_source` (MedMNIST ignores the defaults)."""
+    return dict(source=source, name=name, strict=strict, intensity=intensity, window=window, slice_axis=slice_axis,
+                dicom_mode=dicom_mode, fit=fit)
+
+
+def _settings(data_dir=None, store_path=None, qdrant_url=None, device=None, batch_size=None, distance=None):
+    return get_settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
+                        batch_size=batch_size, distance=distance)
+
+
+def _collection(dataset: str, size: int, model: str, backend: str, distance: str, aggregation: str,
+                arch: Optional[dict] = None) -> str:
+    from ingest.sources import dataset_identity
+    from search.schema import collection_name
+
+    _, ds_name, is_3d = dataset_identity(dataset, size, aggregation=aggregation, **(arch or {}))
+    agg = aggregation if is_3d else "concat"
+    return collection_name(ds_name, size, model.lower(), backend="numpy" if model == "hog" else backend,
+                           distance=distance, aggregation=agg)
+
+
+def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
+    keys = list(metrics)
+    typer.echo(title)
+    typer.echo("  " + "  ".join(f"{k:>7}" for k in keys))
+    typer.echo("  " + "  ".join(f"{100 * metrics[k]:7.2f}" for k in keys) + "   (percent)")
+    if extra:
+        typer.echo(extra)
+
+
+def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate, splits, aggregation,
+               progress=True, arch: Optional[dict] = None):
+    from ingest.embedder import make_embedder
+    from ingest.extractors import create_extractor
+    from ingest.job import ingest
+    from ingest.sources import open_source, source_summary
+    from search.store import open_store
+
+    source = open_source(dataset, size, data_dir=s.data_dir, download=True, **(arch or {}))
+    from ingest.extractors import get_spec
+
+    if backend == "torch" and "torch" not in get_spec(model).backends:
+        backend = None  # the default --backend does not apply to numpy-only models (hog)
+    extractor = create_extractor(model.lower(), weights=weights, random_init=random_init, device=s.device,
+                                 batch_size=s.batch_size, backend=backend)
+    embedder = make_embedder(extractor, size=size, is_3d=source.is_3d, aggregation=aggregation)
+    store = open_store(s)
+    try:
+        rep = ingest(source, embedder, store, splits=splits, batch_size=s.batch_size, distance=s.distance,
+                     recreate=recreate, progress=progress)
+    except BaseException:
+        store.close()
+        raise
+    for split in splits:
+        if split in rep.skipped:
+            typer.echo(f"{rep.collection} [{split}]: complete, reused ({store.count(rep.collection, split)} points)")
+        else:
+            what = {"train": " (database creation)", "test": " (query extraction)"}.get(split, "")
+            sl = rep.extra.get("slices_per_s", {}).get(split)
+            sl = f", {rep.extra['slices'][split]} slices, {sl:.1f} slices/s" if sl is not None else ""
+            typer.echo(f"{rep.collection} [{split}]{what}: {rep.written[split]} points in {rep.seconds[split]:.1f} s "
+                       f"({rep.items_per_s[split]:.1f} items/s{sl})")
+    for split, n_done in rep.resumed_from.items():
+        if n_done and split not in rep.skipped:
+            typer.echo(f"{rep.collection} [{split}]: resumed: {n_done} rows were already stored; "
+                       f"{rep.written[split]} missing rows embedded in this run")
+    for split, rows in rep.zero_vectors.items():
+        more = f", ... (+{len(rows) - 20} more)" if len(rows) > 20 else ""
+        typer.echo(f"note: {len(rows)} all-zero feature vector(s) in {split} rows "
+                   f"[{', '.join(map(str, rows[:20]))}{more}]: stored as zeros; cosine similarity with them is 0 "
+                   "(they rank last as database points, and as queries return the lowest rows)", err=True)
+    if rep.meta.random_init:
+        typer.echo("note: RANDOM-INIT weights (smoke test only; not a pretrained result)")
+    summary = source_summary(source)
+    if summary:
+        typer.echo(summary)
+        rep.extra["source_summary"] = summary
+        rep.extra["skipped_files"] = [str(p) for p in source.problems]
+    return store, rep
+
+
+def _result_json(ev, rep, meta, t_ingest_total) -> dict:
+    return {
+        "collection": ev.collection, "engine": ev.engine, "distance": ev.distance, "k": ev.k,
+        "dataset": meta.dataset, "size": meta.size, "model": meta.model, "backend": meta.backend,
+        "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
+        "family": "handcrafted baseline" if meta.model == "hog" else None,
+        "n_queries": ev.n_queries, "n_database": ev.n_database,
+        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate,
+        "timings": {
+            "database_creation_s": rep.seconds.get("train", 0.0) if rep else None,
+            "query_extraction_s": rep.seconds.get("test", 0.0) if rep else None,
+            "ingest_total_s": t_ingest_total,
+            "slices_per_s": rep.extra.get("slices_per_s") if rep else None,
+            **ev.timings,
+        },
+        "reused_splits": rep.skipped if rep else None,
+        "skipped_files": rep.extra.get("skipped_files") if rep else None,
+    }
+
+
+def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
+    tag = " [RANDOM-INIT]" if meta.random_init else (" [handcrafted baseline]" if meta.model == "hog" else "")
+    _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database, "
+                   f"{ev.distance}, exact top-{ev.k} on {ev.engine}", ev.metrics,
+                   f"  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
+                   f"  search {ev.timings['search_s']:.2f} s, latency p50 {ev.timings['latency_p50_ms']:.2f} ms, "
+                   f"p95 {ev.timings['latency_p95_ms']:.2f} ms")
+    if output:
+        output.write_text(json.dumps(out, indent=2))
+        typer.echo(f"wrote {output}")
+
+
+# ----------------------------------------------------------------------------- commands
+@app.command("ingest")
+def ingest_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt,
+               weights: Optional[str] = typer.Option(None, "--weights", help="local weights file or directory"),
+               random_init: bool = typer.Option(False, "--random-init", help="random weights (tests/smoke runs only)"),
+               backend: str = BackendOpt, distance: Optional[str] = DistanceOpt,
+               volume_aggregation: str = AggOpt,
+               splits: str = typer.Option("train,test", "--splits", help="comma-separated splits"),
+               recreate: bool = typer.Option(False, "--recreate", help="delete an existing collection first"),
+               data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
+               qdrant_url: Optional[str] = UrlOpt,
+               device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [CBMIR_DEVICE]"),
+               batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[CBMIR_BATCH_SIZE]"),
+               source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
+               intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
+               slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
+               fit: str = FitOpt) -> None:
+    """Embed a dataset's splits and upsert them into its collection (idempotent, resumable)."""
+    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance)
+    store, _ = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
+                          tuple(x.strip() for x in splits.split(",") if x.strip()), volume_aggregation,
+                          arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
+    store.close()
+
+
+@app.command("evaluate")
+def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
+                 distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
+                 k: int = typer.Option(5, "--k"), output: Optional[Path] = typer.Option(None, "--output", "-o"),
+                 store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
+                 source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
+                 dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt) -> None:
+    """Query every test point against the train points of a collection; print the study's metrics."""
+    from evaluation.evaluate import evaluate_collection
+    from ingest.sources import check_evaluable
+    from search.store import open_store
+
+    s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    arch = _arch(source, name, dicom_mode=dicom_mode)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch)
+    with open_store(s) as store:
+        meta = store.meta(name)
+        check_evaluable(store, name)
+        ev = evaluate_collection(store, name, k=k, search_backend=search_backend)
+        _report_eval(ev, meta, _result_json(ev, None, meta, None), output)
+
+
+@app.command("run")
+def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt,
+            weights: Optional[str] = typer.Option(None, "--weights", help="local weights file or directory"),
+            random_init: bool = typer.Option(False, "--random-init", help="random weights (tests/smoke runs only)"),
+            backend: str = BackendOpt, distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
+            k: int = typer.Option(5, "--k"), recreate: bool = typer.Option(False, "--recreate"),
+            output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the result JSON here"),
+            data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
+            qdrant_url: Optional[str] = UrlOpt, device: Optional[str] = typer.Option(None, "--device"),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+            source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
+            intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
+            slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
+            fit: str = FitOpt, search_backend: str = SearchBackendOpt) -> None:
+    """Ingest (train = database, test = queries), then evaluate: the study's protocol in one command."""
+    from evaluation.evaluate import evaluate_collection
+    from ingest.sources import check_evaluable
+
+    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance)
+    t0 = time.perf_counter()
+    store, rep = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
+                            ("train", "test"), volume_aggregation,
+                            arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
+    t_ingest = time.perf_counter() - t0
+    with store:
+        check_evaluable(store, rep.collection)
+        ev = evaluate_collection(store, rep.collection, k=k, search_backend=search_backend)
+        _report_eval(ev, rep.meta, _result_json(ev, rep, rep.meta, t_ingest), output)
+
+
+@app.command("search")
+def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-c",
+                                                        help="collection name (or --dataset/--size/--model)"),
+               query_index: Optional[int] = typer.Option(None, "--query-index", help="row of a stored point"),
+               query_split: str = typer.Option("test", "--query-split"),
+               database_split: str = typer.Option("train", "--database-split", help="split searched"),
+               exclude_self: bool = typer.Option(False, "--exclude-self",
+                                                 help="leave the query point out of its results, by point id (not "
+                                                      "by score: an identical copy still shows); for --query-index "
+                                                      "in the database split"),
+               image: Optional[Path] = typer.Option(None, "--image", help="image / volume file to embed and search"),
+               weights: Optional[str] = typer.Option(None, "--weights"),
+               k: int = typer.Option(5, "--k"), store_path: Optional[Path] = StoreOpt,
+               qdrant_url: Optional[str] = UrlOpt,
+               dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="instead of --collection: "
+                                                     "MedMNIST flag or user archive (with --size, --model)"),
+               size: int = SizeOpt, model: Optional[str] = typer.Option(None, "--model", "-m"),
+               backend: str = BackendOpt, distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
+               source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
+               intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
+               slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
+               fit: str = FitOpt) -> None:
+    """Top-k database images for a stored point (``--query-index``) or a file (``--image``: any image format,
+    DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as ingest)."""
+    from search.client import SearchClient
+    from search.store import open_store
+
+    s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    if (query_index is None) == (image is None):
+        raise CbmirError("give exactly one of --query-index N or --image PATH")
+    if collection is None:
+        if dataset is None or model is None:
+            raise CbmirError("give --collection NAME, or --dataset with --size and --model")
+        collection = _collection(dataset, size, model, backend, s.distance, volume_aggregation,
+                                 _arch(source, name, dicom_mode=dicom_mode))
+    if exclude_self and image is not None:
+        raise CbmirError("--exclude-self needs --query-index (a stored point has an id; an image file has none)")
+    client = SearchClient(open_store(s))
+    try:
+        if image is not None:
+            from ingest.sources import load_query
+
+            images = load_query(image, client.store.meta(collection), intensity=intensity, window=window,
+                                slice_axis=slice_axis, fit=fit)
+            hits = client.search_by_image(collection, images, k, weights=weights)[0]
+        elif exclude_self or query_split != database_split:
+            # search_by_point excludes the query's own id when it lies in the database split
+            hits = client.search_by_point(collection, query_index, split=query_split, k=k,
+                                          database_split=database_split)[0]
+        else:
+            vec, _ = client.store.get_points(collection, query_split, [query_index])
+            hits = client.search_by_vector(collection, vec, k, split=database_split)[0]
+        typer.echo(f"{'rank':>4} {'index':>7} {'label':>5} {'score':>10}  image_id")
+        for r, h in enumerate(hits, 1):
+            typer.echo(f"{r:>4} {h.index:>7} {h.label:>5} {h.score:>10.6f}  {h.payload.get('image_id', '')}")
+    finally:
+        client.close()
+
+
+@app.command("export")
+def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
+               distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
+               output: Path = typer.Option(..., "--output", "-o", help="npz file to write"),
+               store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
+               source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
+               dicom_mode: str = DicomModeOpt) -> None:
+    """Write a collection's vectors read back from the store: ``train_vectors`` (N, D) float32,
+    ``train_labels`` (N,), ``test_vectors``, ``test_labels``, rows in split order."""
+    from search.store import open_store
+
+    s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation,
+                       _arch(source, name, dicom_mode=dicom_mode))
+    arrays = {}
+    with open_store(s) as store:
+        store.meta(name)
+        for split in ("train", "test"):
+            idx, vec, pay = store.fetch(name, split)
+            arrays[f"{split}_vectors"] = vec
+            arrays[f"{split}_labels"] = np.asarray([p["label"] for p in pay], dtype=np.int64)
+            arrays[f"{split}_indices"] = idx
+    np.savez(output, **arrays)
+    typer.echo(f"wrote {output}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
+
+
+@app.command("verify")
+def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
+               distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
+               data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
+               qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Check a collection against its source: counts per split, duplicate ids, labels, dims, non-finite
+    vectors. Prints one line, ``OK ...`` (exit 0) or ``FAIL: <problems>`` (exit 1)."""
+    from evaluation.verify import verify_collection
+    from ingest.extractors import get_spec
+    from ingest.sources import open_source
+    from search.store import open_store
+
+    s = _settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    get_spec(model)  # unknown model: CbmirError listing the valid ones
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation)
+    source = open_source(dataset, size, data_dir=s.data_dir)
+    with open_store(s) as store:
+        rep = verify_collection(store, name, source)
+    typer.echo(rep.verdict())
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command("models")
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List the extractor registry: name, family, dim, backends, input policy, weights source, licence."""
+    from ingest.extractors import list_specs, weights_available
+
+    rows = [{"name": sp.name, "family": sp.family, "dim": sp.dim, "backends": list(sp.backends),
+             "input_policy": sp.input_policy, "weights_source": sp.weights_source, "licence": sp.licence,
+             "weights_available_locally": weights_available(sp),
+             "weights_available_by_backend": {b: weights_available(sp, b) for b in sp.backends}}
+            for sp in list_specs()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'name':<16} {'family':<27} {'dim':>5}  {'backends':<12} {'local weights':<17} source")
+    for r in rows:
+        local = ",".join(f"{b}:{'yes' if ok else 'no'}" for b, ok in r["weights_available_by_backend"].items()) \
+            if len(r["backends"]) > 1 else ("yes" if r["weights_available_locally"] else "no")
+        typer.echo(f"{r['name']:<16} {r['family']:<27} {r['dim']:>5}  {','.join(r['backends']):<12} "
+                   f"{local:<17} {r['weights_source']}")
+        typer.echo(f"{'':<16} input: {r['input_policy']}")
+        typer.echo(f"{'':<16} licence: {r['licence']}")
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+        config: Optional[Path] = typer.Option(None, "--config", help="grid file (.yaml/.yml/.toml); flags override it"),
+        datasets: Optional[str] = typer.Option(None, "--datasets", help="comma-separated MedMNIST flags"),
+        models: Optional[str] = typer.Option(None, "--models", help="comma-separated extractor names"),
+        sizes: Optional[str] = typer.Option(None, "--sizes", help="comma-separated sizes, e.g. 28,64 [28]"),
+        backends: Optional[str] = typer.Option(None, "--backends", help="comma-separated: torch,keras [torch]"),
+        distances: Optional[str] = typer.Option(None, "--distances", help="cosine,euclidean [cosine]"),
+        random_init: Optional[bool] = typer.Option(None, "--random-init/--pretrained",
+                                                   help="random CNN weights (smoke runs; labelled RANDOM-INIT)"),
+        results: Optional[Path] = typer.Option(None, "--results", help="results CSV [results/results.csv]"),
+        save_per_query: Optional[bool] = typer.Option(None, "--save-per-query/--no-save-per-query",
+                                                      help="write per-query top-k npz per cell (for CIs/tests)"),
+        retry_failed: Optional[bool] = typer.Option(None, "--retry-failed/--skip-failed",
+                                                    help="re-run cells recorded as failed [retry]"),
+        k: Optional[int] = typer.Option(None, "--k"),
+        volume_aggregation: Optional[str] = typer.Option(None, "--volume-aggregation"),
+        download: Optional[bool] = typer.Option(None, "--download/--no-download"),
+        data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
+        qdrant_url: Optional[str] = UrlOpt, device: Optional[str] = typer.Option(None, "--device"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress")) -> None:
+    """Run a grid of datasets x sizes x models (x backends x distances); resumable, one tidy results CSV."""
+    from evaluation.grid import config_from_cli, parse_list, run_grid
+
+    cfg = config_from_cli(
+        config, datasets=parse_list(datasets), models=parse_list(models), sizes=parse_list(sizes),
+        backends=parse_list(backends), distances=parse_list(distances), random_init=random_init,
+        results=results, save_per_query=save_per_query, retry_failed=retry_failed, k=k,
+        volume_aggregation=volume_aggregation, download=download, data_dir=data_dir, store_path=store_path,
+        qdrant_url=qdrant_url, device=device, batch_size=batch_size, progress=progress)
+    summary = run_grid(cfg)
+    typer.echo(f"grid: {len(summary.cells)} cells: {len(summary.ran)} ran, {len(summary.failed)} failed, "
+               f"{len(summary.skipped)} skipped (already in the table) -> {summary.results}")
+    for cell, err in summary.failed:
+        typer.echo(f"  failed {cell.label()}: {err}")
+
+
+@app.command("report")
+def report_cmd(
+        results: Optional[Path] = typer.Option(None, "--results",
+                                               help="results CSV of `cbmir benchmark`; omit for the published "
+                                                    "tables only"),
+        output: Path = typer.Option(Path("reports"), "--output", "-o", help="output directory"),
+        store_path: Optional[Path] = typer.Option(None, "--store-path",
+                                                  help="store for the t-SNE figure [the rows' store]"),
+        qdrant_url: Optional[str] = UrlOpt,
+        tsne_collection: Optional[str] = typer.Option(None, "--tsne-collection",
+                                                      help="collection of the t-SNE figure [best 2D ACC@1 row]"),
+        tsne: bool = typer.Option(True, "--tsne/--no-tsne", help="draw the t-SNE figure (Figure 11)"),
+        n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples for CIs and paired tests")) -> None:
+    """Markdown report with PNG figures: the study's Tables S1-S4, 3-7 and Figures 3-11, ours beside the paper's."""
+    from evaluation.report import build_report
+
+    out = build_report(results, output, store_path=store_path, qdrant_url=qdrant_url,
+                       tsne_collection=tsne_collection, tsne=tsne, n_boot=n_boot)
+    typer.echo(f"wrote {out.markdown} ({len(out.figures)} figures)")
+    for note in out.notes:
+        typer.echo(f"  note: {note}")
+
+
+@app.command("bench")
+def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down sizes, under two minutes"),
+              work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="folder for the synthetic store and "
+                                                      "npz (full run: ~14 GB free) [system temp]"),
+              only: Optional[str] = typer.Option(None, "--only", help="comma-separated sections: search, ingest"),
+              extract: bool = typer.Option(False, "--extract", help="also measure CNN extraction images/s"),
+              output: Optional[Path] = typer.Option(None, "--output", "-o", help="write all figures as JSON"),
+              keep: bool = typer.Option(False, "--keep", help="keep the synthetic files")) -> None:
+    """Speed and memory at the study's largest scale (PathMNIST-sized), each beside its reference."""
+    from evaluation.bench import run_bench
+
+    run_bench(quick=quick, work_dir=work_dir, sections=[x.strip() for x in only.split(",")] if only else None,
+              extract=extract, json_out=output, keep=keep)
+
+
+def main() -> None:
+    """Console-script entry point: run the CLI, turning CbmirError into one clear line and exit code 2."""
+    import click
+
+    try:
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:  # click returns (not raises) typer.Exit codes when not standalone
+            sys.exit(rc)
+    except CbmirError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: re-run the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

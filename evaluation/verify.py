@@ -1,0 +1,184 @@
+"""``cbmir verify``: check a stored collection against its source dataset.
+
+After a night of interrupted, resumed and retried ingest jobs, one command says whether a
+collection is exactly what its source file says it should be:
+
+* the collection exists and its metadata names the same dataset, size and modality;
+* per split: the number of stored points equals the split size, every row ``0..N-1`` is present
+  once (no duplicate point ids, no ids of another split, no rows beyond the split);
+* every payload agrees with its point id (``split``, ``index``) and with the collection
+  (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
+* every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,
+  and, for cosine collections, is unit-length or all zero (the store's zero-vector rule,
+  :meth:`search.store.VectorStore._prepare`); all-zero vectors are counted and reported, not failed.
+
+Splits checked: ``train`` and ``test`` (the study's database and queries) and any other split
+that has points. The collection is read page by page (``1024`` points at a time), so memory stays
+bounded for any collection size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ingest.base import CbmirError, DatasetSource
+from search.schema import SPLIT_CODES, split_and_index
+from search.store import VectorStore
+
+#: Largest deviation of a stored cosine vector's L2 norm from 1 accepted (float32 rounding).
+NORM_TOLERANCE = 1e-3
+#: Rows listed per problem in messages.
+_SHOW = 10
+
+
+def _rows(rows, limit: int = _SHOW) -> str:
+    rows = [int(r) for r in rows]
+    more = f", ... (+{len(rows) - limit} more)" if len(rows) > limit else ""
+    return "[" + ", ".join(map(str, rows[:limit])) + more + "]"
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify_collection`.
+
+    Attributes:
+        collection: collection name.
+        ok: True when no problem was found.
+        problems: one human-readable sentence per problem (empty when ``ok``).
+        counts: per split, ``(points stored, rows in the source split)``.
+        dim: the collection's vector dimension (0 when the collection is missing).
+        zero_vectors: per split, the number of all-zero vectors (allowed; cosine similarity 0).
+        engine: the store's engine name.
+    """
+
+    collection: str
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    dim: int = 0
+    zero_vectors: dict[str, int] = field(default_factory=dict)
+    engine: str = ""
+
+    def fail(self, msg: str) -> None:
+        self.ok = False
+        self.problems.append(msg)
+
+    def verdict(self) -> str:
+        """One line: ``OK <collection>: train 546/546, ...`` or ``FAIL: <collection>: <problems>``."""
+        if not self.ok:
+            return f"FAIL: {self.collection}: " + "; ".join(self.problems)
+        parts = ", ".join(f"{sp} {a}/{b}" for sp, (a, b) in self.counts.items())
+        nz = sum(self.zero_vectors.values())
+        zero = (f", {nz} all-zero vector(s) ({', '.join(f'{s} {n}' for s, n in self.zero_vectors.items() if n)};"
+                " stored by rule, cosine similarity 0)") if nz else ""
+        return (f"OK {self.collection}: {parts}, dim {self.dim}, no duplicate ids, labels match the source, "
+                f"all vectors finite{zero} [{self.engine}]")
+
+
+def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
+                      splits: tuple[str, ...] | None = None, page: int = 1024) -> VerifyReport:
+    """Check collection ``name`` of ``store`` against ``source`` (see the module docstring).
+
+    Args:
+        store: an open vector store (any engine).
+        name: collection name.
+        source: the dataset the collection was built from (e.g.
+            :func:`ingest.medmnist_data.open_medmnist`); its labels are the reference.
+        splits: splits to check; default ``train``, ``test`` and any other split with points.
+        page: points read per request.
+
+    Returns:
+        :class:`VerifyReport`; never raises for a problem of the collection itself (a missing
+        collection is a problem in the report).
+
+    Raises:
+        CbmirError: the store cannot be read (e.g. the embedded store is in use by another process,
+            the server is unreachable).
+    """
+    rep = VerifyReport(collection=name, engine=getattr(store, "engine", ""))
+    meta = store.read_meta(name)
+    if meta is None:
+        have = ", ".join(sorted(store.list_collections())) or "none"
+        rep.fail(f"collection does not exist in the {rep.engine} store (existing: {have})")
+        return rep
+    rep.dim = int(meta.dim)
+    for key, want in (("dataset", source.name), ("size", int(source.size)), ("is_3d", bool(source.is_3d))):
+        if getattr(meta, key) != want:
+            rep.fail(f"metadata {key}={getattr(meta, key)!r} but the source has {want!r}")
+    if splits is None:
+        splits = tuple(sp for sp in SPLIT_CODES if sp in ("train", "test") or store.count(name, sp) > 0)
+    widths = {c: b - a for c, a, b in meta.layout}
+    cosine = meta.distance == "cosine"
+    for split in splits:
+        n = int(source.split_size(split))
+        labels = np.asarray(source.labels(split), dtype=np.int64)
+        stored = int(store.count(name, split))
+        rep.counts[split] = (stored, n)
+        seen = np.zeros(n, dtype=np.int64)
+        foreign, beyond, bad_payload, bad_label, bad_dim, nonfinite, not_unit = [], [], [], [], [], [], []
+        zero = 0
+        for ids, chunks, payloads in store._scroll(name, split, True, page):  # noqa: SLF001 (engine page reader)
+            pairs = [split_and_index(i) for i in ids]
+            idx = np.asarray([ix for _, ix in pairs], dtype=np.int64)
+            for (sp, ix), pl in zip(pairs, payloads):
+                if sp != split:
+                    foreign.append(ix)
+                    continue
+                if ix >= n:
+                    beyond.append(ix)
+                    continue
+                seen[ix] += 1
+                if (pl.get("split") != split or pl.get("index") != ix or pl.get("dataset") != meta.dataset
+                        or pl.get("model") != meta.model or pl.get("size") != meta.size):
+                    bad_payload.append(ix)
+                lab = pl.get("label")
+                if lab is None or int(lab) != int(labels[ix]):
+                    bad_label.append((ix, lab, int(labels[ix])))
+            if chunks is None or set(chunks) != set(widths) or any(
+                    chunks[c].shape != (len(ids), w) for c, w in widths.items()):
+                bad_dim.extend(idx.tolist())
+                continue
+            vecs = np.concatenate([chunks[c] for c, _, _ in meta.layout], axis=1)
+            fin = np.isfinite(vecs).all(axis=1)
+            nonfinite.extend(idx[~fin].tolist())
+            norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0).astype(np.float64), axis=1)
+            is_zero = fin & (norms == 0)
+            zero += int(is_zero.sum())
+            if cosine:
+                not_unit.extend(idx[fin & ~is_zero & (np.abs(norms - 1.0) > NORM_TOLERANCE)].tolist())
+        rep.zero_vectors[split] = zero
+        missing = np.flatnonzero(seen == 0)
+        dups = np.flatnonzero(seen > 1)
+        if stored != n or len(missing):
+            rep.fail(f"{split}: {stored} points stored, the source has {n}"
+                     + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
+        if len(dups):
+            rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")
+        if foreign:
+            rep.fail(f"{split}: {len(foreign)} point(s) with ids of another split (rows {_rows(foreign)})")
+        if beyond:
+            rep.fail(f"{split}: {len(beyond)} point(s) for rows beyond the split size {n}: {_rows(beyond)}")
+        if bad_payload:
+            rep.fail(f"{split}: payload (split/index/dataset/model/size) disagrees with the point id "
+                     f"or the collection for rows {_rows(bad_payload)}")
+        if bad_label:
+            first = ", ".join(f"row {ix}: stored {lab} vs file {want}" for ix, lab, want in bad_label[:_SHOW])
+            rep.fail(f"{split}: {len(bad_label)} label(s) differ from the source ({first})")
+        if bad_dim:
+            rep.fail(f"{split}: vectors of the wrong dimension (expected {meta.dim}, layout "
+                     f"{[list(c) for c in meta.layout]}) for rows {_rows(bad_dim)}")
+        if nonfinite:
+            rep.fail(f"{split}: NaN/inf in the vectors of rows {_rows(nonfinite)}")
+        if not_unit:
+            rep.fail(f"{split}: cosine vectors not unit-length (nor all zero) for rows {_rows(not_unit)}")
+    return rep
+
+
+def verify_or_raise(store: VectorStore, name: str, source: DatasetSource, **kwargs) -> VerifyReport:
+    """:func:`verify_collection`, raising :class:`~ingest.base.CbmirError` with the verdict on failure."""
+    rep = verify_collection(store, name, source, **kwargs)
+    if not rep.ok:
+        raise CbmirError(rep.verdict())
+    return rep

@@ -1,0 +1,167 @@
+"""Extractor registry: model entries (data) and builders (construction), one factory.
+
+Modelled on timm / open_clip (DESIGN.md §7): every model is one :class:`~ingest.base.ExtractorSpec`
+entry in :data:`_SPECS`; the code that builds a family of models is one *builder* function in
+:data:`_BUILDERS`, found by ``(spec.builder, backend)``. :func:`create_extractor` is the only
+factory and holds no model-specific code.
+
+Adding a model of an existing family = one ``register(ExtractorSpec(...))`` call. Adding a family
+or a backend = one module in ``ingest/extractors/`` that calls :func:`register_builder` (and
+:func:`register` for its entries) at import time. Every public module of the package is imported
+on first use of the registry, so new modules need no edit here; such modules must import heavy
+libraries (torch, open_clip, tensorflow) inside their builders, not at module level.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import threading
+from typing import Callable
+
+from ingest.base import CbmirError, Extractor, ExtractorSpec
+
+Builder = Callable[..., Extractor]
+"""``builder(spec, *, weights, random_init, device, batch_size, backend) -> Extractor``."""
+
+_SPECS: dict[str, ExtractorSpec] = {}
+_BUILDERS: dict[tuple[str, str | None], Builder] = {}
+_LOADED = False
+_LOAD_LOCK = threading.RLock()
+_SKIP_MODULES = {"registry"}
+
+
+def register(spec: ExtractorSpec, *, replace: bool = False) -> ExtractorSpec:
+    """Add a model entry; returns ``spec`` (so it can be used as a module-level constant).
+
+    Raises:
+        ValueError: another, different entry already uses ``spec.name`` (and not ``replace``).
+    """
+    key = spec.name.lower()
+    old = _SPECS.get(key)
+    if old is not None and not replace and (old != spec or old.options != spec.options):
+        raise ValueError(f"extractor {spec.name!r} is already registered")
+    _SPECS[key] = spec
+    return spec
+
+
+def register_builder(
+    name: str, fn: Builder, *, backend: str | None = None, replace: bool = False
+) -> Builder:
+    """Add the builder ``name`` for ``backend`` (``None``: any backend the spec lists).
+
+    Raises:
+        ValueError: a different function is already registered for ``(name, backend)``.
+    """
+    key = (name, backend)
+    old = _BUILDERS.get(key)
+    if old is not None and old is not fn and not replace:
+        same = getattr(old, "__qualname__", None) == getattr(fn, "__qualname__", None)
+        if not same:  # re-import of the same module is fine
+            raise ValueError(f"builder {name!r} (backend {backend}) is already registered")
+    _BUILDERS[key] = fn
+    return fn
+
+
+def _ensure_loaded() -> None:
+    """Import every public module of ``ingest.extractors`` once, so they register themselves."""
+    global _LOADED
+    if _LOADED:
+        return
+    with _LOAD_LOCK:
+        if _LOADED:
+            return
+        package = importlib.import_module("ingest.extractors")
+        for mod in pkgutil.iter_modules(package.__path__):
+            if mod.name.startswith("_") or mod.name in _SKIP_MODULES:
+                continue
+            importlib.import_module(f"{package.__name__}.{mod.name}")
+        _LOADED = True
+
+
+def list_specs(family: str | None = None) -> list[ExtractorSpec]:
+    """All registered entries (optionally only one ``family``), sorted by name."""
+    _ensure_loaded()
+    specs = sorted(_SPECS.values(), key=lambda s: s.name)
+    return [s for s in specs if family is None or s.family == family]
+
+
+def get_spec(name: str) -> ExtractorSpec:
+    """The entry registered as ``name`` (case-insensitive).
+
+    Raises:
+        CbmirError: unknown name; the message lists every valid name.
+    """
+    _ensure_loaded()
+    spec = _SPECS.get(str(name).strip().lower())
+    if spec is None:
+        valid = ", ".join(s.name for s in list_specs())
+        raise CbmirError(f"unknown model {name!r}; valid models: {valid}")
+    return spec
+
+
+def resolve_backend(spec: ExtractorSpec, backend: str | None) -> str:
+    """The backend to use: ``backend`` when given, else ``torch`` when listed, else the first.
+
+    Raises:
+        CbmirError: ``backend`` is not one of ``spec.backends``.
+    """
+    if backend is None:
+        return "torch" if "torch" in spec.backends else spec.backends[0]
+    if backend not in spec.backends:
+        raise CbmirError(
+            f"model {spec.name!r} has no backend {backend!r}; valid: {', '.join(spec.backends)}"
+        )
+    return backend
+
+
+def create_extractor(
+    name: str,
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+    batch_size: int = 64,
+    backend: str | None = None,
+) -> Extractor:
+    """Build the extractor registered as ``name`` - the one factory for every model.
+
+    Args:
+        name: registry name (see :func:`list_specs`), e.g. ``resnet50``, ``hog``.
+        weights: local weights file (state dict, ``.safetensors`` / ``.pth`` / ``.pt``) instead
+            of the entry's pretrained source.
+        random_init: random weights, for tests and smoke runs only (recorded in the identity).
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per forward pass inside :meth:`Extractor.extract`.
+        backend: ``torch``, ``keras``, ``numpy``...; ``None`` = ``torch`` when the model has
+            it, else the model's only / first backend.
+
+    Returns:
+        An :class:`~ingest.base.Extractor`: ``extract(uint8 (B, H, W, 3)) -> float32 (B, dim)``.
+
+    Raises:
+        CbmirError: unknown name or backend, no builder installed for the backend, both
+            ``weights`` and ``random_init`` given, ``batch_size < 1``, or any error of the
+            builder (e.g. weights unreachable: names the model and ``--weights``).
+    """
+    spec = get_spec(name)
+    chosen = resolve_backend(spec, backend)
+    if weights is not None and random_init:
+        raise CbmirError(f"give either --weights or --random-init for {spec.name!r}, not both")
+    if int(batch_size) < 1:
+        raise CbmirError(f"batch_size must be >= 1, got {batch_size}")
+    fn = _BUILDERS.get((spec.builder, chosen)) or _BUILDERS.get((spec.builder, None))
+    if fn is None:
+        raise CbmirError(
+            f"no {chosen!r} builder {spec.builder!r} is installed for model {spec.name!r}; "
+            f"available backends with a builder: "
+            f"{', '.join(b for b in spec.backends if (spec.builder, b) in _BUILDERS) or 'none'}"
+        )
+    return fn(
+        spec,
+        weights=weights,
+        random_init=bool(random_init),
+        device=device,
+        batch_size=int(batch_size),
+        backend=chosen,
+    )

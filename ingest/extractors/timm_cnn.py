@@ -1,0 +1,263 @@
+"""ImageNet CNN feature extractors (PyTorch, timm): VGG19, ResNet50, DenseNet121, EfficientNetV2M.
+
+Features (paper §2.2, DESIGN.md §1): output of the last convolutional block
+(``forward_features``: VGG19 after ``block5_pool``; DenseNet121 after the final BN + ReLU;
+EfficientNetV2M after the 1x1 head conv + BN + SiLU), then global average pooling - the
+equivalent of Keras ``include_top=False, pooling="avg"``: 512 / 2048 / 1024 / 1280 dims. The
+classifier head (and VGG's fc6/fc7 ``pre_logits``, which would give 4,096 dims) are removed.
+
+Input policy: each image at its own size; images smaller than 32 px (MedMNIST 28 px) are
+upsampled to 32 x 32 (bicubic, PIL-equivalent, :func:`ingest.transforms.resize_batch`);
+grayscale is replicated to RGB; values / 255, then the weights' own mean / std
+(timm ``pretrained_cfg``: ImageNet mean/std for the torchvision ports, 0.5 / 0.5 for the
+EfficientNetV2 TF port, matching Keras' built-in ``[-1, 1]`` rescaling).
+
+Weights: timm's hub copies of the checkpoints closest to Keras applications' ``imagenet``:
+
+* ``vgg19.tv_in1k``, ``densenet121.tv_in1k``: torchvision ImageNet-1k weights (Keras uses the
+  original Oxford VGG / original DenseNet release; same architectures, different training runs).
+* ``resnet50.tv_in1k``: the classic ImageNet-1k recipe (76.1 % top-1, Keras' MSRA ResNet50:
+  74.9 %), chosen over timm's ``a1_in1k`` (modern recipe, BCE loss, 80.4 %) whose features
+  differ more from the Keras model the study used.
+* ``tf_efficientnetv2_m.in1k``: the official Google EfficientNetV2-M ImageNet-1k checkpoint
+  (Keras applications lists 85.3 % top-1 for EfficientNetV2M, matching the ImageNet-1k-only
+  release; the ``in21k_ft_in1k`` variant reaches 86.2 %). Change ``timm_name`` below to switch.
+
+The study's own numbers come from Keras/TensorFlow; these PyTorch ports give the same dims
+but not bit-identical features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ingest.base import CbmirError, ExtractorSpec
+from ingest.extractors.registry import register, register_builder
+from ingest.extractors.weights import (
+    RANDOM_INIT,
+    fetch_hub_file,
+    file_identity,
+    load_into_model,
+    load_state_dict_file,
+)
+
+MIN_SIDE = 32
+_POLICY = (
+    "own size; sides < 32 px (MedMNIST 28) upsampled to 32x32 bicubic; gray -> RGB; "
+    "/255, then the weights' mean/std (timm pretrained_cfg)"
+)
+
+
+def _cnn(
+    name: str, dim: int, timm_name: str, keras_app: str, licence: str, drop=()
+) -> ExtractorSpec:
+    """One registry entry of an ImageNet CNN (timm model id + Keras application name)."""
+    return register(
+        ExtractorSpec(
+            name=name,
+            family="imagenet-cnn",
+            dim=dim,
+            input_policy=_POLICY,
+            weights_source=f"hf-hub:timm/{timm_name}",
+            licence=licence,
+            backends=("torch", "keras"),
+            builder="imagenet_cnn",
+            options={"timm_name": timm_name, "keras_app": keras_app, "drop": tuple(drop)},
+        )
+    )
+
+
+_TV = "BSD-3-Clause (torchvision weights)"
+VGG19 = _cnn("vgg19", 512, "vgg19.tv_in1k", "VGG19", _TV, drop=("pre_logits",))
+RESNET50 = _cnn("resnet50", 2048, "resnet50.tv_in1k", "ResNet50", _TV)
+DENSENET121 = _cnn("densenet121", 1024, "densenet121.tv_in1k", "DenseNet121", _TV)
+EFFICIENTNETV2M = _cnn(
+    "efficientnetv2m", 1280, "tf_efficientnetv2_m.in1k", "EfficientNetV2M", "Apache-2.0"
+)
+
+
+def resolve_device(device: str = "auto"):
+    """``torch.device`` for ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda[:N]``.
+
+    Raises:
+        CbmirError: unknown device string, or CUDA requested but not available.
+    """
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CbmirError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CbmirError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+class TimmCNNExtractor:
+    """Last-conv-block + global-average-pool features of a timm CNN (an ``Extractor``).
+
+    Args:
+        spec: registry entry (``options["timm_name"]``, ``options["drop"]``).
+        weights: local state-dict file (timm key names; classifier keys optional) or None.
+        random_init: random weights (seeded, reproducible), for tests/smoke runs only.
+        device: see :func:`resolve_device`.
+        batch_size: images per forward pass.
+
+    Attributes:
+        model: the trimmed ``torch.nn.Module`` (eval mode, on ``device``).
+        mean, std: per-channel normalisation of the weights (``pretrained_cfg``).
+        precision: ``bf16-autocast`` on CUDA, ``fp32`` on CPU.
+
+    Raises:
+        CbmirError: weights file unreadable / not matching, or hub unreachable with no cached
+            copy (names the model, ``--weights PATH`` and the hub id; raised within seconds).
+    """
+
+    def __init__(self, spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
+                 batch_size=64) -> None:
+        import timm
+        import torch
+
+        self.spec = spec
+        self.batch_size = int(batch_size)
+        self.device = resolve_device(device)
+        timm_name = spec.options["timm_name"]
+        drop = tuple(spec.options.get("drop", ()))
+        self.random_init = bool(random_init)
+        if weights is not None:
+            sd = load_state_dict_file(weights)
+            model = self._empty_model(timm_name, drop)
+            ignore = (model.pretrained_cfg.get("classifier", ""), *drop)
+            load_into_model(model, sd, source=str(weights), ignore=[p for p in ignore if p])
+            self.weights_id = file_identity(weights)
+        elif random_init:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = timm.create_model(timm_name, pretrained=False)
+            self._trim(model, drop)
+            self.weights_id = RANDOM_INIT
+        else:
+            hub_id = f"timm/{timm_name}"
+            sd = load_state_dict_file(fetch_hub_file(hub_id, spec.name))
+            # timm loads this in-memory state dict (with its checkpoint filter): no network.
+            model = timm.create_model(
+                timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}
+            )
+            model.pretrained_cfg.pop("state_dict", None)  # do not keep a second copy alive
+            del sd
+            self._trim(model, drop)
+            self.weights_id = f"hf-hub:{hub_id}"
+        cfg = model.pretrained_cfg
+        self.mean = tuple(float(v) for v in cfg["mean"])
+        self.std = tuple(float(v) for v in cfg["std"])
+        self.model = model.eval().to(self.device)
+        self.precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
+
+    @classmethod
+    def _empty_model(cls, timm_name: str, drop):
+        """Trimmed model with uninitialised CPU tensors, to be filled by a strict state-dict load
+        (built on the ``meta`` device: skips random init, e.g. VGG's 100M-parameter fc6).
+        Falls back to a normally initialised model if it has non-persistent tensors."""
+        import timm
+        import torch
+
+        with torch.device("meta"):
+            model = timm.create_model(timm_name, pretrained=False)
+        cls._trim(model, drop)
+        persistent = set(model.state_dict())
+        tensors = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        if tensors - persistent:  # a load would leave these uninitialised
+            model = timm.create_model(timm_name, pretrained=False)
+            cls._trim(model, drop)
+            return model
+        return model.to_empty(device="cpu")
+
+    @staticmethod
+    def _trim(model, drop) -> None:
+        """Remove the classifier and the named modules (not used by ``forward_features``)."""
+        import torch.nn as nn
+
+        model.reset_classifier(0)
+        for name in drop:
+            setattr(model, name, nn.Identity())
+
+    def dim_for(self, size: int) -> int:
+        """Embedding dim for ``size`` px input: ``spec.dim`` at every size (global pooling)."""
+        return self.spec.dim
+
+    def _autocast(self):
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def extract(self, images: np.ndarray) -> np.ndarray:
+        """Embed a batch: uint8 ``(B, H, W, 3)`` (or 1-channel) -> float32 ``(B, spec.dim)``.
+
+        Runs in mini-batches of ``batch_size`` under ``torch.inference_mode()``.
+
+        Raises:
+            ValueError: not a uint8 ``(B, H, W, 1|3)`` batch.
+        """
+        import torch
+
+        from ingest.transforms import normalize, resize_batch, to_rgb
+
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+            raise ValueError(
+                f"{self.spec.name} expects uint8 (B, H, W, 1|3) images, "
+                f"got {images.dtype} {images.shape}"
+            )
+        h, w = images.shape[1:3]
+        target = (max(h, MIN_SIDE), max(w, MIN_SIDE)) if min(h, w) < MIN_SIDE else None
+        out = np.empty((len(images), self.spec.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for lo in range(0, len(images), self.batch_size):
+                chunk = np.ascontiguousarray(images[lo : lo + self.batch_size])
+                if not chunk.flags.writeable:  # reader batches are read-only views
+                    chunk = chunk.copy()
+                x = torch.from_numpy(chunk)
+                x = to_rgb(x.to(self.device)).float()
+                if target is not None:
+                    x = resize_batch(x, target, "bicubic").clamp_(0.0, 255.0)
+                x = normalize(x / 255.0, self.mean, self.std)
+                x = x.permute(0, 3, 1, 2).contiguous()
+                with self._autocast():
+                    fmap = self.model.forward_features(x)
+                feats = fmap.float().mean(dim=(2, 3))
+                out[lo : lo + len(feats)] = feats.cpu().numpy()
+        return out
+
+    def identity(self, size: int | None = None) -> dict:
+        """Identity recorded in collection metadata (stable across devices and precisions)."""
+        return {
+            "model": self.spec.name,
+            "family": self.spec.family,
+            "backend": "torch",
+            "architecture": f"timm:{self.spec.options['timm_name']}",
+            "dim": int(self.spec.dim),
+            "weights": self.weights_id,
+            "random_init": self.weights_id == RANDOM_INIT,
+            "preprocessing": (
+                f"{self.spec.input_policy}; mean={list(self.mean)} std={list(self.std)}; "
+                "last conv block + global average pooling"
+            ),
+        }
+
+
+def build_timm_cnn(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
+                   batch_size=64, **_ignored) -> TimmCNNExtractor:
+    """Builder ``imagenet_cnn`` for the torch backend (see :class:`TimmCNNExtractor`)."""
+    return TimmCNNExtractor(spec, weights=weights, random_init=random_init, device=device,
+                            batch_size=batch_size)
+
+
+register_builder("imagenet_cnn", build_timm_cnn, backend="torch")

@@ -1,0 +1,245 @@
+"""Shared weights helpers for every torch extractor: hub reachability, files, identity, errors.
+
+* :func:`hub_reachable` - a cheap (<= ~3 s) HTTP probe of the Hugging Face endpoint; on failure
+  :func:`set_hub_offline` switches ``huggingface_hub`` to offline mode, because offline hub calls
+  otherwise retry for 23-51 s before failing (DESIGN.md §6).
+* :func:`fetch_hub_file` - a hub file from the network or the local HF cache, or a clear error.
+* :func:`load_state_dict_file` - a state dict from ``.safetensors`` or a torch pickle loaded
+  with ``torch.load(weights_only=True)`` (no arbitrary code execution).
+* :func:`load_into_model` - strict loading that may ignore named sub-modules (classifier heads).
+* :func:`sha256_file` - the identity of a local weights file (``sha256:<hex>``).
+* :func:`weights_unavailable_error` - the one message naming both ways to supply weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from ingest.base import CbmirError
+
+RANDOM_INIT = "random-init"
+"""Weights identity of randomly initialised models (tests and smoke runs only)."""
+
+_TRUE = {"1", "true", "yes", "on"}
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+# --------------------------------------------------------------------------- hub
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint that ``huggingface_hub`` will call (``HF_ENDPOINT`` as read by
+    ``huggingface_hub.constants.ENDPOINT``; default ``https://huggingface.co``)."""
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        return str(hf_constants.ENDPOINT).rstrip("/")
+    except ImportError:  # pragma: no cover
+        return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+
+
+def hub_cache_dir() -> str | None:
+    """HF hub cache folder passed to ``hf_hub_download`` (``None``: huggingface_hub's default)."""
+    return None
+
+
+def hub_offline_requested() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value in the environment."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def http_reachable(url: str, timeout: float = 2.0) -> bool:
+    """True when an HTTP(S) server answers a ``HEAD url`` within about ``timeout`` seconds.
+
+    Any HTTP status counts as an answer (the server is there); DNS, connection, TLS and
+    timeout errors do not. Environment proxies are honoured (``urllib``). A bare TCP probe is
+    not enough: transparent proxies accept connections to hosts that are not reachable.
+    The probe runs in a daemon thread joined for ``timeout + 1`` s, since DNS lookups ignore
+    socket timeouts.
+    """
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            req = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(req, timeout=timeout):
+                ok.append(True)
+        except urllib.error.HTTPError:
+            ok.append(True)
+        except Exception:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return bool(ok and ok[0])
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers: False at once when ``HF_HUB_OFFLINE`` is set,
+    else an HTTP ``HEAD`` of :func:`hub_endpoint` (:func:`http_reachable`, about 2 s at most)."""
+    if hub_offline_requested():
+        return False
+    return http_reachable(hub_endpoint(), timeout)
+
+
+def set_hub_offline() -> None:
+    """Put ``huggingface_hub`` in offline mode for this process (env var and loaded constant),
+    so later hub calls (timm, open_clip) fail at once instead of retrying."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        hf_constants.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def weights_unavailable_error(model: str, hub_id: str, reason: str = "") -> CbmirError:
+    """The error raised when pretrained weights cannot be obtained.
+
+    Names the model, the hub id and both ways to supply weights (``--weights PATH`` or network
+    access to the hub), and ``--random-init`` for smoke tests.
+    """
+    why = f" ({reason})" if reason else ""
+    return CbmirError(
+        f"no pretrained weights for model {model!r}: the Hugging Face hub id {hub_id!r} is not "
+        f"reachable from here and not in the local HF cache{why}. Fix: pass a local state-dict "
+        f"file with --weights PATH (.safetensors, .pth or .pt; weights=PATH in Python), or run "
+        f"once with network access to {hub_endpoint()} so {hub_id!r} is downloaded into the HF "
+        f"cache (HF_HOME). For smoke tests only: --random-init."
+    )
+
+
+def fetch_hub_file(
+    hub_id: str,
+    model: str,
+    filenames: Iterable[str] = ("model.safetensors", "pytorch_model.bin"),
+) -> Path:
+    """Local path of the first of ``filenames`` in hub repo ``hub_id`` (downloaded when online,
+    else taken from the HF cache; never waits on network retries).
+
+    Args:
+        hub_id: repo id, e.g. ``timm/resnet50.tv_in1k``.
+        model: cbmir model name, for the error message.
+        filenames: candidate files in order of preference.
+
+    Raises:
+        CbmirError: from :func:`weights_unavailable_error` when no candidate can be obtained.
+    """
+    from huggingface_hub import hf_hub_download
+
+    online = hub_reachable()
+    if not online and not hub_offline_requested():
+        set_hub_offline()
+    reasons = []
+    for name in filenames:
+        try:
+            path = hf_hub_download(
+                hub_id, name, cache_dir=hub_cache_dir(), local_files_only=not online
+            )
+            return Path(path)
+        except Exception as exc:  # huggingface_hub raises many kinds (offline, 404, gated)
+            reasons.append(f"{name}: {type(exc).__name__}")
+    state = "online" if online else "offline"
+    raise weights_unavailable_error(model, hub_id, f"{state}; " + ", ".join(reasons))
+
+
+# --------------------------------------------------------------------------- files
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (streamed; cached per resolved path, mtime and size)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def file_identity(path: str | os.PathLike) -> str:
+    """Weights identity of a local file: ``sha256:<hex>``."""
+    return f"sha256:{sha256_file(path)}"
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    """Read a state dict (name -> ``torch.Tensor``) from a weights file, on the CPU.
+
+    ``.safetensors`` is read with ``safetensors.torch.load_file``; anything else (``.pth``,
+    ``.pt``, ``.bin``) with ``torch.load(map_location="cpu", weights_only=True)``. A checkpoint
+    dict holding the weights under ``state_dict`` / ``model`` / ``model_state_dict`` is
+    unwrapped, and a ``module.`` prefix on every key (DataParallel) is removed.
+
+    Raises:
+        CbmirError: file missing, unreadable, not a state dict, or holding pickled objects
+            other than tensors (refused by ``weights_only=True``).
+    """
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CbmirError(f"weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p), device="cpu")
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CbmirError(
+            f"cannot read weights file {p} ({type(exc).__name__}: {exc}); expected a state dict "
+            f"saved with torch.save(model.state_dict(), path) or a .safetensors file"
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+            break
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CbmirError(f"weights file {p} does not hold a state dict of tensors")
+    sd = dict(sd)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_into_model(model, state_dict: Mapping, *, source: str, ignore: Iterable[str] = ()) -> None:
+    """Load ``state_dict`` into ``model`` strictly, except keys under the ``ignore`` prefixes.
+
+    Args:
+        model: a ``torch.nn.Module``.
+        state_dict: name -> tensor.
+        source: what the weights are (file path, hub id), for error messages.
+        ignore: module prefixes (e.g. ``fc``, ``head.fc``) whose keys may be absent from the
+            model or from ``state_dict`` - removed heads of a feature extractor.
+
+    Raises:
+        CbmirError: missing / unexpected keys or shape mismatches (first few listed).
+    """
+    prefixes = tuple(p.rstrip(".") + "." for p in ignore)
+    wanted = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in wanted and not k.startswith(prefixes)]
+    unexpected = [k for k in wanted if k not in own]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in wanted.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label}: {', '.join(items[:5])}{more}")
+        raise CbmirError(
+            f"weights from {source} do not fit {type(model).__name__}: " + "; ".join(parts)
+        )
+    model.load_state_dict(wanted, strict=False)

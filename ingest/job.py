@@ -1,0 +1,201 @@
+"""The ingest job: stream a dataset split by split, embed, upsert into one collection; resumable.
+
+Re-running the same job is safe: point ids are deterministic (split, row), so an upsert
+overwrites; a split whose points are all stored is skipped; an interrupted split (a killed job, a
+deleted point, a row refused earlier) is completed by embedding exactly its missing rows, read from
+the first missing row on. Every batch is one upsert; upserts run in a background thread while the
+next batch is embedded (:mod:`ingest.pipeline`), at most one pending, and all are acknowledged before
+a split is reported done (errors of either stage propagate), so a job killed at any moment loses at
+most the two batches in flight, which the re-run embeds again.
+
+Vector rules (applied per row, reported in :class:`IngestReport` and by ``cbmir ingest``):
+
+* **NaN / inf** features are never stored. The run stores every finite row, keeps going to the end
+  of all splits, then raises :class:`~ingest.base.CbmirError` with the count and rows refused; the
+  collection is incomplete (``cbmir verify`` fails) until a re-run with a fixed extractor or input
+  embeds them.
+* **All-zero** features (HOG of a constant image, a dead CNN activation) are stored as zeros and
+  listed in ``IngestReport.zero_vectors``; with cosine distance their similarity to anything is 0
+  (see :meth:`search.store.VectorStore._prepare`), on every engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ingest.base import Batch, CbmirError, DatasetSource
+from ingest.pipeline import BackgroundWriter, prefetch
+from search.schema import CollectionMeta, collection_name, make_payload
+from search.store import VectorStore
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did: per split, points written, seconds spent and throughput.
+
+    Attributes:
+        collection: collection name.
+        meta: the collection's metadata.
+        written: points upserted per split in this run (0 when the split was already complete).
+        seconds: wall-clock seconds per split (extraction + upsert).
+        items_per_s: images (or volumes) per second per split.
+        skipped: splits found complete and skipped.
+        extra: for 3D embedders, ``slices`` (2D slices extracted per split) and ``slices_per_s``
+            (slices per second per split, extraction + upsert).
+        zero_vectors: per split, rows whose feature vector is all zeros (stored; cosine similarity 0).
+        rejected: per split, rows whose feature vector had NaN/inf (not stored; the run then fails).
+        resumed_from: per split, rows already stored when this run started (0 for a fresh split).
+    """
+
+    collection: str
+    meta: CollectionMeta
+    written: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    items_per_s: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    zero_vectors: dict[str, list[int]] = field(default_factory=dict)
+    rejected: dict[str, list[int]] = field(default_factory=dict)
+    resumed_from: dict[str, int] = field(default_factory=dict)
+
+
+def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> CollectionMeta:
+    """Collection metadata of ``source`` embedded by ``embedder`` (records weights and preprocessing)."""
+    ident = embedder.identity()
+    return CollectionMeta(
+        dataset=source.name, size=int(source.size), model=ident["model"], backend=ident.get("backend", "torch"),
+        dim=int(embedder.dim), distance=distance, weights=str(ident.get("weights", "none")),
+        random_init=bool(ident.get("random_init", False)),
+        preprocessing="; ".join(x for x in (str(ident.get("preprocessing", "")),
+                                            str(getattr(source, "preprocessing", "") or "")) if x),
+        is_3d=bool(source.is_3d), aggregation=getattr(embedder, "aggregation", "none"),
+        extra={"n_classes": int(getattr(source, "n_classes", 0))},
+    )
+
+
+def _stored_rows(store: VectorStore, name: str, split: str, n: int) -> np.ndarray:
+    """bool ``(n,)``: True where row ``i`` of ``split`` is already stored (payloads only, no vectors)."""
+    present = np.zeros(n, dtype=bool)
+    if store.count(name, split) == 0:
+        return present
+    idx, _, _ = store.fetch(name, split, with_vectors=False)
+    present[idx[(idx >= 0) & (idx < n)]] = True
+    return present
+
+
+def _first_missing(store: VectorStore, name: str, split: str, n: int) -> int:
+    """First row of ``split`` (of ``n`` rows) not yet stored; ``n`` when the split is complete."""
+    missing = np.flatnonzero(~_stored_rows(store, name, split, n))
+    return int(missing[0]) if len(missing) else n
+
+
+def _subset(batch, keep: np.ndarray):
+    """The rows ``keep`` (bool mask) of a :class:`~ingest.base.Batch`."""
+    if keep.all():
+        return batch
+    sel = np.flatnonzero(keep)
+    return Batch(images=np.asarray(batch.images)[sel], labels=batch.labels[sel], indices=batch.indices[sel],
+                 image_ids=[batch.image_ids[i] for i in sel],
+                 extra_payload=[batch.extra_payload[i] for i in sel] if batch.extra_payload else None)
+
+
+def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("train", "test"),
+           batch_size: int = 64, distance: str = "cosine", recreate: bool = False,
+           collection: str | None = None, progress: bool = True) -> IngestReport:
+    """Embed ``splits`` of ``source`` and upsert them into the collection of (dataset, size, model).
+
+    Args:
+        source: the dataset (see :class:`ingest.base.DatasetSource`).
+        embedder: :func:`ingest.embedder.make_embedder` result.
+        store: the vector store.
+        splits: splits to ingest; the study uses ``train`` as database and ``test`` as queries.
+        batch_size: items per extraction batch.
+        recreate: delete an existing collection of another configuration first.
+
+    Returns:
+        :class:`IngestReport`.
+
+    Raises:
+        CbmirError: the collection holds another configuration (without ``recreate``), or some
+            embeddings were not finite: raised after every split was processed, naming the count
+            and the rows refused (all finite rows are stored).
+    """
+    meta = build_meta(source, embedder, distance=distance)
+    name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
+                                         distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat")
+    meta = store.ensure_collection(name, meta, recreate=recreate)
+    report = IngestReport(collection=name, meta=meta)
+    for split in splits:
+        n = source.split_size(split)
+        present = _stored_rows(store, name, split, n)
+        n_present = int(present.sum())
+        report.resumed_from[split] = n_present
+        if n_present >= n:
+            report.skipped.append(split)
+            report.written[split] = 0
+            continue
+        start = int(np.flatnonzero(~present)[0])
+        t0 = time.perf_counter()
+        written = 0
+        zeros: list[int] = []
+        rejected: list[int] = []
+        bar = tqdm(total=n, initial=n_present, desc=f"{name} [{split}]", unit="img", disable=not progress,
+                   leave=False)
+        # pipelined: the reader runs ahead in a thread, the upsert of batch i runs in another while
+        # batch i+1 is embedded; leaving the block waits for the upserts handed over (ingest.pipeline)
+        with prefetch(source.iter_batches(split, batch_size, start=start), depth=2) as batches, \
+                BackgroundWriter(max_pending=1) as writer:
+            for batch in batches:
+                batch = _subset(batch, ~present[batch.indices])  # rows stored before are not embedded again
+                if len(batch) == 0:
+                    continue
+                vecs = np.asarray(embedder.embed(batch.images))
+                bad = ~np.isfinite(vecs).all(axis=1)
+                if bad.any():  # refused: never stored; listed, and the run fails at the end
+                    rejected.extend(batch.indices[bad].tolist())
+                    bar.update(int(bad.sum()))
+                    batch, vecs = _subset(batch, ~bad), vecs[~bad]
+                    if len(batch) == 0:
+                        continue
+                zeros.extend(batch.indices[~vecs.any(axis=1)].tolist())
+                extras = batch.extra_payload or [None] * len(batch)
+                payloads = [make_payload(dataset=source.name, split=split, index=int(i), label=int(lab),
+                                         model=meta.model, size=int(source.size), image_id=iid, extra=ex)
+                            for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
+                writer.submit(store.upsert, name, split, batch.indices.tolist(), vecs, payloads)
+                written += len(batch)
+                bar.update(len(batch))
+        bar.close()
+        flush = getattr(store, "flush", None)
+        if flush:
+            flush(name)
+        dt = time.perf_counter() - t0
+        report.written[split] = written
+        if zeros:
+            report.zero_vectors[split] = zeros
+        if rejected:
+            report.rejected[split] = rejected
+        report.seconds[split] = dt
+        report.items_per_s[split] = written / dt if dt > 0 else float("nan")
+        if getattr(embedder, "is_3d", False):  # 3D: 2D slices extracted per second (DESIGN.md §5)
+            n_sl = written * int(getattr(embedder, "items_per_image", 1))
+            report.extra.setdefault("slices", {})[split] = n_sl
+            report.extra.setdefault("slices_per_s", {})[split] = n_sl / dt if dt > 0 else float("nan")
+    if report.rejected:
+        total = sum(len(v) for v in report.rejected.values())
+        rows = "; ".join(f"{sp} rows {_rows_text(v)}" for sp, v in report.rejected.items())
+        raise CbmirError(
+            f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
+            f"all other rows are stored. The collection is incomplete: fix the extractor or the input "
+            f"images, then re-run the same command to embed just these rows.")
+    return report
+
+
+def _rows_text(rows: list[int], limit: int = 20) -> str:
+    """``[3, 17, 40]`` or ``[3, 17, ... (+n more)]`` for messages."""
+    more = f", ... (+{len(rows) - limit} more)" if len(rows) > limit else ""
+    return "[" + ", ".join(map(str, rows[:limit])) + more + "]"

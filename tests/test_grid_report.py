@@ -1,0 +1,404 @@
+"""Tests of the benchmark grid (evaluation.grid) and the report (evaluation.report).
+
+Hand-computed expectations for the report's tables; the grid on a tiny real case (BreastMNIST 28 px
+with HOG); the Euclidean ranking against numpy brute force over unnormalised vectors.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation import grid as grid_mod
+from evaluation.grid import (
+    COLUMNS,
+    GridConfig,
+    config_from_cli,
+    expand_cells,
+    load_per_query,
+    per_query_outcomes,
+    read_results,
+    run_grid,
+)
+from evaluation.report import (
+    average_table,
+    build_report,
+    per_size_table,
+    prepare_results,
+    robustness_table,
+    row_label,
+    timing_tables,
+)
+from ingest.base import Batch, CbmirError
+
+DATA_DIR = Path(os.environ.get("CBMIR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist")
+needs_breast = pytest.mark.skipif(not (DATA_DIR / "breastmnist.npz").is_file(),
+                                  reason=f"breastmnist.npz not in {DATA_DIR}")
+
+
+def _paper_rows():
+    text = (importlib.resources.files("evaluation") / "data" / "paper_results.csv").read_text(encoding="utf-8")
+    return {(r["dataset"], int(r["size"]), r["model"]): r for r in csv.DictReader(io.StringIO(text))}
+
+
+def _row(dataset, size, model, acc1, *, distance="cosine", random_init=False, base=50.0, maj=60.0, is_3d=False):
+    r = {"dataset": dataset, "size": size, "model": model, "backend": "numpy" if model == "hog" else "torch",
+         "distance": distance, "random_init": random_init, "status": "ok", "error": "",
+         "family": "handcrafted baseline" if model == "hog" else "imagenet-cnn", "is_3d": is_3d,
+         "majority_class_rate": maj, "n_database": 100, "n_queries": 10}
+    for i, m in enumerate(("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5")):
+        r[m] = acc1 if m == "ACC@1" else base + i
+    return r
+
+
+# --------------------------------------------------------------------------- report tables, by hand
+def test_average_table_matches_hand_computed_means_and_paper_same_cells():
+    paper = _paper_rows()
+    rows = [
+        _row("breastmnist", 28, "resnet50", 70.0, random_init=True),
+        _row("breastmnist", 64, "resnet50", 80.0, random_init=True),
+        _row("retinamnist", 28, "resnet50", 45.0, random_init=True),
+        _row("breastmnist", 28, "hog", 81.0),
+        _row("adrenalmnist3d", 28, "resnet50", 66.0, random_init=True, is_3d=True),
+        _row("vesselmnist3d", 28, "resnet50", 90.0, random_init=True, is_3d=True),
+        _row("breastmnist", 28, "resnet50", 10.0, distance="euclidean", random_init=True),
+    ]
+    df = prepare_results(pd.DataFrame(rows))
+    t2 = average_table(df, "2d", "cosine").set_index("Model")
+    assert list(t2.index) == ["HOG (handcrafted baseline)", "ResNet50 RANDOM-INIT"]
+    r = t2.loc["ResNet50 RANDOM-INIT"]
+    assert r["n"] == 3 and r["n paper"] == 3
+    assert r["ACC@1"] == pytest.approx((70.0 + 80.0 + 45.0) / 3)
+    expect = (float(paper[("BreastMNIST", 28, "ResNet50")]["ACC@1"]) + float(paper[("BreastMNIST", 64, "ResNet50")]["ACC@1"])
+              + float(paper[("RetinaMNIST", 28, "ResNet50")]["ACC@1"])) / 3
+    assert r["ACC@1 paper"] == pytest.approx(expect)  # (79.48 + 82.05 + 48.25) / 3
+    assert r["mAP@5 paper"] == pytest.approx(
+        sum(float(paper[k]["mAP@5"]) for k in [("BreastMNIST", 28, "ResNet50"), ("BreastMNIST", 64, "ResNet50"),
+                                               ("RetinaMNIST", 28, "ResNet50")]) / 3)
+    hog = t2.loc["HOG (handcrafted baseline)"]
+    assert hog["ACC@1"] == 81.0 and hog["n paper"] == 0 and np.isnan(hog["ACC@1 paper"])
+    # 3D: VesselMNIST3D counts in ours; only AdrenalMNIST3D has a paper row
+    t3 = average_table(df, "3d", "cosine").set_index("Model")
+    r3 = t3.loc["ResNet50 RANDOM-INIT"]
+    assert r3["n"] == 2 and r3["n paper"] == 1
+    assert r3["ACC@1"] == pytest.approx(78.0)
+    assert r3["ACC@1 paper"] == pytest.approx(float(paper[("AdrenalMNIST3D", 28, "ResNet50")]["ACC@1"]))
+    # the euclidean row is averaged separately
+    te = average_table(df, "2d", "euclidean").set_index("Model")
+    assert te.loc["ResNet50 RANDOM-INIT", "ACC@1"] == 10.0
+
+
+def test_robustness_table_hand_computed_ranges():
+    paper = _paper_rows()
+    rows = [_row("adrenalmnist3d", 28, "vgg19", 70.5, is_3d=True), _row("adrenalmnist3d", 64, "vgg19", 66.0, is_3d=True),
+            _row("adrenalmnist3d", 28, "hog", 71.14, is_3d=True), _row("adrenalmnist3d", 64, "hog", 74.16, is_3d=True),
+            _row("breastmnist", 28, "vgg19", 75.0)]  # one size only: not listed
+    t = robustness_table(prepare_results(pd.DataFrame(rows)), "cosine").set_index("Model")
+    assert sorted(t.index) == ["HOG (handcrafted baseline)", "VGG19"]
+    v = t.loc["VGG19"]
+    assert (v["min"], v["max"]) == (66.0, 70.5) and v["range"] == pytest.approx(4.5) and v["sizes"] == "28,64"
+    p28, p64 = (float(paper[("AdrenalMNIST3D", s, "VGG19")]["ACC@1"]) for s in (28, 64))
+    assert v["paper range (same sizes)"] == pytest.approx(abs(p28 - p64))
+    assert v["paper range (all sizes)"] == pytest.approx(abs(p28 - p64))  # 3D: the paper has only 28 and 64
+    assert t.loc["HOG (handcrafted baseline)", "range"] == pytest.approx(3.02)
+    assert np.isnan(t.loc["HOG (handcrafted baseline)", "paper range (same sizes)"])
+
+
+def test_per_size_table_puts_paper_beside_ours_with_labels_and_majority_row():
+    paper = _paper_rows()
+    rows = [_row("breastmnist", 28, "densenet121", 77.0, random_init=True, maj=73.08),
+            _row("breastmnist", 28, "hog", 80.13, maj=73.08)]
+    t = per_size_table(prepare_results(pd.DataFrame(rows)), 28, "cosine")
+    assert list(t["Model"]) == ["HOG (handcrafted baseline)", "DenseNet121 RANDOM-INIT",
+                                "majority class (constant answer)"]
+    d = t.iloc[1]
+    assert d["ACC@1 paper"] == float(paper[("BreastMNIST", 28, "DenseNet121")]["ACC@1"])  # 80.12
+    assert d["ACC@1 Δ"] == pytest.approx(77.0 - 80.12)
+    assert np.isnan(t.iloc[0]["ACC@1 paper"])
+    assert t.iloc[2]["ACC@1"] == 73.08
+
+
+def test_row_labels():
+    assert row_label("hog") == "HOG (handcrafted baseline)"
+    assert row_label("efficientnetv2m", random_init=True) == "EfficientNetV2M RANDOM-INIT"
+    assert row_label("resnet50", backend="keras") == "ResNet50 [keras]"
+
+
+def test_timing_tables_split_test_time_and_use_the_extracting_twin():
+    a = _row("breastmnist", 28, "vgg19", 75.0)
+    a.update(model_load_s=1.0, database_creation_s=30.0, database_items_per_s=18.2, query_extraction_s=10.0,
+             search_s=0.5, search_per_query_ms=3.2, latency_p50_ms=1.0, latency_p95_ms=2.0, features_cached=False)
+    b = dict(a, distance="euclidean", database_creation_s=0.3, query_extraction_s=0.1, search_s=1.5,
+             features_cached=True)
+    t6, t7 = timing_tables(prepare_results(pd.DataFrame([a, b])))
+    assert len(t6) == 1 and t6.iloc[0]["database creation s"] == 30.0
+    e = t7.set_index("distance").loc["euclidean"]
+    assert e["query extraction s"] == 10.0 and e["search s"] == 1.5 and e["test s"] == 11.5
+    assert e["search share %"] == pytest.approx(100 * 1.5 / 11.5)
+
+
+def test_published_only_report_reproduces_tables_3_and_4_and_the_disagreement(tmp_path):
+    out = build_report(None, tmp_path)
+    md = out.markdown.read_text()
+    t3 = out.tables["published Table 3"].set_index("Model")
+    t4 = out.tables["published Table 4"].set_index("Model")
+    assert t3.loc["VGG19", "ACC@5"] == pytest.approx(91.5158, abs=1e-3)
+    assert t3.loc["VGG19", "ACC@5 printed"] == 87.39
+    assert t3.loc["MedCLIP", "n rows"] == 23
+    assert t4.loc["CONCH", "ACC@1"] == pytest.approx(72.675, abs=1e-3)
+    assert "| VGG19 | 77.69 | 77.13 | 72.27 | 86.70 | 91.52 | 24 | 87.39 |" in md
+    assert "printed **87.39**" in md and "average **91.52**" in md
+    dis = out.tables["disagreements"]
+    assert dis[["table", "model", "metric"]].values.tolist() == [["Table 3", "VGG19", "ACC@5"]]
+    assert len(out.figures) == 8 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.figures)
+
+
+# --------------------------------------------------------------------------- configuration
+def test_grid_config_from_yaml_toml_and_flags(tmp_path):
+    y = tmp_path / "g.yaml"
+    y.write_text("models: [hog, resnet50]\nrandom-init: true\ndistances: [cosine, euclidean]\n"
+                 "datasets:\n  breastmnist: [28]\n  adrenalmnist3d: [28, 64]\nresults: r/results.csv\n")
+    cfg = config_from_cli(y)
+    cells = expand_cells(cfg)
+    assert [(c.dataset, c.size) for c in cells[::4]] == [("breastmnist", 28), ("adrenalmnist3d", 28),
+                                                         ("adrenalmnist3d", 64)]
+    hog = [c for c in cells if c.model == "hog"]
+    assert {c.backend for c in hog} == {"numpy"} and not any(c.random_init for c in hog)
+    assert all(c.random_init for c in cells if c.model == "resnet50")
+    assert len(cells) == 3 * 2 * 2
+    t = tmp_path / "g.toml"
+    t.write_text('datasets = ["breastmnist"]\nmodels = ["hog"]\nsizes = [28, 64]\n')
+    cfg = config_from_cli(t, sizes=["28"], distances="euclidean")  # flags override the file
+    assert [(c.size, c.distance) for c in expand_cells(cfg)] == [(28, "euclidean")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modles: [hog]\n")
+    with pytest.raises(CbmirError, match="unknown grid setting"):
+        config_from_cli(bad)
+    with pytest.raises(CbmirError, match="distance"):
+        GridConfig(datasets=["breastmnist"], models=["hog"], distances=["manhattan"])
+
+
+# --------------------------------------------------------------------------- the grid, tiny real case
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """BreastMNIST 28 px with an unknown model (fails) and HOG, cosine + Euclidean, per-query files."""
+    if not (DATA_DIR / "breastmnist.npz").is_file():
+        pytest.skip(f"breastmnist.npz not in {DATA_DIR}")
+    root = tmp_path_factory.mktemp("grid")
+    cfg = GridConfig(datasets=["breastmnist"], models=["no-such-model", "hog"], sizes=[28],
+                     distances=["cosine", "euclidean"], results=root / "results" / "results.csv",
+                     store_path=root / "store", data_dir=DATA_DIR, save_per_query=True, progress=False,
+                     latency_sample=5)
+    calls = []
+    real = grid_mod.run_cell
+
+    def counting(cell, *a, **kw):
+        calls.append(cell.key)
+        return real(cell, *a, **kw)
+
+    summary = run_grid(cfg, cell_runner=counting, echo=lambda s: None)
+    return cfg, summary, calls, root
+
+
+@needs_breast
+def test_grid_writes_rows_records_failure_and_goes_on(tiny_grid):
+    cfg, summary, calls, root = tiny_grid
+    assert len(calls) == 4  # the failing cells did not stop the grid
+    df = read_results(cfg.results)
+    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
+    assert len(df) == 4
+    failed = df[df.status == "failed"]
+    assert len(failed) == 2 and failed["error"].str.contains("unknown model 'no-such-model'").all()
+    ok = df[df.status == "ok"].set_index("distance")
+    assert set(ok["model"]) == {"hog"} and set(ok["backend"]) == {"numpy"}
+    c = ok.loc["cosine"]
+    # DESIGN.md §3 reference: HOG, BreastMNIST 28 px, cosine
+    assert [round(c[m], 2) for m in ("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5")] == [84.53, 73.08, 80.13, 92.95,
+                                                                                        96.15]
+    assert c["majority_class_rate"] == pytest.approx(100 * 114 / 156)
+    assert (c["n_queries"], c["n_database"], c["k"]) == (156, 546, 5)
+    assert c["engine"] == "qdrant-edge" and c["weights"] == "none" and not c["random_init"]
+    assert c["database_creation_s"] > 0 and c["query_extraction_s"] > 0 and c["search_s"] > 0
+    assert c["test_time_s"] == pytest.approx(c["query_extraction_s"] + c["search_s"])
+    for v in ("cbmir_version", "torch_version", "timm_version", "qdrant_edge_version", "numpy_version"):
+        assert isinstance(c[v], str) and c[v] not in ("", "n/a")
+    # the Euclidean twin replayed the cosine cell's features instead of extracting again
+    e = ok.loc["euclidean"]
+    assert not c["features_cached"] and e["features_cached"]
+    assert e["collection"] == "breastmnist_28_hog_euclidean"
+    assert not (cfg.results.parent / ".feature_cache").exists()
+    # per-query files recompute every metric
+    pq = load_per_query(cfg.results.parent / c["per_query_file"])
+    assert pq["topk_indices"].shape == (156, 5) and pq["distance"] == "cosine"
+    outcomes = per_query_outcomes(pq)
+    for m in ("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5"):
+        assert 100 * outcomes[m].mean() == pytest.approx(c[m])
+
+
+@needs_breast
+def test_second_run_skips_finished_cells_without_recomputing(tiny_grid):
+    cfg, _, _, _ = tiny_grid
+    before = read_results(cfg.results)
+    calls = []
+
+    def runner(cell, *a, **kw):
+        calls.append(cell.key)
+        raise CbmirError(f"unknown model {cell.model!r} (still)")
+
+    summary = run_grid(cfg, cell_runner=runner, echo=lambda s: None)
+    # ok cells are skipped; the two failed cells are retried (they fail again, quickly)
+    assert len(summary.skipped) == 2 and len(calls) == 2
+    assert all(k[2] == "no-such-model" for k in calls)
+    cfg2 = GridConfig(**{**cfg.__dict__, "retry_failed": False})
+    calls.clear()
+    summary = run_grid(cfg2, cell_runner=runner, echo=lambda s: None)
+    assert calls == [] and len(summary.skipped) == 4
+    after = read_results(cfg.results)
+    ok_b, ok_a = before[before.status == "ok"], after[after.status == "ok"]
+    assert ok_a[["finished_at", "database_creation_s", "search_s"]].equals(ok_b[["finished_at", "database_creation_s",
+                                                                                "search_s"]])
+
+
+@needs_breast
+def test_interrupted_cell_resumes_and_complete_collection_is_reused(tiny_grid, tmp_path):
+    cfg, _, _, root = tiny_grid
+    from ingest.extractors import create_extractor
+    from ingest.embedder import make_embedder
+    from ingest.job import ingest
+    from ingest.medmnist_data import open_medmnist
+    from search.store import open_store
+
+    store_path = tmp_path / "store"
+    source = open_medmnist("breastmnist", 28, DATA_DIR)
+
+    class Interrupting:
+        """Stops after two batches of the train split, like a kill mid-ingest."""
+
+        def __init__(self, src):
+            self.src = src
+
+        def __getattr__(self, name):
+            return getattr(self.src, name)
+
+        def iter_batches(self, split, batch_size, start=0):
+            for i, b in enumerate(self.src.iter_batches(split, batch_size, start=start)):
+                if i == 2:
+                    raise KeyboardInterrupt
+                yield b
+
+    emb = make_embedder(create_extractor("hog"), size=28, is_3d=False)
+    with open_store(store_path=store_path) as store, pytest.raises(KeyboardInterrupt):
+        ingest(Interrupting(source), emb, store, batch_size=64, collection="breastmnist_28_hog", progress=False)
+    cfg3 = GridConfig(datasets=["breastmnist"], models=["hog"], sizes=[28], results=tmp_path / "r" / "results.csv",
+                      store_path=store_path, data_dir=DATA_DIR, progress=False, latency_sample=3)
+    run_grid(cfg3, echo=lambda s: None)
+    row = read_results(cfg3.results).iloc[0]
+    assert row["status"] == "ok" and "train: resumed at row 128" in row["timing_note"]
+    assert round(row["ACC@1"], 2) == 80.13
+    # a new results table over the same store: the complete collection is reused, timings from the log
+    cfg4 = GridConfig(**{**cfg3.__dict__, "results": tmp_path / "r" / "results2.csv"})
+    run_grid(cfg4, echo=lambda s: None)
+    row4 = read_results(cfg4.results).iloc[0]
+    assert row4["train_reused"] and row4["test_reused"] and "reused collection" in row4["timing_note"]
+    assert row4["database_creation_s"] == pytest.approx(row["database_creation_s"])  # from ingest_log.json
+    assert round(row4["ACC@1"], 2) == 80.13
+
+
+@needs_breast
+def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_path):
+    cfg, _, _, root = tiny_grid
+    out = build_report(cfg.results, tmp_path / "rep", n_boot=300, tsne_max_points=150)
+    md = out.markdown.read_text()
+    for heading in ("Table S1 layout: 28 px", "Table 3 layout (2D), cosine", "Table 3: average over the 2D",
+                    "Size robustness (Table 5)", "Table 6 layout", "Table 7 layout", "95% bootstrap confidence",
+                    "Cosine vs Euclidean", "Failed cells", "majority class"):
+        assert heading in md, heading
+    assert "HOG (handcrafted baseline)" in md and "no-such-model" in md
+    assert "printed **87.39**" in md
+    names = sorted(p.name for p in out.figures)
+    assert names == ["acc1_breastmnist_cosine.png", "acc1_breastmnist_euclidean.png", "tsne_breastmnist_28_hog.png"]
+    for p in out.figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{p.name}" in md
+    ci = out.tables["ci"]
+    acc = ci[(ci.metric == "ACC@1") & (ci.distance == "cosine")].iloc[0]
+    assert acc["lo"] < acc["value"] < acc["hi"] and acc["check"] < 1e-9
+    dist = out.tables["distance"].iloc[0]
+    assert dist["identical top-k"] == 100.0  # HOG vectors are unit-norm: both distances rank alike
+
+
+# --------------------------------------------------------------------------- Euclidean end to end
+class _ArraySource:
+    """A tiny in-memory dataset whose 'images' are the feature vectors themselves."""
+
+    name, size, is_3d, n_classes = "toy", 28, False, 3
+
+    def __init__(self, train, test, ytr, yte):
+        self.data = {"train": (train, ytr), "test": (test, yte)}
+
+    def split_size(self, split):
+        return len(self.data[split][0])
+
+    def labels(self, split):
+        return self.data[split][1]
+
+    def iter_batches(self, split, batch_size, start=0):
+        x, y = self.data[split]
+        for lo in range(start, len(x), batch_size):
+            idx = np.arange(lo, min(lo + batch_size, len(x)))
+            yield Batch(images=x[idx], labels=y[idx], indices=idx, image_ids=[f"toy/{split}/{i}" for i in idx])
+
+
+class _IdentityEmbedder:
+    def __init__(self, dim):
+        self.dim, self.aggregation, self.is_3d = dim, "none", False
+
+    def embed(self, images):
+        return np.asarray(images, dtype=np.float32)
+
+    def identity(self):
+        return {"model": "identity", "backend": "numpy", "weights": "none", "preprocessing": "none"}
+
+
+def _brute_euclidean(db, q, k):
+    d = ((q[:, None, :].astype(np.float64) - db[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(db)), d.shape), d), axis=-1)[:, :k]
+    return order, np.sqrt(np.take_along_axis(d, order, 1))
+
+
+@pytest.mark.parametrize("dim", [48, 70_000])  # one vector; two chunks above Qdrant's 65,535 dims
+def test_euclidean_ranking_equals_numpy_brute_force_on_unnormalised_vectors(tmp_path, dim):
+    from evaluation.evaluate import evaluate_collection
+    from ingest.job import ingest
+    from search.store import open_store
+
+    rng = np.random.default_rng(dim)
+    n_db, n_q = (120, 15) if dim < 1000 else (40, 6)
+    scale = rng.uniform(0.05, 20.0, size=(n_db, 1))  # very different norms: cosine would rank otherwise
+    db = (rng.normal(size=(n_db, dim)) * scale).astype(np.float32)
+    db[7] = db[3]  # an exact tie: lower index first
+    q = (rng.normal(size=(n_q, dim)) * 4).astype(np.float32)
+    q[0] = db[3]
+    ytr, yte = rng.integers(0, 3, n_db), rng.integers(0, 3, n_q)
+    src = _ArraySource(db, q, ytr, yte)
+    with open_store(store_path=tmp_path / "store") as store:
+        rep = ingest(src, _IdentityEmbedder(dim), store, distance="euclidean", batch_size=32, progress=False)
+        assert rep.collection == "toy_28_identity_euclidean"
+        _, stored, _ = store.fetch(rep.collection, "train")
+        np.testing.assert_array_equal(stored, db)  # kept unnormalised
+        ev = evaluate_collection(store, rep.collection, k=5, progress=False, latency_sample=2)
+    idx, dist = _brute_euclidean(db, q, 5)
+    np.testing.assert_array_equal(ev.topk_indices, idx)
+    assert ev.topk_indices[0, 0] == 3 and ev.topk_indices[0, 1] == 7
+    np.testing.assert_allclose(ev.topk_scores, dist, rtol=1e-4, atol=1e-3)
+    assert np.all(np.diff(ev.topk_scores, axis=1) >= 0)  # lower is closer
+    # the cosine ranking of these vectors differs: the distance really matters here
+    qn, dn = q / np.linalg.norm(q, axis=1, keepdims=True), db / np.linalg.norm(db, axis=1, keepdims=True)
+    cos_top = np.argsort(-(qn @ dn.T), axis=1, kind="stable")[:, :5]
+    assert not np.array_equal(cos_top[1:], idx[1:])

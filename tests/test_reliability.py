@@ -1,0 +1,836 @@
+"""Issue 7 — reliability and security: bad input, faults and interruptions lose nothing.
+
+One section per row of the issue's table, plus ``cbmir verify``. Real MedMNIST files
+(../shared/data/medmnist) are copied and damaged in ``tmp_path``; the original files are never
+touched. CLI behaviour is tested either in a real subprocess (``python -m cbmir.cli``: exit code,
+no traceback) or in-process through ``cbmir.cli.main`` (same code path, no 10 s torch import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from ingest.base import Batch, CbmirError
+
+REPO = Path(__file__).resolve().parents[1]
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+FLAG, SIZE, N_TRAIN, N_TEST = "breastmnist", 28, 546, 156
+NAME = "breastmnist_28_hog"
+
+
+# ============================================================================ helpers
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CBMIR_")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _cli_cmd(*args) -> list[str]:
+    return [PY, "-m", "cbmir.cli", *map(str, args)]
+
+
+def run_main(*args) -> tuple[int, str, str]:
+    """``cbmir ARGS`` in-process through ``cbmir.cli.main``: ``(exit code, stdout, stderr)``.
+
+    An exception other than SystemExit propagates (a traceback the user would see fails the test).
+    """
+    from cbmir import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.argv
+    sys.argv = ["cbmir", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()
+
+
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def _no_collections(store: Path) -> bool:
+    return not list(Path(store).glob("*/meta.json"))
+
+
+def _hog_embedder(size: int = SIZE):
+    from ingest.embedder import make_embedder
+    from ingest.extractors import create_extractor
+
+    return make_embedder(create_extractor("hog"), size=size, is_3d=False)
+
+
+class SubsetSource:
+    """A real MedMNIST source cut to its first rows, with chosen rows replaced by given images."""
+
+    def __init__(self, src, n: dict[str, int], replace: dict[tuple[str, int], np.ndarray] | None = None):
+        self.src, self.n, self.replace = src, n, replace or {}
+        self.name, self.size, self.is_3d, self.n_classes = src.name, src.size, src.is_3d, src.n_classes
+
+    def split_size(self, split: str) -> int:
+        return self.n[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.src.labels(split)[: self.n[split]]
+
+    def iter_batches(self, split: str, batch_size: int, start: int = 0):
+        for b in self.src.iter_batches(split, batch_size, start=start):
+            keep = b.indices < self.n[split]
+            if not keep.any():
+                break
+            imgs = np.array(b.images[keep])
+            idx = b.indices[keep]
+            for j, i in enumerate(idx):
+                if (split, int(i)) in self.replace:
+                    imgs[j] = self.replace[(split, int(i))]
+            yield Batch(images=imgs, labels=b.labels[keep], indices=idx,
+                        image_ids=[f"{self.name}/{split}/{i}" for i in idx])
+
+
+@pytest.fixture(scope="module")
+def breast(data_dir):
+    from ingest.medmnist_data import open_medmnist
+
+    return open_medmnist(FLAG, SIZE, data_dir)
+
+
+@pytest.fixture(scope="module")
+def clean_store(tmp_path_factory, breast):
+    """A clean, complete ``breastmnist_28_hog`` Qdrant Edge store (closed; copy it to change it)."""
+    from ingest.job import ingest
+    from search.edge_store import EdgeStore
+
+    root = tmp_path_factory.mktemp("clean") / "store"
+    with EdgeStore(root) as s:
+        rep = ingest(breast, _hog_embedder(), s, progress=False)
+        assert rep.collection == NAME
+    return root
+
+
+def _copy_store(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".locks"))
+    return dst
+
+
+class FakeQdrant:
+    """A tiny HTTP server on 127.0.0.1 that answers every request with ``respond(handler, n)``
+    (``n`` = 0-based request number) -> ``(status, json body, delay_s)``; records request headers."""
+
+    def __init__(self, respond):
+        self.respond, self.requests, self.lock = respond, [], threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                with outer.lock:
+                    n = len(outer.requests)
+                    outer.requests.append((self.command, self.path, dict(self.headers)))
+                status, body, delay = outer.respond(self, n)
+                if delay:
+                    time.sleep(delay)
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout)
+                    pass
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _exists_false(status_first=None, n_bad=0, delay_first=0.0):
+    def respond(handler, n):
+        if n < n_bad:
+            return status_first or 200, {"status": {"error": "service unavailable"}}, delay_first
+        return 200, {"result": {"exists": False}, "status": "ok", "time": 0.0}, 0.0
+    return respond
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ============================================================================ 1. damaged data files
+def _rewrite_npz(src: Path, dst: Path, mutate) -> Path:
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    mutate(arrays)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(dst, **arrays)
+    return dst
+
+
+def test_damaged_data_files_cli_one_error_no_traceback_nothing_written(tmp_path, data_dir):
+    """Missing, truncated and wrong-MD5 (one byte flipped) copies of a real file, through `cbmir run`
+    subprocesses (run in parallel): exit 2, exactly one `error:` line naming the file and the
+    problem, no traceback, no collection created. (Relabelled or reshaped files fail the same MD5
+    check; their structural checks are tested below with the check bypassed.)"""
+    real = data_dir / "breastmnist.npz"
+    raw = real.read_bytes()
+    cases = {}
+    d = tmp_path / "missing"
+    d.mkdir()
+    cases["missing"] = (d, ["not found"])
+    d = tmp_path / "truncated"
+    d.mkdir()
+    (d / "breastmnist.npz").write_bytes(raw[: len(raw) // 2])
+    cases["truncated"] = (d, ["MD5", "truncated"])
+    d = tmp_path / "md5"
+    d.mkdir()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    (d / "breastmnist.npz").write_bytes(bytes(flipped))
+    cases["md5"] = (d, ["MD5", "expected"])
+
+    procs = {}
+    for key, (ddir, _) in cases.items():
+        procs[key] = subprocess.Popen(
+            _cli_cmd("run", "-d", FLAG, "-m", "hog", "--data-dir", ddir, "--store-path", tmp_path / f"store_{key}"),
+            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for key, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        ddir, words = cases[key]
+        assert p.returncode == 2, (key, out, err)
+        assert "Traceback" not in err + out, (key, err)
+        lines = _error_lines(err)
+        assert len(lines) == 1, (key, err)
+        assert str(ddir / "breastmnist.npz") in lines[0], (key, lines[0])
+        for w in words:
+            assert w in lines[0], (key, w, lines[0])
+        assert _no_collections(tmp_path / f"store_{key}"), key
+
+
+@pytest.mark.parametrize("case,mutate,words", [
+    ("renamed", lambda a: a.__setitem__("train_imgs", a.pop("train_images")), ["'train_images' missing"]),
+    ("shape", lambda a: a.__setitem__("train_images", a["train_images"][:, :27, :27]), ["train_images has shape"]),
+    ("dtype", lambda a: a.__setitem__("val_images", a["val_images"].astype(np.float32)), ["dtype float32"]),
+    ("fewer-labels", lambda a: a.__setitem__("test_labels", a["test_labels"][:-1]), ["test_labels has shape"]),
+    ("label-values", lambda a: a["test_labels"].__setitem__(3, 9), ["test_labels rows [3]", "above 1"]),
+])
+def test_reader_structural_checks(tmp_path, data_dir, case, mutate, words):
+    """Structural damage a valid archive can carry, with the MD5 check bypassed (``verify=False``,
+    the documented custom-file path): one CbmirError naming the file and the problem. With the
+    default ``verify=True`` the MD5 check refuses the same file first."""
+    from ingest.medmnist_data import open_medmnist
+
+    path = _rewrite_npz(data_dir / "breastmnist.npz", tmp_path / "breastmnist.npz", mutate)
+    with pytest.raises(CbmirError) as ei:
+        open_medmnist(FLAG, SIZE, tmp_path, verify=False)
+    msg = str(ei.value)
+    assert str(path) in msg
+    for w in words:
+        assert w in msg, msg
+    with pytest.raises(CbmirError, match="MD5"):
+        open_medmnist(FLAG, SIZE, tmp_path)
+
+
+# ============================================================================ 2. zero vectors, NaN / inf
+class NaNEmbedder:
+    """Wraps an embedder: images that are constant 123 get NaN features (a broken extractor)."""
+
+    def __init__(self, emb):
+        self.emb = emb
+
+    def __getattr__(self, k):
+        return getattr(self.emb, k)
+
+    def embed(self, images):
+        v = np.array(self.emb.embed(images), dtype=np.float32)
+        v[(np.asarray(images).reshape(len(images), -1) == 123).all(axis=1)] = np.nan
+        return v
+
+
+def test_zero_feature_vectors_stored_reported_and_same_on_both_engines(tmp_path, breast):
+    """All-zero images give all-zero HOG vectors: stored as zeros, listed in the report, cosine
+    similarity 0 with everything, identical rankings on Qdrant Edge and qdrant-client."""
+    from ingest.job import ingest
+    from search.edge_store import EdgeStore
+    from search.server_store import ServerStore
+
+    blank = np.zeros((SIZE, SIZE, 1), np.uint8)
+    src = SubsetSource(breast, {"train": 60, "test": 20},
+                       {("train", 5): blank, ("train", 17): blank, ("test", 2): blank})
+    emb = _hog_embedder()
+    stores = [EdgeStore(tmp_path / "edge"), ServerStore(location=":memory:")]
+    results = []
+    try:
+        for s in stores:
+            rep = ingest(src, emb, s, batch_size=16, progress=False)
+            assert rep.zero_vectors == {"train": [5, 17], "test": [2]}
+            vecs, _ = s.get_points(NAME, "train", [5, 17, 6])
+            assert not vecs[:2].any() and abs(np.linalg.norm(vecs[2]) - 1) < 1e-5
+            _, qv, _ = s.fetch(NAME, "test")
+            res = s.search(NAME, qv, 60)  # k = whole database
+            zero_q = res.scores[2]
+            assert np.all(zero_q == 0) and res.indices[2, :5].tolist() == [0, 1, 2, 3, 4]
+            for i in (0, 1, 3):  # zero database points score exactly 0 and rank after positive scores
+                pos = {int(x): float(sc) for x, sc in zip(res.indices[i], res.scores[i])}
+                assert pos[5] == 0.0 and pos[17] == 0.0
+            results.append(res)
+    finally:
+        for s in stores:
+            s.close()
+    np.testing.assert_array_equal(results[0].indices, results[1].indices)
+    np.testing.assert_allclose(results[0].scores, results[1].scores, atol=1e-5)
+
+
+def test_zero_vectors_reported_by_the_cli(tmp_path, breast, monkeypatch):
+    import ingest.sources as sources
+
+    blank = np.zeros((SIZE, SIZE, 1), np.uint8)
+    src = SubsetSource(breast, {"train": 40, "test": 10}, {("train", 7): blank, ("train", 30): blank})
+    monkeypatch.setattr(sources, "open_source", lambda *a, **k: src)
+    code, out, err = run_main("ingest", "-d", FLAG, "-m", "hog", "--store-path", tmp_path / "s", "--batch-size", 8)
+    assert code == 0, err
+    assert "2 all-zero feature vector(s) in train rows [7, 30]" in err
+    assert "cosine similarity with them is 0" in err
+
+
+def test_nan_features_refused_listed_and_filled_by_rerun(tmp_path, breast, store):
+    """NaN rows are never stored: every finite row is stored, the run fails naming count and rows;
+    re-running with a working extractor embeds exactly those rows."""
+    from evaluation.verify import verify_collection
+    from ingest.job import ingest
+
+    poison = np.full((SIZE, SIZE, 1), 123, np.uint8)
+    src = SubsetSource(breast, {"train": 50, "test": 12}, {("train", 3): poison, ("train", 40): poison,
+                                                          ("test", 11): poison})
+    with pytest.raises(CbmirError) as ei:
+        ingest(src, NaNEmbedder(_hog_embedder()), store, batch_size=16, progress=False)
+    msg = str(ei.value)
+    assert "3 feature vector(s) contained NaN/inf and were NOT stored" in msg
+    assert "train rows [3, 40]" in msg and "test rows [11]" in msg
+    assert store.count(NAME, "train") == 48 and store.count(NAME, "test") == 11
+    idx, vecs, _ = store.fetch(NAME, "train")
+    assert 3 not in idx and 40 not in idx and np.isfinite(vecs).all()
+    assert not verify_collection(store, NAME, src).ok
+    # the upsert itself refuses non-finite vectors too (any caller, any engine)
+    with pytest.raises(CbmirError, match="NaN/inf"):
+        store.upsert(NAME, "train", [3], np.full((1, vecs.shape[1]), np.inf, np.float32), [{"label": 0}])
+    # fixed extractor (and input): the re-run embeds just the 3 missing rows
+    src.replace = {}
+    rep = ingest(src, _hog_embedder(), store, batch_size=16, progress=False)
+    assert rep.written == {"train": 2, "test": 1}
+    assert verify_collection(store, NAME, src).ok
+
+
+# ============================================================================ 3. pixel conversions (in-memory)
+def test_prepare_images_rules():
+    from ingest.embedder import prepare_images
+
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    # uint8 grey kept, replicated to RGB; (H, W), (H, W, 1) and (1, H, W, 1) are the same image
+    a = prepare_images(u8, size=28, is_3d=False)
+    assert a.shape == (1, 28, 28, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a[0, ..., 0], u8)
+    np.testing.assert_array_equal(prepare_images(u8[..., None], size=28, is_3d=False), a)
+    np.testing.assert_array_equal(prepare_images(u8[None, ..., None], size=28, is_3d=False), a)
+    # 16-bit and float: min-max per image
+    u16 = (u8.astype(np.uint16) * 40 + 1000)
+    want = np.rint((u16 - u16.min()) * 255.0 / (u16.max() - u16.min())).astype(np.uint8)
+    np.testing.assert_array_equal(prepare_images(u16, size=28, is_3d=False)[0, ..., 0], want)
+    f = u8.astype(np.float32) / 255.0
+    np.testing.assert_array_equal(prepare_images(f, size=28, is_3d=False)[0, ..., 0],
+                                  np.rint((f - f.min()) * 255.0 / (f.max() - f.min())).astype(np.uint8))
+    # RGBA: alpha composited on black (opaque = RGB unchanged, transparent = black)
+    rgb = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((28, 28, 1), 255, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(prepare_images(rgba, size=28, is_3d=False)[0], rgb)
+    rgba[..., 3] = 0
+    assert not prepare_images(rgba, size=28, is_3d=False).any()
+    # odd-sized: stretched to the collection's size
+    assert prepare_images(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8), size=28, is_3d=False).shape == (1, 28, 28, 3)
+    # NaN refused
+    with pytest.raises(CbmirError, match="NaN"):
+        prepare_images(np.full((28, 28), np.nan, np.float32), size=28, is_3d=False)
+    # 2D <-> 3D mix-ups refused
+    with pytest.raises(CbmirError, match="3D volume"):
+        prepare_images(np.zeros((28, 28, 28), np.uint8), size=28, is_3d=False)
+    for img in (np.zeros((28, 28), np.uint8), np.zeros((28, 28, 3), np.uint8), np.zeros((2, 28, 28, 3), np.uint8)):
+        with pytest.raises(CbmirError, match="2D image"):
+            prepare_images(img, size=28, is_3d=True)
+    # volumes: any dtype / side -> uint8 size^3
+    v = prepare_images(rng.random((20, 30, 30)).astype(np.float32), size=28, is_3d=True)
+    assert v.shape == (1, 28, 28, 28) and v.dtype == np.uint8
+
+
+def test_embedder_refuses_what_it_cannot_take():
+    emb = _hog_embedder()
+    ok = np.zeros((2, 28, 28, 1), np.uint8)
+    assert emb.embed(ok).shape == (2, 1296)
+    for bad, word in [(ok.astype(np.float32), "uint8"), (np.zeros((2, 28, 28, 4), np.uint8), "channels"),
+                      (np.zeros((2, 32, 32, 3), np.uint8), "28x28"), (np.zeros((2, 28, 28), np.uint8), "(B, H, W, C)")]:
+        with pytest.raises(CbmirError, match=re.escape(word)):
+            emb.embed(bad)
+
+
+def test_search_by_image_converts_in_memory_images(tmp_path, clean_store, breast):
+    """A real test image queried as uint8 (H, W), (H, W, 1), opaque RGBA and odd-sized gives the
+    documented conversions; the unconverted uint8 query ranks exactly like its stored point."""
+    from search.client import SearchClient
+    from search.edge_store import EdgeStore
+    from search.schema import CollectionMeta
+
+    root = _copy_store(clean_store, tmp_path / "s")
+    img = np.asarray(next(breast.iter_batches("test", 1, start=4)).images[0, ..., 0])  # (28, 28) uint8
+    client = SearchClient(EdgeStore(root))
+    try:
+        ref = [h.index for h in client.search_by_point(NAME, 4, split="test", k=5)[0]]
+        for q in (img, img[..., None], np.dstack([img, img, img, np.full_like(img, 255)])):
+            assert [h.index for h in client.search_by_image(NAME, q, k=5)[0]] == ref
+        assert len(client.search_by_image(NAME, np.zeros((40, 31), np.uint16), k=3)[0]) == 3
+        with pytest.raises(CbmirError, match="3D volume"):
+            client.search_by_image(NAME, np.zeros((28, 28, 28), np.uint8))
+        meta3 = CollectionMeta(dataset="adrenalmnist3d", size=28, model="hog", backend="numpy", dim=36288,
+                               is_3d=True, aggregation="concat")
+        client.store.ensure_collection("adrenalmnist3d_28_hog", meta3)
+        with pytest.raises(CbmirError, match="2D image"):
+            client.search_by_image("adrenalmnist3d_28_hog", img)
+    finally:
+        client.close()
+
+
+# ============================================================================ 4. SIGKILL mid-ingest
+def _wait_progress(p: subprocess.Popen, split: str, total: int, at_least: int, timeout: float) -> int:
+    """Read tqdm progress from ``p``'s stderr until ``at_least`` rows of ``split`` are stored."""
+    os.set_blocking(p.stderr.fileno(), False)
+    buf, t0 = b"", time.time()
+    pat = re.compile(rb"\[" + split.encode() + rb"\][^\r\n|]*\|[^|]*\|\s*(\d+)/" + str(total).encode())
+    while time.time() - t0 < timeout:
+        chunk = p.stderr.read()
+        if chunk:
+            buf += chunk
+            found = pat.findall(buf)
+            if found and int(found[-1]) >= at_least:
+                return int(found[-1])
+        if p.poll() is not None:
+            raise AssertionError(f"ingest ended (rc {p.returncode}) before the kill: {buf[-2000:]!r}")
+        time.sleep(0.01)
+    raise AssertionError(f"no progress to {at_least} within {timeout} s: {buf[-2000:]!r}")
+
+
+def test_sigkill_mid_ingest_then_rerun_completes_exactly(tmp_path, data_dir, clean_store):
+    """REALLY kills a running `cbmir ingest` (SIGKILL) after some points are stored; Qdrant Edge
+    replays its WAL on the next load (every acknowledged point kept); re-running the same command
+    embeds only the missing rows; final counts equal the split sizes, no duplicates, vectors and
+    payloads equal a clean run's."""
+    from search.edge_store import EdgeStore
+
+    store = tmp_path / "store"
+    args = _cli_cmd("ingest", "-d", FLAG, "-s", SIZE, "-m", "hog", "--data-dir", data_dir,
+                    "--store-path", store, "--batch-size", 2)
+    p = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = _wait_progress(p, "train", N_TRAIN, at_least=60, timeout=240)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert p.returncode == -signal.SIGKILL
+    with EdgeStore(store) as s:  # WAL recovery after SIGKILL; the dead holder's lock is gone
+        after_kill = s.count(NAME, "train")
+        assert seen <= after_kill < N_TRAIN, (seen, after_kill)
+        assert s.count(NAME, "test") == 0
+    r = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"\[train\][^:\n]*: (\d+) points", r.stdout)
+    assert m and int(m.group(1)) == N_TRAIN - after_kill, r.stdout  # only the missing rows
+    assert f"[train]: resumed: {after_kill} rows were already stored" in r.stdout
+    with EdgeStore(store) as s, EdgeStore(clean_store) as c:
+        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+            assert s.count(NAME, split) == n
+            idx, vec, pay = s.fetch(NAME, split)
+            np.testing.assert_array_equal(idx, np.arange(n))  # every row once: no duplicates, no gaps
+            cidx, cvec, cpay = c.fetch(NAME, split)
+            np.testing.assert_array_equal(vec, cvec)
+            assert pay == cpay
+
+
+# ============================================================================ 5. second process, same store
+def test_second_process_is_told_the_store_is_in_use(tmp_path, clean_store, data_dir):
+    from search.edge_store import EdgeStore
+
+    root = _copy_store(clean_store, tmp_path / "s")
+    holder = EdgeStore(root)
+    n0 = holder.count(NAME, "train")  # opens the shard: lock held
+    _, v0, _ = holder.fetch(NAME, "test")
+    code = ("import sys\nfrom ingest.base import CbmirError\nfrom search.edge_store import EdgeStore\n"
+            "try:\n    EdgeStore(sys.argv[1]).count(sys.argv[2])\nexcept CbmirError as e:\n"
+            "    print(e, file=sys.stderr); sys.exit(3)\n")
+    r = subprocess.run([PY, "-c", code, str(root), NAME], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert "in use by another process" in r.stderr and f"pid={os.getpid()}" in r.stderr
+    assert str(holder.lock_path(NAME)) in r.stderr
+    # the CLI says the same, as one error line
+    rc, _, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root)
+    assert rc == 2 and len(_error_lines(err)) == 1 and "in use by another process" in err
+    # nothing was damaged; after the holder closes, others get in
+    assert holder.count(NAME, "train") == n0
+    np.testing.assert_array_equal(holder.fetch(NAME, "test")[1], v0)
+    holder.close()
+    r = subprocess.run([PY, "-c", code, str(root), NAME], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# ============================================================================ 6. server unreachable / slow / restarting
+def test_server_503_then_ok_is_retried():
+    from search.server_store import ServerStore
+
+    fake = FakeQdrant(_exists_false(status_first=503, n_bad=2))
+    try:
+        s = ServerStore(url=fake.url, retry_total_s=20, retry_base_s=0.05)
+        assert s.read_meta("anything") is None
+        assert s.retries == 2 and len(fake.requests) == 3
+    finally:
+        fake.close()
+
+
+def test_server_timeout_is_retried():
+    from search.server_store import ServerStore
+
+    fake = FakeQdrant(_exists_false(n_bad=1, delay_first=2.5))  # first answer comes after the 1 s timeout
+    try:
+        s = ServerStore(url=fake.url, timeout=1, retry_total_s=20, retry_base_s=0.05)
+        assert s.read_meta("anything") is None and s.retries == 1
+    finally:
+        fake.close()
+
+
+def test_server_always_failing_gives_clear_error_in_bounded_time():
+    from search.server_store import ServerStore
+
+    fake = FakeQdrant(lambda h, n: (503, {"status": {"error": "restarting"}}, 0.0))
+    try:
+        s = ServerStore(url=fake.url, retry_total_s=1.5, retry_base_s=0.1)
+        t0 = time.monotonic()
+        with pytest.raises(CbmirError) as ei:
+            s.count("x")
+        assert time.monotonic() - t0 < 5
+        msg = str(ei.value)
+        assert fake.url in msg and "HTTP 503" in msg and "attempt(s)" in msg and len(fake.requests) >= 3
+    finally:
+        fake.close()
+
+
+def test_server_unreachable_cli_clear_error_bounded_time(tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("CBMIR_QDRANT_RETRY_S", "1.5")
+    t0 = time.monotonic()
+    code, out, err = run_main("evaluate", "-d", FLAG, "-m", "hog", "--qdrant-url", url)
+    assert time.monotonic() - t0 < 15
+    assert code == 2 and "Traceback" not in err
+    (line,) = _error_lines(err)
+    assert url in line and "unreachable" in line and "ConnectError" in line
+
+
+def test_partial_batches_resent_idempotently(breast):
+    """The client fails some upserts after the server stored them (reply lost) and some before:
+    retries re-send the same deterministic ids; no duplicates, nothing lost, same vectors."""
+    from httpx import ReadTimeout
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    from evaluation.verify import verify_collection
+    from ingest.job import ingest
+    from search.server_store import ServerStore
+
+    src = SubsetSource(breast, {"train": 64, "test": 16})
+    flaky = ServerStore(location=":memory:", retry_base_s=0.001)
+    real_upsert, calls = flaky.client.upsert, {"n": 0}
+
+    def upsert(*a, **k):
+        calls["n"] += 1
+        if calls["n"] % 3 == 1:  # stored, but the reply is lost
+            real_upsert(*a, **k)
+            raise ResponseHandlingException(ReadTimeout("reply lost"))
+        if calls["n"] % 3 == 2:  # refused before storing
+            raise UnexpectedResponse(503, "Service Unavailable", b"{}", httpx.Headers())
+        return real_upsert(*a, **k)
+
+    flaky.client.upsert = upsert
+    clean = ServerStore(location=":memory:")
+    ingest(src, _hog_embedder(), flaky, batch_size=8, progress=False)
+    ingest(src, _hog_embedder(), clean, batch_size=8, progress=False)
+    assert flaky.retries >= 10
+    assert verify_collection(flaky, NAME, src).ok
+    for split in ("train", "test"):
+        a, b = flaky.fetch(NAME, split), clean.fetch(NAME, split)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[2] == b[2]
+        # qdrant-client's local mode re-normalises an overwritten point (1 float32 ulp); a server and
+        # Qdrant Edge store re-sent points bit-identically (see the SIGKILL test)
+        np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-7)
+
+
+# ============================================================================ 7. collection of another configuration
+def test_existing_collection_of_another_configuration_refused_then_recreate(tmp_path, data_dir):
+    from search.edge_store import EdgeStore
+    from search.schema import CollectionMeta, make_payload
+
+    root = tmp_path / "s"
+    old = CollectionMeta(dataset=FLAG, size=SIZE, model="hog", backend="numpy", dim=8,
+                         preprocessing="an older hog", weights="none")
+    with EdgeStore(root) as s:
+        s.ensure_collection(NAME, old)
+        v = np.eye(3, 8, dtype=np.float32)
+        s.upsert(NAME, "train", [0, 1, 2], v, [make_payload(dataset=FLAG, split="train", index=i, label=0,
+                                                            model="hog", size=SIZE, image_id=str(i)) for i in range(3)])
+    code, out, err = run_main("ingest", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root)
+    assert code == 2 and len(_error_lines(err)) == 1 and "Traceback" not in err
+    assert "already holds another configuration" in err and "--recreate" in err
+    assert "dim: stored=8 requested=1296" in err and "an older hog" in err
+    assert re.search(r"stored: +breastmnist@28 model=hog backend=numpy dim=8", err)
+    assert re.search(r"requested: breastmnist@28 model=hog backend=numpy dim=1296", err)
+    with EdgeStore(root) as s:  # the stored points are untouched
+        assert s.count(NAME) == 3
+        np.testing.assert_allclose(s.fetch(NAME, "train")[1], v)
+    code, out, err = run_main("ingest", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root,
+                              "--recreate")
+    assert code == 0, err
+    with EdgeStore(root) as s:
+        assert s.meta(NAME).dim == 1296 and s.count(NAME, "train") == N_TRAIN and s.count(NAME, "test") == N_TEST
+
+
+def test_ensure_collection_refuses_other_distance_on_both_engines(store):
+    from search.schema import CollectionMeta
+
+    a = CollectionMeta(dataset="d", size=28, model="m", backend="torch", dim=4)
+    store.ensure_collection("c", a)
+    b = CollectionMeta(dataset="d", size=28, model="m", backend="torch", dim=4, distance="euclidean")
+    with pytest.raises(CbmirError, match="distance: stored='cosine' requested='euclidean'"):
+        store.ensure_collection("c", b)
+    assert store.ensure_collection("c", b, recreate=True).distance == "euclidean"
+
+
+# ============================================================================ 8. unknown names
+@pytest.mark.parametrize("args,words", [
+    (["-d", "nosuchmnist", "-m", "hog"], ["nosuchmnist"]),
+    (["-d", FLAG, "-m", "resnet5"], ["unknown model 'resnet5'", "valid models:", "resnet50", "hog"]),
+    (["-d", "adrenalmnist3d", "-s", "128", "-m", "hog"], ["no size 128", "valid sizes: 28, 64"]),
+    (["-d", FLAG, "-s", "100", "-m", "hog"], ["no size 100", "valid sizes: 28, 64, 128, 224"]),
+])
+def test_unknown_dataset_model_size_listed(tmp_path, data_dir, args, words):
+    code, out, err = run_main("run", *args, "--data-dir", data_dir, "--store-path", tmp_path / "s")
+    assert code == 2
+    (line,) = _error_lines(err)
+    for w in words:
+        assert w in line, line
+    assert _no_collections(tmp_path / "s")
+
+
+def test_unknown_dataset_lists_valid_datasets(tmp_path, data_dir):
+    from ingest.medmnist_data import open_medmnist
+
+    with pytest.raises(CbmirError, match="valid datasets: .*breastmnist.*adrenalmnist3d"):
+        open_medmnist("nosuchmnist", 28, data_dir)
+
+
+# ============================================================================ 9. untrusted files
+class Evil:
+    """Unpickling this creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_object_npz_refused(tmp_path):
+    from ingest.medmnist_data import open_medmnist
+    from ingest.sources.pixels import PixelError, load_npy
+
+    marker = tmp_path / "pwned"
+    obj = np.empty(1, dtype=object)
+    obj[0] = Evil(str(marker))
+    arrays = {f"{s}_images": obj for s in ("train", "val", "test")}
+    arrays.update({f"{s}_labels": obj for s in ("train", "val", "test")})
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    with pytest.raises(CbmirError, match="dtype object"):
+        open_medmnist(FLAG, SIZE, tmp_path, verify=False)
+    np.save(tmp_path / "evil.npy", obj, allow_pickle=True)
+    with pytest.raises(PixelError):
+        load_npy(tmp_path / "evil.npy", max_elements=10)
+    assert not marker.exists()
+
+
+def test_torch_checkpoint_with_pickled_object_refused(tmp_path):
+    import torch
+
+    from ingest.extractors.weights import load_state_dict_file
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(2, 2), "extra": Evil(str(marker))}, path)
+    with pytest.raises(CbmirError, match="cannot read weights file"):
+        load_state_dict_file(path)
+    assert not marker.exists()
+    torch.save({"conv.weight": torch.ones(2, 2)}, tmp_path / "ok.pth")  # a plain state dict still loads
+    assert load_state_dict_file(tmp_path / "ok.pth")["conv.weight"].sum() == 4
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims ``width x height`` pixels but holds (almost) no data: a decompression bomb's
+    header, refused before any pixel is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_refused_by_search_cli(tmp_path, clean_store):
+    from ingest.sources.pixels import PixelError, load_image
+
+    bomb = _png_header_only(tmp_path / "bomb.png", 30_000, 30_000)  # 900 M pixels claimed, 100 bytes on disk
+    t0 = time.monotonic()
+    with pytest.raises(PixelError, match="exceeds the limit|decompression bomb"):
+        load_image(bomb)
+    assert time.monotonic() - t0 < 5
+    root = _copy_store(clean_store, tmp_path / "s")
+    code, out, err = run_main("search", "-c", NAME, "--image", bomb, "--store-path", root)
+    assert code == 2
+    (line,) = _error_lines(err)
+    assert "pixels" in line and "limit" in line
+
+
+# ============================================================================ 10. server credentials
+KEY = "s3cr3t-Key-that-must-not-leak"
+
+
+def test_api_key_from_env_is_secret_and_401_is_clear(tmp_path, monkeypatch, caplog):
+    from cbmir.settings import get_settings
+    from search.store import open_store
+
+    fake = FakeQdrant(lambda h, n: (401, {"status": {"error": "Unauthorized"}}, 0.0))
+    try:
+        monkeypatch.setenv("CBMIR_QDRANT_URL", fake.url)
+        monkeypatch.setenv("CBMIR_QDRANT_API_KEY", KEY)
+        s = get_settings()
+        assert s.qdrant_url == fake.url and s.qdrant_api_key.get_secret_value() == KEY
+        assert KEY not in repr(s) and KEY not in str(s) and KEY not in s.model_dump_json()
+        store = open_store(s)
+        assert KEY not in repr(store)
+        store.close()
+        caplog.set_level(logging.DEBUG)
+        t0 = time.monotonic()
+        code, out, err = run_main("evaluate", "-d", FLAG, "-m", "hog")
+        assert time.monotonic() - t0 < 10  # 401 is not retried
+        assert code == 2
+        (line,) = _error_lines(err)
+        assert "HTTP 401" in line and "API key is missing or wrong" in line and fake.url in line
+        assert KEY not in out + err + caplog.text
+        assert fake.requests and all(h.get("api-key") == KEY for _, _, h in fake.requests)  # it was sent
+        # a TLS URL is taken as given (https), the key still hidden
+        tls = open_store(get_settings(qdrant_url="https://qdrant.example.org:6333"))
+        assert tls.url.startswith("https://") and KEY not in repr(tls)
+        tls.close()
+    finally:
+        fake.close()
+
+
+# ============================================================================ cbmir verify
+def test_verify_ok_on_fresh_collection(tmp_path, clean_store, data_dir):
+    root = _copy_store(clean_store, tmp_path / "s")
+    code, out, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root)
+    assert code == 0, err
+    (line,) = out.strip().splitlines()
+    assert line.startswith(f"OK {NAME}: train {N_TRAIN}/{N_TRAIN}, test {N_TEST}/{N_TEST}, dim 1296")
+
+
+def test_verify_fails_on_deleted_point_and_altered_label(tmp_path, clean_store, data_dir):
+    import qdrant_edge as qe
+
+    from search.edge_store import EdgeStore
+    from search.schema import point_id
+
+    root = _copy_store(clean_store, tmp_path / "s")
+    with EdgeStore(root) as s:
+        s.delete_points(NAME, [point_id("train", 17)])
+    code, out, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root)
+    assert code == 1
+    (line,) = out.strip().splitlines()
+    assert line.startswith("FAIL: ") and "train: 545 points stored, the source has 546 (missing rows [17])" in line
+
+    root2 = _copy_store(clean_store, tmp_path / "s2")
+    with EdgeStore(root2) as s:
+        old = s.get_points(NAME, "test", [3], with_vectors=False)[1][0]["label"]
+        s._shard(NAME).update(qe.UpdateOperation.set_payload([point_id("test", 3)], {"label": 1 - old}))
+    code, out, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root2)
+    assert code == 1
+    assert f"test: 1 label(s) differ from the source (row 3: stored {1 - old} vs file {old})" in out
+
+
+def test_verify_on_the_server_engine(breast):
+    """The same checks through qdrant-client (server code path): OK, then a deleted point and an
+    altered label (payload overwrite through the client) are named."""
+    from evaluation.verify import verify_collection
+    from ingest.job import ingest
+    from search.schema import point_id
+    from search.server_store import ServerStore
+
+    src = SubsetSource(breast, {"train": 40, "test": 10})
+    s = ServerStore(location=":memory:")
+    ingest(src, _hog_embedder(), s, batch_size=16, progress=False)
+    rep = verify_collection(s, NAME, src)
+    assert rep.ok and rep.verdict().startswith(f"OK {NAME}: train 40/40, test 10/10")
+    s.delete_points(NAME, [point_id("test", 9)])
+    s.client.set_payload(NAME, payload={"label": 7}, points=[point_id("train", 0)])
+    rep = verify_collection(s, NAME, src)
+    v = rep.verdict()
+    assert not rep.ok and "test: 9 points stored, the source has 10 (missing rows [9])" in v
+    assert "train: 1 label(s) differ from the source (row 0: stored 7" in v
