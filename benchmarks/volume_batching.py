@@ -1,7 +1,7 @@
 """Slice batching for 3D volumes: slices/s with batched extraction vs one slice per call.
 
-The study ran its 2D extractor on one slice per call (paper §2.3; 3D database creation took 21-72
-min per model on a TITAN V, DESIGN.md §3); cbmir sends the slices of several volumes to the
+The study ran its 2D extractor on one slice per call (3D database creation took 21-72 min per
+model on a TITAN V GPU, DESIGN.md §3); cbmir sends the slices of several volumes to the
 extractor in one call (:class:`ingest.volumes.VolumeEmbedder`, ``slice_batch`` slices per call,
 DESIGN.md §5). This script measures both on the same real volumes in the same run::
 

@@ -116,9 +116,11 @@ def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
                        f"{rep.written[split]} missing rows embedded in this run")
     for split, rows in rep.zero_vectors.items():
         more = f", ... (+{len(rows) - 20} more)" if len(rows) > 20 else ""
+        rule = ("cosine similarity with them is 0 (they rank last as database points, and as queries "
+                "return the lowest rows)" if rep.meta.distance == "cosine" else "Euclidean distances to them "
+                "are well defined")
         typer.echo(f"note: {len(rows)} all-zero feature vector(s) in {split} rows "
-                   f"[{', '.join(map(str, rows[:20]))}{more}]: stored as zeros; cosine similarity with them is 0 "
-                   "(they rank last as database points, and as queries return the lowest rows)", err=True)
+                   f"[{', '.join(map(str, rows[:20]))}{more}]: stored as zeros; {rule}", err=True)
     if rep.meta.random_init:
         typer.echo("note: RANDOM-INIT weights (smoke test only; not a pretrained result)")
     summary = source_summary(source)
@@ -389,6 +391,7 @@ def benchmark_cmd(
         data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
         qdrant_url: Optional[str] = UrlOpt, device: Optional[str] = typer.Option(None, "--device"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on a busy CPU)"),
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress")) -> None:
     """Run a grid of datasets x sizes x models (x backends x distances); resumable, one tidy results CSV."""
     from evaluation.grid import config_from_cli, parse_list, run_grid
@@ -398,7 +401,7 @@ def benchmark_cmd(
         backends=parse_list(backends), distances=parse_list(distances), random_init=random_init,
         results=results, save_per_query=save_per_query, retry_failed=retry_failed, k=k,
         volume_aggregation=volume_aggregation, download=download, data_dir=data_dir, store_path=store_path,
-        qdrant_url=qdrant_url, device=device, batch_size=batch_size, progress=progress)
+        qdrant_url=qdrant_url, device=device, batch_size=batch_size, threads=threads, progress=progress)
     summary = run_grid(cfg)
     typer.echo(f"grid: {len(summary.cells)} cells: {len(summary.ran)} ran, {len(summary.failed)} failed, "
                f"{len(summary.skipped)} skipped (already in the table) -> {summary.results}")

@@ -321,8 +321,9 @@ class Tiny32CNN:
     Three stride-2 3x3 convolutions (3 -> 32 -> 64 -> 128 channels, ReLU) and global average
     pooling, seeded; about 2.6 MFLOPs per image, so that section 3 measures the reader, the
     preprocessing, the job and the store rather than a large model.
-    ``extract(uint8 (B, H, W, 3)) -> float32 (B, 128)`` (bicubic antialiased resize to 32 x 32,
-    ImageNet mean/std, inference mode); an :class:`ingest.base.Extractor` for the ingest job.
+    ``extract(uint8 (B, H, W, 3)) -> float32 (B, 128)`` (to 32 x 32: nearest-neighbour subsampling
+    when the side is a multiple of 32, e.g. every 7th pixel at 224 px, else bicubic; ImageNet
+    mean/std; inference mode); an :class:`ingest.base.Extractor` for the ingest job.
     """
 
     def __init__(self, batch_size: int = 256) -> None:
@@ -348,15 +349,21 @@ class Tiny32CNN:
         out = np.empty((len(images), 128), dtype=np.float32)
         with torch.inference_mode():
             for a in range(0, len(images), self.batch_size):
-                x = torch.from_numpy(np.array(images[a:a + self.batch_size], copy=True)).float()
-                x = resize_batch(x, 32, "bicubic").clamp_(0, 255) / 255.0
+                chunk = images[a:a + self.batch_size]
+                h = chunk.shape[1]
+                if h % 32 == 0:  # 224 px: every 7th pixel (nearest-neighbour), no full-size float copy
+                    st = h // 32
+                    x = torch.from_numpy(np.ascontiguousarray(chunk[:, st // 2::st, st // 2::st, :])).float() / 255.0
+                else:
+                    x = torch.from_numpy(np.array(chunk, copy=True)).float()
+                    x = resize_batch(x, 32, "bicubic").clamp_(0, 255) / 255.0
                 x = normalize(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).permute(0, 3, 1, 2).contiguous()
                 out[a:a + len(x)] = self.model(x).numpy()
         return out
 
     def identity(self) -> dict:
         return {"model": self.spec.name, "backend": "torch", "weights": "random-init", "random_init": True,
-                "preprocessing": "resize 32 px bicubic; ImageNet mean/std; 3 conv layers + average pooling"}
+                "preprocessing": "to 32 px (nearest / bicubic); ImageNet mean/std; 3 conv layers + average pooling"}
 
 
 def _ingest_child(args: dict) -> None:

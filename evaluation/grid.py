@@ -14,7 +14,7 @@ loses at most the cell in progress. Columns (:data:`COLUMNS`; units in the names
   (``ok`` | ``failed``), ``error`` (one line, ``ExceptionType: message``; empty when ok);
 * identity: ``family``, ``collection``, ``engine``, ``store``, ``weights`` (identity recorded in
   the collection: hub id, ``sha256:...``, ``random-init`` or ``none``), ``dim``, ``is_3d``,
-  ``aggregation``, ``k``, ``n_queries``, ``n_database``, ``device``;
+  ``aggregation``, ``k``, ``n_queries``, ``n_database``, ``device``, ``threads`` (torch CPU threads);
 * metrics, **percent** (0-100), as the study prints them: ``mAP@5, mMV@5, ACC@1, ACC@3, ACC@5``
   and ``majority_class_rate`` (ACC@1 of always answering the database's majority class);
 * timings: ``model_load_s`` (building the extractor), ``database_creation_s`` (extract + upsert
@@ -102,7 +102,7 @@ METRIC_COLUMNS: tuple[str, ...] = ("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5")
 COLUMNS: tuple[str, ...] = (
     *KEY, "status", "error",
     "family", "collection", "engine", "store", "weights", "dim", "is_3d", "aggregation", "k",
-    "n_queries", "n_database", "device",
+    "n_queries", "n_database", "device", "threads",
     *METRIC_COLUMNS, "majority_class_rate",
     "model_load_s", "database_creation_s", "database_items_per_s", "query_extraction_s", "search_s",
     "test_time_s", "search_per_query_ms", "latency_p50_ms", "latency_p95_ms", "fetch_s", "cell_wall_s",
@@ -160,6 +160,8 @@ class GridConfig:
         retry_failed: re-run cells whose row says ``failed`` (default) instead of skipping them.
         download: let the dataset reader download missing files.
         latency_sample: queries timed one by one for the latency percentiles.
+        threads: torch intra-op CPU threads for the run (None: torch's default). On a shared,
+            oversubscribed CPU one thread is several times faster (OpenMP threads spin-wait).
         progress: show tqdm progress bars.
     """
 
@@ -183,6 +185,7 @@ class GridConfig:
     retry_failed: bool = True
     download: bool = False
     latency_sample: int = 50
+    threads: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -380,7 +383,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
         df[c] = df[c].map(_to_bool)
     for c in ("dataset", "model", "backend", "distance", "status"):
         df[c] = df[c].astype(str)
-    df["error"] = df["error"].fillna("").astype(str)
+    df["error"] = ["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in df["error"]]
     return df
 
 
@@ -773,6 +776,7 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
     store = open_store(s)
     try:
         # What is already in the store decides reuse / resume and how timings are read.
+        # (a split found complete is reused; a partial one resumes; features of a twin are replayed)
         existing = store.read_meta(name)
         before = {sp: (store.count(name, sp) if existing is not None else 0) for sp in splits}
         replay = all(cache.complete(sp, n_rows[sp], dim) for sp in splits) and not all(
@@ -791,6 +795,9 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
             if isinstance(ing_embedder, _RecordingEmbedder):
                 ing_embedder.flush()
         meta = rep.meta
+        if meta.random_init != cell.random_init or meta.backend != cell.backend:
+            raise CbmirError(f"{name}: the collection holds backend={meta.backend} random_init={meta.random_init}, "
+                             f"the grid asked for backend={cell.backend} random_init={cell.random_init}")
 
         # Timings: measured now, or from the ingest log when the split was reused / resumed.
         entry = ingest_log.setdefault(log_key, {})
@@ -806,8 +813,9 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
             secs, written = float(rep.seconds[sp]), int(rep.written[sp])
             if written < n_rows[sp]:  # resumed: extrapolate from the rows written in this run
                 full = secs * n_rows[sp] / written if written else float("nan")
-                notes.append(f"{sp}: resumed at row {n_rows[sp] - written}, time extrapolated from "
-                             f"{written}/{n_rows[sp]} rows")
+                had = int(getattr(rep, "resumed_from", {}).get(sp, n_rows[sp] - written))
+                notes.append(f"{sp}: resumed with {had} of {n_rows[sp]} rows stored, time extrapolated from "
+                             f"the {written} rows embedded in this run")
             else:
                 full = secs
             if replay:
@@ -833,12 +841,7 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
                          distance=np.str_(ev.distance), collection=np.str_(name))
         per_query_file = rel.as_posix()
 
-    metrics = {}
-    for m, v in ev.metrics.items():
-        metrics[m] = 100.0 * float(v)
-    if meta.random_init != cell.random_init or meta.backend != cell.backend:
-        raise CbmirError(f"{name}: the collection holds backend={meta.backend} random_init={meta.random_init}, "
-                         f"the grid asked for backend={cell.backend} random_init={cell.random_init}")
+    metrics = {m: 100.0 * float(v) for m, v in ev.metrics.items()}
     row = {
         "dataset": cell.dataset, "size": int(cell.size), "model": cell.model, "backend": cell.backend,
         "distance": cell.distance, "random_init": bool(cell.random_init), "status": "ok", "error": "",
@@ -846,6 +849,7 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
         "collection": name, "engine": ev.engine, "store": store_loc, "weights": meta.weights, "dim": int(meta.dim),
         "is_3d": bool(meta.is_3d), "aggregation": meta.aggregation, "k": int(ev.k),
         "n_queries": int(ev.n_queries), "n_database": int(ev.n_database), "device": _resolved_device(s.device),
+        "threads": _torch_threads(),
         **metrics,
         "majority_class_rate": 100.0 * ev.majority_class_rate,
         "model_load_s": model_load_s,
@@ -867,6 +871,15 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
     if replay and not twins:
         cache.remove()  # every twin has used it
     return row
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch
+
+        return int(torch.get_num_threads())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
 
 
 def _failed_row(cell: Cell, error: BaseException, started: str, wall: float) -> dict:
@@ -972,6 +985,10 @@ class _TableLock:
 
 
 def _run_grid_locked(config: GridConfig, cells: list[Cell], runner, say) -> GridSummary:
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
     results = config.results
     results_dir = results.parent
     records = read_results(results).to_dict("records")

@@ -241,7 +241,8 @@ def per_size_table(df: pd.DataFrame, size: int, distance: str) -> pd.DataFrame:
         Δ = ours - paper, percentage points; NaN where the paper has no such row).
     """
     pub = _published_lookup()
-    rows = _sort_rows(_ok(df)[(df["size"] == int(size)) & (df["distance"] == distance)])
+    ok = _ok(df)
+    rows = _sort_rows(ok[(ok["size"] == int(size)) & (ok["distance"] == distance)])
     out = []
     for dataset, group in rows.groupby("dataset", sort=False):
         name = group["dataset_name"].iloc[0]
@@ -356,21 +357,21 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     extraction time (the search time is always its own).
 
     Returns:
-        ``(table6, table7)``. table6: ``Dataset, size, Model, model load s, database creation s,
-        items/s, note``; table7: ``Dataset, size, Model, distance, query extraction s, search s,
+        ``(table6, table7)``. table6: ``Dataset, size, Model, threads (torch CPU threads), model load s,
+        database creation s, items/s, note``; table7: ``Dataset, size, Model, distance, query extraction s, search s,
         test s, search share %, search ms/query, latency p50 ms, latency p95 ms``.
     """
     from evaluation.grid import _to_bool
 
     rows = _sort_rows(_ok(df))
-    cols6 = ["Dataset", "size", "Model", "model load s", "database creation s", "items/s", "note"]
+    cols6 = ["Dataset", "size", "Model", "threads", "model load s", "database creation s", "items/s", "note"]
     cols7 = ["Dataset", "size", "Model", "distance", "query extraction s", "search s", "test s",
              "search share %", "search ms/query", "latency p50 ms", "latency p95 ms"]
     if rows.empty:
         return pd.DataFrame(columns=cols6), pd.DataFrame(columns=cols7)
     for c in ("features_cached", "model_load_s", "database_creation_s", "database_items_per_s",
               "query_extraction_s", "search_s", "search_per_query_ms", "latency_p50_ms", "latency_p95_ms",
-              "timing_note"):
+              "timing_note", "threads"):
         if c not in rows.columns:
             rows[c] = np.nan
     cached = rows["features_cached"].map(_to_bool)
@@ -381,7 +382,9 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         r = pick.iloc[0]
         src[(d, s, lab)] = r
         note = r.get("timing_note")
+        thr = r.get("threads")
         t6.append({"Dataset": dataset_display_name(d), "size": int(s), "Model": lab,
+                   "threads": int(thr) if pd.notna(thr) else None,
                    "model load s": float(r["model_load_s"]), "database creation s": float(r["database_creation_s"]),
                    "items/s": float(r["database_items_per_s"]),
                    "note": "" if not isinstance(note, str) else note})
@@ -682,7 +685,8 @@ def tsne_figure(vectors: np.ndarray, labels: np.ndarray, path: Path, title: str,
         max_iter: t-SNE optimisation iterations (scikit-learn's minimum is 250).
 
     Steps: subsample; PCA to 50 dims when D > 50 (scikit-learn); ``TSNE(n_components=2,
-    perplexity=min(30, (n - 1) / 3), init="pca", max_iter=max_iter, random_state=seed)``.
+    perplexity=min(30, (n - 1) / 3), init="pca", max_iter=max_iter, random_state=seed)`` on one
+    OpenMP thread.
 
     Raises:
         CbmirError: fewer than 5 points.
@@ -700,8 +704,13 @@ def tsne_figure(vectors: np.ndarray, labels: np.ndarray, path: Path, title: str,
         x, y = x[idx], y[idx]
     if x.shape[1] > 50:
         x = PCA(n_components=min(50, len(x) - 1), random_state=seed).fit_transform(x)
-    emb = TSNE(n_components=2, perplexity=float(min(30.0, (len(x) - 1) / 3.0)), init="pca",
-               learning_rate="auto", max_iter=int(max_iter), random_state=seed).fit_transform(x)
+    # One OpenMP thread: on a shared, oversubscribed CPU the gradient's OpenMP threads spin-wait
+    # (measured here: 49 s with the default threads vs 4 s with one, 150 points).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="openmp"):
+        emb = TSNE(n_components=2, perplexity=float(min(30.0, (len(x) - 1) / 3.0)), init="pca",
+                   learning_rate="auto", max_iter=int(max_iter), random_state=seed).fit_transform(x)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
     cmap = plt.get_cmap("tab10")
@@ -831,8 +840,8 @@ def _tsne_section(df: pd.DataFrame, fig_dir: Path, out: ReportOutput, *, store_p
     path = fig_dir / f"tsne_{name}.png"
     n = min(len(vecs), int(max_points))
     tsne_figure(vecs, labels, path,
-                f"t-SNE of database features: {row['label']}, {dataset_display_name(row['dataset'])} "
-                f"{row['size']} px, {n} of {len(vecs)} points", class_names=_class_names(row["dataset"]),
+                f"t-SNE of database features: {row['label']}\n{dataset_display_name(row['dataset'])} "
+                f"{row['size']} px, {row['distance']}, {n} of {len(vecs)} points", class_names=_class_names(row["dataset"]),
                 max_points=max_points)
     out.figures.append(path)
     return (f"Figure 11: t-SNE of the database (train) features of `{name}` ({row['label']})", path)
@@ -1001,7 +1010,9 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
     lines.append("## Timings (Tables 6 and 7)\n")
     lines.append(_PAPER_TIMING_NOTE + "\n")
     lines.append("### Table 6 layout: database creation (train split: extraction + upsert), seconds\n")
-    lines.append(markdown_table(t6))
+    lines.append("`threads`: torch CPU threads of the run (`—`: not recorded, torch's default). On a shared CPU "
+                 "the times depend on the load of the machine; compare them within one run.\n")
+    lines.append(markdown_table(t6, formats={"threads": lambda v: "—" if v is None or pd.isna(v) else str(int(v))}))
     lines.append("### Table 7 layout: test time = query extraction + search, seconds\n")
     lines.append("Query extraction is the test split's extraction + upsert (taken from the cell that extracted "
                  "the features when a twin replayed them); search is every query, batched, exact top-k; "

@@ -13,8 +13,9 @@ collection is exactly what its source file says it should be:
   :meth:`search.store.VectorStore._prepare`); all-zero vectors are counted and reported, not failed.
 
 Splits checked: ``train`` and ``test`` (the study's database and queries) and any other split
-that has points. The collection is read page by page (``1024`` points at a time), so memory stays
-bounded for any collection size.
+that has points. The collection is read page by page (at most 1,024 points and
+:data:`search.store.MAX_VALUES_PER_CALL` vector values at a time), so memory stays bounded for any
+collection size, 3D volumes included.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from ingest.base import CbmirError, DatasetSource
 from search.schema import SPLIT_CODES, split_and_index
-from search.store import VectorStore
+from search.store import MAX_VALUES_PER_CALL, VectorStore, rows_per_call
 
 #: Largest deviation of a stored cosine vector's L2 norm from 1 accepted (float32 rounding).
 NORM_TOLERANCE = 1e-3
@@ -78,7 +79,7 @@ class VerifyReport:
 
 
 def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
-                      splits: tuple[str, ...] | None = None, page: int = 1024) -> VerifyReport:
+                      splits: tuple[str, ...] | None = None, page: int | None = None) -> VerifyReport:
     """Check collection ``name`` of ``store`` against ``source`` (see the module docstring).
 
     Args:
@@ -87,7 +88,7 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         source: the dataset the collection was built from (e.g.
             :func:`ingest.medmnist_data.open_medmnist`); its labels are the reference.
         splits: splits to check; default ``train``, ``test`` and any other split with points.
-        page: points read per request.
+        page: points read per request (default :func:`search.store.rows_per_call` of the dim).
 
     Returns:
         :class:`VerifyReport`; never raises for a problem of the collection itself (a missing
@@ -110,6 +111,7 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
     if splits is None:
         splits = tuple(sp for sp in SPLIT_CODES if sp in ("train", "test") or store.count(name, sp) > 0)
     widths = {c: b - a for c, a, b in meta.layout}
+    page = int(page or rows_per_call(meta.dim, getattr(store, "max_values_per_call", MAX_VALUES_PER_CALL)))
     cosine = meta.distance == "cosine"
     for split in splits:
         n = int(source.split_size(split))

@@ -1,11 +1,11 @@
-"""3D volumes: slice-wise 2D features, as the study computed them (DESIGN.md §1, paper §2.3).
+"""3D volumes: slice-wise 2D features, as the study computed them (DESIGN.md §1; Mahbod et al. 2025).
 
 A MedMNIST 3D item is a uint8 volume ``(D, H, W)`` of side ``s`` (28 or 64), depth first. The
 study turns it into one vector with any 2D extractor:
 
 1. :func:`zoom_depth` - cubic spline zoom along depth only to ``t`` slices
    (``scipy.ndimage.zoom(volume, (t / D, 1, 1), order=3)``; identity when ``D == t``);
-2. :func:`resize_slices` - every depth slice resized to ``t x t`` (bicubic, PIL-equivalent,
+2. :func:`resize_slices` - every depth slice resized to ``t x t`` (bicubic, a = -0.5 as PIL,
    :func:`ingest.transforms.resize_batch`; identity when already ``t x t``);
 3. :func:`volumes_to_slices` - the ``B x t`` slices flattened, in slice order, to a channels-last
    batch, grayscale replicated to 3 channels (:func:`ingest.transforms.to_rgb`);
@@ -18,8 +18,10 @@ study turns it into one vector with any 2D extractor:
 
 ``t`` (:func:`slice_side`) is 32 when the extractor upsamples 28 px inputs to 32 px (the ImageNet
 CNNs: "28 -> 32", the smallest input they accept), else ``s`` (HOG, foundation models whose own
-preprocessing resizes to 224 px). Every step is uint8 in, uint8 out (rounded and clipped to
-0..255 exactly as ``scipy.ndimage.zoom`` / PIL do for uint8 arrays), so each can be tested alone.
+preprocessing resizes to 224 px). Every step is uint8 in, uint8 out, rounded and clipped to 0..255
+once per step (the zoom exactly as ``scipy.ndimage.zoom`` returns for a uint8 volume; the resize as
+PIL's float bicubic rounded - PIL's 8-bit path, which rounds between its two passes, is at most 1
+grey level away), so each step can be tested alone.
 
 Vectors above Qdrant's 65,535-dim limit are stored as several named chunks by the store
 (:func:`search.schema.chunk_layout`); search stays exact (see :mod:`search.store`).

@@ -90,8 +90,12 @@ class EdgeStore(VectorStore):
         if name in self._locks or fcntl is None:
             return
         path = self.lock_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+")
+        except OSError as exc:
+            raise CbmirError(f"cannot create the lock file {path} of the embedded store {self.root} "
+                             f"({type(exc).__name__}: {exc}); the store directory must be writable") from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

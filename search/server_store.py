@@ -50,8 +50,11 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 def _transient(exc: BaseException) -> tuple[bool, float | None, str]:
     """Classify a client error: ``(retry?, server-suggested delay in s or None, short description)``."""
     if ResourceExhaustedResponse is not None and isinstance(exc, ResourceExhaustedResponse):
-        after = getattr(exc, "retry_after_s", None)
-        return True, float(after) if after is not None else None, "HTTP 429 (rate limited)"
+        try:
+            after = float(getattr(exc, "retry_after_s", None))
+        except (TypeError, ValueError):  # absent, or an HTTP date: use our own backoff
+            after = None
+        return True, after, "HTTP 429 (rate limited)"
     if isinstance(exc, UnexpectedResponse):
         code = exc.status_code
         return code in RETRY_STATUSES, None, f"HTTP {code} {exc.reason_phrase}".strip()
@@ -85,6 +88,10 @@ class ServerStore(VectorStore):
     """
 
     engine = "qdrant-server"
+    #: A Qdrant server refuses POST bodies above ``service.max_request_size_mb`` (32 MB by default);
+    #: qdrant-client sends JSON, ~21 bytes per float32 value, so at most 512 Ki values (~11 MB) go in
+    #: one upsert or query batch (e.g. one 518,400-dim 64³ HOG volume, or 8 queries of a 64,800-dim chunk).
+    max_values_per_call = 1 << 19
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, location: str | None = None,
                  path: str | None = None, timeout: float = 60.0, retry_total_s: float = 120.0,

@@ -24,16 +24,16 @@ from search.schema import CollectionMeta, point_id, split_and_index
 
 #: Extra candidates fetched beyond k so that similarity ties at rank k are resolved exactly.
 TIE_MARGIN = 8
-#: Most vector values moved per engine call by :meth:`VectorStore.upsert` / :meth:`VectorStore.fetch`
-#: (engines exchange vectors as Python lists, ~32 bytes per value): 8 Mi values, so that a 64³ volume
-#: collection (HOG 518,400 dims, ResNet50 131,072 dims) moves 16 / 64 points per call instead of
-#: holding gigabytes of Python floats.
+#: Default for :attr:`VectorStore.max_values_per_call`: most vector values (points x dims, or
+#: queries x chunk dims) sent or fetched in one engine call. Engines exchange vectors as Python lists
+#: (~32 bytes per value in memory), so 8 Mi values keep a 64³ volume collection (HOG 518,400 dims,
+#: ResNet50 131,072 dims) at 16 / 64 points per call instead of gigabytes of Python floats.
 MAX_VALUES_PER_CALL = 1 << 23
 
 
-def rows_per_call(dim: int) -> int:
-    """Points per engine call for ``dim``-dimensional vectors (1..1024, :data:`MAX_VALUES_PER_CALL`)."""
-    return max(1, min(1024, MAX_VALUES_PER_CALL // max(1, int(dim))))
+def rows_per_call(dim: int, budget: int = MAX_VALUES_PER_CALL) -> int:
+    """Rows (points or queries) of ``dim`` values per engine call: ``budget // dim``, clipped to 1..1024."""
+    return max(1, min(1024, int(budget) // max(1, int(dim))))
 
 
 @dataclass
@@ -77,6 +77,9 @@ class VectorStore(ABC):
     """
 
     engine: str = "abstract"
+    #: Most vector values per engine call (upsert, query batch, scroll page); see
+    #: :data:`MAX_VALUES_PER_CALL`. A Qdrant server lowers it to stay under its request-size limit.
+    max_values_per_call: int = MAX_VALUES_PER_CALL
 
     # ---------------------------------------------------------------- engine primitives
     @abstractmethod
@@ -197,7 +200,7 @@ class VectorStore(ABC):
             raise CbmirError(f"upsert to {name!r}: {len(indices)} indices, {len(x)} vectors, "
                              f"{len(payloads)} payloads — lengths must match")
         ids = [point_id(split, i) for i in indices]
-        step = rows_per_call(meta.dim)
+        step = rows_per_call(meta.dim, self.max_values_per_call)
         for lo in range(0, len(ids), step):
             chunks = {c: x[lo:lo + step, a:b] for c, a, b in meta.layout}
             self._upsert(name, ids[lo:lo + step], chunks, payloads[lo:lo + step])
@@ -237,13 +240,21 @@ class VectorStore(ABC):
         vname = meta.layout[0][0]
         pad = max(len(e) for e in excl) if excl else 0
         limit = min(n_db, k + TIE_MARGIN + pad)
-        out = self._query(name, vname, q, limit, split)
+        out = self._query_rows(name, vname, q, limit, split)
         for i, res in enumerate(out):
             lim = limit
             while lim < n_db and len(res) >= lim and self._tie_at_boundary(res, k + len(excl[i]), lower_better):
                 lim = min(n_db, lim * 4)
                 res = self._query(name, vname, q[i:i + 1], lim, split)[0]
             out[i] = res
+        return out
+
+    def _query_rows(self, name, vector_name, queries, limit, split):
+        """:meth:`_query` in groups of at most :attr:`max_values_per_call` query values per call."""
+        step = rows_per_call(queries.shape[1], self.max_values_per_call)
+        out = []
+        for lo in range(0, len(queries), step):
+            out.extend(self._query(name, vector_name, queries[lo:lo + step], limit, split))
         return out
 
     @staticmethod
@@ -255,7 +266,7 @@ class VectorStore(ABC):
         # Exact: every chunk scores every database point; per-point scores are then combined.
         total: list[dict[int, float]] = [dict() for _ in range(len(q))]
         for vname, a, b in meta.layout:
-            res = self._query(name, vname, np.ascontiguousarray(q[:, a:b]), n_db, split)
+            res = self._query_rows(name, vname, np.ascontiguousarray(q[:, a:b]), n_db, split)
             for i, r in enumerate(res):
                 acc = total[i]
                 for pid, sc in r:
@@ -288,7 +299,7 @@ class VectorStore(ABC):
         ids_all: list[int] = []
         vecs: list[np.ndarray] = []
         pays: list[dict] = []
-        page = rows_per_call(meta.dim) if with_vectors else 1024
+        page = rows_per_call(meta.dim, self.max_values_per_call) if with_vectors else 1024
         for ids, chunks, payloads in self._scroll(name, split, with_vectors, page):
             ids_all.extend(ids)
             pays.extend(payloads)

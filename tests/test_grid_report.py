@@ -38,9 +38,6 @@ from evaluation.report import (
 )
 from ingest.base import Batch, CbmirError
 
-DATA_DIR = Path(os.environ.get("CBMIR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist")
-needs_breast = pytest.mark.skipif(not (DATA_DIR / "breastmnist.npz").is_file(),
-                                  reason=f"breastmnist.npz not in {DATA_DIR}")
 
 
 def _paper_rows():
@@ -145,19 +142,27 @@ def test_timing_tables_split_test_time_and_use_the_extracting_twin():
 
 
 def test_published_only_report_reproduces_tables_3_and_4_and_the_disagreement(tmp_path):
-    out = build_report(None, tmp_path)
-    md = out.markdown.read_text()
-    t3 = out.tables["published Table 3"].set_index("Model")
-    t4 = out.tables["published Table 4"].set_index("Model")
-    assert t3.loc["VGG19", "ACC@5"] == pytest.approx(91.5158, abs=1e-3)
-    assert t3.loc["VGG19", "ACC@5 printed"] == 87.39
-    assert t3.loc["MedCLIP", "n rows"] == 23
-    assert t4.loc["CONCH", "ACC@1"] == pytest.approx(72.675, abs=1e-3)
+    """`cbmir report` with no results: the study's Tables 3 and 4 recomputed, and the one disagreement."""
+    from typer.testing import CliRunner
+
+    from cbmir.cli import app
+
+    res = CliRunner().invoke(app, ["report", "--output", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "report.md").read_text()
+    paper = _paper_rows()
+    vgg = [float(r["ACC@5"]) for k, r in paper.items() if k[2] == "VGG19" and k[0] not in
+           ("AdrenalMNIST3D", "SynapseMNIST3D")]
+    assert len(vgg) == 24 and f"{sum(vgg) / 24:.2f}" == "91.52"
+    # Table 3 (2D) row of VGG19 with the printed 87.39 beside the recomputed 91.52; MedCLIP over 23 rows
     assert "| VGG19 | 77.69 | 77.13 | 72.27 | 86.70 | 91.52 | 24 | 87.39 |" in md
+    assert "| MedCLIP | 75.96 | 76.18 | 69.77 | 85.69 | 90.68 | 23 | — |" in md
+    # Table 4 (3D)
+    assert "| CONCH | 78.86 | 75.02 | 72.67 | 91.09 | 94.49 | 4 |" in md
+    assert "| Table 3 | VGG19 | ACC@5 | 87.39 | 91.52 | -4.13 |" in md
     assert "printed **87.39**" in md and "average **91.52**" in md
-    dis = out.tables["disagreements"]
-    assert dis[["table", "model", "metric"]].values.tolist() == [["Table 3", "VGG19", "ACC@5"]]
-    assert len(out.figures) == 8 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.figures)
+    pngs = sorted((tmp_path / "figures").glob("*.png"))
+    assert len(pngs) == 8 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -187,15 +192,19 @@ def test_grid_config_from_yaml_toml_and_flags(tmp_path):
 
 # --------------------------------------------------------------------------- the grid, tiny real case
 @pytest.fixture(scope="module")
-def tiny_grid(tmp_path_factory):
-    """BreastMNIST 28 px with an unknown model (fails) and HOG, cosine + Euclidean, per-query files."""
-    if not (DATA_DIR / "breastmnist.npz").is_file():
-        pytest.skip(f"breastmnist.npz not in {DATA_DIR}")
+def tiny_grid(tmp_path_factory, data_dir):
+    """``cbmir benchmark`` on BreastMNIST 28 px with an unknown model (fails) and HOG, cosine + Euclidean,
+    per-query files; run_cell calls are counted."""
+    from typer.testing import CliRunner
+
+    from cbmir.cli import app
+
     root = tmp_path_factory.mktemp("grid")
-    cfg = GridConfig(datasets=["breastmnist"], models=["no-such-model", "hog"], sizes=[28],
-                     distances=["cosine", "euclidean"], results=root / "results" / "results.csv",
-                     store_path=root / "store", data_dir=DATA_DIR, save_per_query=True, progress=False,
-                     latency_sample=5)
+    flags = dict(datasets="breastmnist", models="no-such-model,hog", sizes="28", distances="cosine,euclidean",
+                 results=root / "results" / "results.csv", store_path=root / "store", data_dir=data_dir)
+    args = ["benchmark", "--save-per-query", "--no-progress"]
+    for k, v in flags.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
     calls = []
     real = grid_mod.run_cell
 
@@ -203,13 +212,18 @@ def tiny_grid(tmp_path_factory):
         calls.append(cell.key)
         return real(cell, *a, **kw)
 
-    summary = run_grid(cfg, cell_runner=counting, echo=lambda s: None)
-    return cfg, summary, calls, root
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grid_mod, "run_cell", counting)
+        res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "4 cells: 2 ran, 2 failed, 0 skipped" in res.output
+    lists = {k: grid_mod.parse_list(flags[k]) for k in ("datasets", "models", "sizes", "distances")}
+    cfg = config_from_cli(None, save_per_query=True, progress=False, **{**flags, **lists})
+    return cfg, calls, root
 
 
-@needs_breast
 def test_grid_writes_rows_records_failure_and_goes_on(tiny_grid):
-    cfg, summary, calls, root = tiny_grid
+    cfg, calls, root = tiny_grid
     assert len(calls) == 4  # the failing cells did not stop the grid
     df = read_results(cfg.results)
     assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
@@ -242,9 +256,8 @@ def test_grid_writes_rows_records_failure_and_goes_on(tiny_grid):
         assert 100 * outcomes[m].mean() == pytest.approx(c[m])
 
 
-@needs_breast
 def test_second_run_skips_finished_cells_without_recomputing(tiny_grid):
-    cfg, _, _, _ = tiny_grid
+    cfg, _, _ = tiny_grid
     before = read_results(cfg.results)
     calls = []
 
@@ -261,14 +274,14 @@ def test_second_run_skips_finished_cells_without_recomputing(tiny_grid):
     summary = run_grid(cfg2, cell_runner=runner, echo=lambda s: None)
     assert calls == [] and len(summary.skipped) == 4
     after = read_results(cfg.results)
-    ok_b, ok_a = before[before.status == "ok"], after[after.status == "ok"]
-    assert ok_a[["finished_at", "database_creation_s", "search_s"]].equals(ok_b[["finished_at", "database_creation_s",
-                                                                                "search_s"]])
+    cols = ["distance", "finished_at", "database_creation_s", "search_s", "ACC@1"]
+    ok_b = before[before.status == "ok"][cols].sort_values("distance").reset_index(drop=True)
+    ok_a = after[after.status == "ok"][cols].sort_values("distance").reset_index(drop=True)
+    assert len(ok_a) == 2
+    pd.testing.assert_frame_equal(ok_a, ok_b)  # the finished rows were not recomputed
 
 
-@needs_breast
-def test_interrupted_cell_resumes_and_complete_collection_is_reused(tiny_grid, tmp_path):
-    cfg, _, _, root = tiny_grid
+def test_interrupted_cell_resumes_and_complete_collection_is_reused(data_dir, tmp_path):
     from ingest.extractors import create_extractor
     from ingest.embedder import make_embedder
     from ingest.job import ingest
@@ -276,7 +289,7 @@ def test_interrupted_cell_resumes_and_complete_collection_is_reused(tiny_grid, t
     from search.store import open_store
 
     store_path = tmp_path / "store"
-    source = open_medmnist("breastmnist", 28, DATA_DIR)
+    source = open_medmnist("breastmnist", 28, data_dir)
 
     class Interrupting:
         """Stops after two batches of the train split, like a kill mid-ingest."""
@@ -297,10 +310,10 @@ def test_interrupted_cell_resumes_and_complete_collection_is_reused(tiny_grid, t
     with open_store(store_path=store_path) as store, pytest.raises(KeyboardInterrupt):
         ingest(Interrupting(source), emb, store, batch_size=64, collection="breastmnist_28_hog", progress=False)
     cfg3 = GridConfig(datasets=["breastmnist"], models=["hog"], sizes=[28], results=tmp_path / "r" / "results.csv",
-                      store_path=store_path, data_dir=DATA_DIR, progress=False, latency_sample=3)
+                      store_path=store_path, data_dir=data_dir, progress=False, latency_sample=3)
     run_grid(cfg3, echo=lambda s: None)
     row = read_results(cfg3.results).iloc[0]
-    assert row["status"] == "ok" and "train: resumed at row 128" in row["timing_note"]
+    assert row["status"] == "ok" and "train: resumed with 128 of 546 rows stored" in row["timing_note"]
     assert round(row["ACC@1"], 2) == 80.13
     # a new results table over the same store: the complete collection is reused, timings from the log
     cfg4 = GridConfig(**{**cfg3.__dict__, "results": tmp_path / "r" / "results2.csv"})
@@ -311,9 +324,8 @@ def test_interrupted_cell_resumes_and_complete_collection_is_reused(tiny_grid, t
     assert round(row4["ACC@1"], 2) == 80.13
 
 
-@needs_breast
 def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_path):
-    cfg, _, _, root = tiny_grid
+    cfg, _, _ = tiny_grid
     out = build_report(cfg.results, tmp_path / "rep", n_boot=300, tsne_max_points=150)
     md = out.markdown.read_text()
     for heading in ("Table S1 layout: 28 px", "Table 3 layout (2D), cosine", "Table 3: average over the 2D",

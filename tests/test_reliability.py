@@ -465,9 +465,9 @@ def test_sigkill_mid_ingest_then_rerun_completes_exactly(tmp_path, data_dir, cle
     payloads equal a clean run's."""
     from search.edge_store import EdgeStore
 
-    store = tmp_path / "store"
+    store, bs = tmp_path / "store", 2
     args = _cli_cmd("ingest", "-d", FLAG, "-s", SIZE, "-m", "hog", "--data-dir", data_dir,
-                    "--store-path", store, "--batch-size", 2)
+                    "--store-path", store, "--batch-size", bs)
     p = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         seen = _wait_progress(p, "train", N_TRAIN, at_least=60, timeout=240)
@@ -477,7 +477,9 @@ def test_sigkill_mid_ingest_then_rerun_completes_exactly(tmp_path, data_dir, cle
     assert p.returncode == -signal.SIGKILL
     with EdgeStore(store) as s:  # WAL recovery after SIGKILL; the dead holder's lock is gone
         after_kill = s.count(NAME, "train")
-        assert seen <= after_kill < N_TRAIN, (seen, after_kill)
+        # progress counts batches handed to the background writer: at most 2 batches (one upserting,
+        # one queued) may not have been acknowledged when it was printed
+        assert seen - 2 * bs <= after_kill < N_TRAIN, (seen, after_kill)
         assert s.count(NAME, "test") == 0
     r = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -492,6 +494,23 @@ def test_sigkill_mid_ingest_then_rerun_completes_exactly(tmp_path, data_dir, cle
             cidx, cvec, cpay = c.fetch(NAME, split)
             np.testing.assert_array_equal(vec, cvec)
             assert pay == cpay
+
+
+def test_collection_interrupted_while_being_created_is_recreated(tmp_path):
+    """A kill between shard creation and meta.json (or during a delete) leaves a shard without
+    metadata: the collection reads as absent and the next create replaces the leftover."""
+    from search.edge_store import EdgeStore
+    from search.schema import CollectionMeta
+
+    meta = CollectionMeta(dataset=FLAG, size=SIZE, model="hog", backend="numpy", dim=4)
+    with EdgeStore(tmp_path) as s:
+        s.ensure_collection(NAME, meta)
+        s.upsert(NAME, "train", [0], np.ones((1, 4), np.float32), [{"split": "train", "label": 0}])
+    (tmp_path / NAME / "meta.json").unlink()
+    with EdgeStore(tmp_path) as s:
+        assert s.read_meta(NAME) is None and NAME not in s.list_collections()
+        s.ensure_collection(NAME, meta)
+        assert s.count(NAME) == 0
 
 
 # ============================================================================ 5. second process, same store
@@ -563,11 +582,17 @@ def test_server_always_failing_gives_clear_error_in_bounded_time():
 
 
 def test_server_unreachable_cli_clear_error_bounded_time(tmp_path, monkeypatch):
+    from cbmir.settings import get_settings
+    from search.store import open_store
+
     url = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("CBMIR_QDRANT_RETRY_S", "1.5")
+    store = open_store(get_settings(qdrant_url=url))  # the retry budget comes from the environment
     t0 = time.monotonic()
+    with pytest.raises(CbmirError, match="unreachable"):
+        store.count(NAME)
+    assert time.monotonic() - t0 < 1.5 + 1.0 and store.retries >= 1  # within the budget (+ one connect)
     code, out, err = run_main("evaluate", "-d", FLAG, "-m", "hog", "--qdrant-url", url)
-    assert time.monotonic() - t0 < 15
     assert code == 2 and "Traceback" not in err
     (line,) = _error_lines(err)
     assert url in line and "unreachable" in line and "ConnectError" in line
@@ -752,6 +777,7 @@ def test_decompression_bomb_refused_by_search_cli(tmp_path, clean_store):
 KEY = "s3cr3t-Key-that-must-not-leak"
 
 
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")  # qdrant-client's own advice
 def test_api_key_from_env_is_secret_and_401_is_clear(tmp_path, monkeypatch, caplog):
     from cbmir.settings import get_settings
     from search.store import open_store
@@ -763,13 +789,15 @@ def test_api_key_from_env_is_secret_and_401_is_clear(tmp_path, monkeypatch, capl
         s = get_settings()
         assert s.qdrant_url == fake.url and s.qdrant_api_key.get_secret_value() == KEY
         assert KEY not in repr(s) and KEY not in str(s) and KEY not in s.model_dump_json()
+        caplog.set_level(logging.DEBUG)
         store = open_store(s)
         assert KEY not in repr(store)
-        store.close()
-        caplog.set_level(logging.DEBUG)
         t0 = time.monotonic()
+        with pytest.raises(CbmirError, match="HTTP 401"):
+            store.read_meta(NAME)
+        assert time.monotonic() - t0 < 5 and len(fake.requests) == 1  # 401 is not retried
+        store.close()
         code, out, err = run_main("evaluate", "-d", FLAG, "-m", "hog")
-        assert time.monotonic() - t0 < 10  # 401 is not retried
         assert code == 2
         (line,) = _error_lines(err)
         assert "HTTP 401" in line and "API key is missing or wrong" in line and fake.url in line

@@ -223,13 +223,15 @@ def test_131072_dim_search_equals_brute_force(engine, distance, tmp_path):
     from search.edge_store import EdgeStore
     from search.server_store import ServerStore
 
-    dim, n, nq, k = 131_072, 48, 6, 5
-    base = rng.standard_normal(dim).astype(np.float32)
-    db = (base + rng.standard_normal((n, dim))) * rng.uniform(0.2, 5.0, (n, 1))
-    db = db.astype(np.float32)
-    q = (base + rng.standard_normal((nq, dim))).astype(np.float32)
+    dim, n, nq, k = 131_072, 40, 5, 5
     meta = CollectionMeta(dataset="syn3d", size=64, model="m", backend="numpy", dim=dim, distance=distance,
                           is_3d=True, aggregation="concat")
+    base = rng.standard_normal(dim).astype(np.float32)
+    db = base + rng.standard_normal((n, dim))
+    for _, a, b in meta.layout:  # each chunk its own scale per point: chunks alone rank differently
+        db[:, a:b] *= rng.uniform(0.2, 3.0, (n, 1))
+    db = db.astype(np.float32)
+    q = (base + rng.standard_normal((nq, dim))).astype(np.float32)
     assert len(meta.layout) == 3 and all(b - a <= MAX_VECTOR_DIM for _, a, b in meta.layout)
     store = EdgeStore(tmp_path / "store") if engine == "edge" else ServerStore(location=":memory:")
     try:
@@ -254,6 +256,43 @@ def test_131072_dim_search_equals_brute_force(engine, distance, tmp_path):
             np.testing.assert_array_equal(store.search("syn3d_64_m", q, k).indices, ref_idx)
     finally:
         store.close()
+
+
+def test_server_requests_stay_under_qdrant_request_size_limit():
+    """A Qdrant server refuses POST bodies above 32 MB (``service.max_request_size_mb``); upserts and
+    query batches of 131,072-dim vectors are split so that each JSON request stays well below it."""
+    from qdrant_client import models
+
+    from search.server_store import ServerStore
+
+    dim, n, nq = 131_072, 12, 30
+    db = rng.standard_normal((n, dim)).astype(np.float32)
+    q = rng.standard_normal((nq, dim)).astype(np.float32)
+    store = ServerStore(location=":memory:")
+    sizes = {"upsert": [], "query": []}
+    up, qb = store.client.upsert, store.client.query_batch_points
+
+    def upsert(name, points, **kw):
+        sizes["upsert"].append(len(models.PointsList(points=points).model_dump_json()))
+        return up(name, points=points, **kw)
+
+    def query_batch_points(name, requests, **kw):
+        sizes["query"].append(len(models.QueryRequestBatch(searches=requests).model_dump_json()))
+        return qb(name, requests=requests, **kw)
+
+    store.client.upsert, store.client.query_batch_points = upsert, query_batch_points
+    try:
+        meta = CollectionMeta(dataset="syn3d", size=64, model="m", backend="numpy", dim=dim, is_3d=True)
+        fill(store, "big", meta, db, q[:1])
+        res = store.search("big", q, 3)  # one call: 30 queries x 3 chunks of 43,691 values
+        np.testing.assert_array_equal(res.indices, brute_force(q, db, 3)[0])
+    finally:
+        store.close()
+    limit = 32 * 1024 * 1024
+    assert len(sizes["upsert"]) >= 3 and max(sizes["upsert"]) < limit / 2, sizes["upsert"]
+    assert len(sizes["query"]) >= 6 and max(sizes["query"]) < limit / 2, sizes["query"]
+    # unsplit, the same data would not fit: 12 x 131,072 values as JSON > 32 MB
+    assert sum(sizes["upsert"]) > limit
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -289,12 +328,12 @@ def test_end_to_end_adrenal3d_hog_equals_brute_force(data_dir, tmp_path):
     from ingest.medmnist_data import open_medmnist
     from search.edge_store import EdgeStore
 
-    src = SubsetSource(open_medmnist("adrenalmnist3d", 28, data_dir), {"train": 240, "test": 60})
+    src = SubsetSource(open_medmnist("adrenalmnist3d", 28, data_dir), {"train": 120, "test": 40})
     emb = make_embedder(create_extractor("hog"), size=28, is_3d=True)
     with EdgeStore(tmp_path / "store") as store:
-        rep = ingest(src, emb, store, batch_size=50, progress=False)
+        rep = ingest(src, emb, store, batch_size=32, progress=False)
         assert rep.collection == "adrenalmnist3d_28_hog" and rep.meta.dim == 36_288 and rep.meta.is_3d
-        assert rep.extra["slices"] == {"train": 240 * 28, "test": 60 * 28}
+        assert rep.extra["slices"] == {"train": 120 * 28, "test": 40 * 28}
         assert rep.extra["slices_per_s"]["train"] > 0
         ev = evaluate_collection(store, rep.collection, k=5, progress=False, latency_sample=3)
         _, db, db_pay = store.fetch(rep.collection, "train")

@@ -163,7 +163,7 @@ class ImagePreprocess:
                 im = im.resize((new_w, new_h), self._resample())
         if self.crop:
             im = _center_crop(im, self.crop)
-        out = np.asarray(im, dtype=np.uint8)
+        out = np.array(im, dtype=np.uint8)  # a writable copy
         return out[..., None] if out.ndim == 2 else out
 
     def geometric(self, images: np.ndarray) -> np.ndarray:
