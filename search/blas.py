@@ -112,6 +112,45 @@ def _merge(best, v: np.ndarray, c: np.ndarray, L: int):
     return np.take_along_axis(mv, p, axis=1), np.take_along_axis(mi, p, axis=1)
 
 
+def _merge_above(best_v: np.ndarray, best_i: np.ndarray, s: np.ndarray, offset: int) -> None:
+    """Merge the score block ``s`` ``(b, n)`` into the running top-``L`` ``(best_v, best_i)`` (in place).
+
+    Only elements above each row's current ``L``-th best can enter, and those are found through the
+    group maxima (one pass over ``s``): with a running threshold, after the first blocks only a
+    handful of groups per row pass, so this costs little more than reading the block once.
+    """
+    b, n = s.shape
+    L = best_v.shape[1]
+    g = _GROUP
+    ng = n // g
+    t = best_v.min(axis=1)
+    if ng == 0 or n % g:
+        rows, cols = np.nonzero(s > t[:, None])
+    else:
+        gmax = np.maximum.reduce(s.reshape(b, g, ng), axis=1)
+        rows, grp = np.nonzero(gmax > t[:, None])
+        if not len(rows):
+            return
+        cols = (grp[:, None] + ng * np.arange(g)).ravel()
+        rows = np.repeat(rows, g)
+        keep = s[rows, cols] > t[rows]
+        rows, cols = rows[keep], cols[keep]
+    if not len(rows):
+        return
+    vals = s[rows, cols]
+    hit = np.unique(rows)  # rows with new candidates: merge their L best with them
+    pos = np.searchsorted(hit, rows)
+    all_r = np.concatenate([np.repeat(np.arange(len(hit)), L), pos])
+    all_v = np.concatenate([best_v[hit].ravel(), vals])
+    all_i = np.concatenate([best_i[hit].ravel(), cols.astype(np.int64) + offset])
+    order = np.lexsort((-all_v, all_r))  # by row, best first
+    counts = np.bincount(all_r, minlength=len(hit))
+    first = np.cumsum(counts) - counts
+    take = order[(first[:, None] + np.arange(L)).ravel()].reshape(len(hit), L)
+    best_v[hit] = all_v[take]
+    best_i[hit] = all_i[take]
+
+
 def _candidates(q: np.ndarray, x: np.ndarray, x_half_sq: np.ndarray | None, L: int, dtype,
                 block_bytes: int, pool: ThreadPoolExecutor | None = None,
                 n_parts: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +190,11 @@ def _candidates(q: np.ndarray, x: np.ndarray, x_half_sq: np.ndarray | None, L: i
                 sj = s[a:b]
                 if hs is not None:
                     sj -= hs[na:na + nb]
-                v, c = _block_topl(sj, min(L, nb))
-                best[j] = _merge(best[j], v, c + na, L)
+                if best[j] is not None and best[j][0].shape[1] == L:
+                    _merge_above(best[j][0], best[j][1], sj, na)  # running threshold
+                else:
+                    v, c = _block_topl(sj, min(L, nb))
+                    best[j] = _merge(best[j], v, c + na, L)
 
             if pool is None or len(parts) == 1:
                 for j in range(len(parts)):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import importlib.resources
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -259,7 +259,8 @@ def fetch_pretrained(spec: ExtractorSpec) -> tuple[Path, str]:
     Raises:
         CbmirError: (from :func:`weights_error`) hub unreachable and nothing cached, access
             denied (gated repo: 401/403), or no candidate file in the repo. Offline it is raised
-            within ~2.5 s (TCP probe, then ``huggingface_hub`` offline mode, no retries).
+            within ~3 s (an HTTP probe of the hub, :func:`~ingest.extractors.weights.hub_reachable`,
+            then ``huggingface_hub`` offline mode: no retries).
     """
     from huggingface_hub import hf_hub_download
 

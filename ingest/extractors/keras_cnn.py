@@ -144,7 +144,7 @@ class KerasCNNExtractor:
         weights: local Keras weights file (``.weights.h5`` / ``.h5``) or None (``imagenet``).
         random_init: seeded random weights (tests / smoke runs only).
         device: ``auto`` (TensorFlow's default placement), ``cpu``, ``cuda`` / ``cuda:N`` (GPU N).
-        batch_size: images per ``predict_on_batch`` call.
+        batch_size: images per forward pass.
 
     Raises:
         CbmirError: TensorFlow missing; weights file missing / unreadable / not fitting;
@@ -218,6 +218,7 @@ class KerasCNNExtractor:
                         f"weights file with --weights PATH, or copy {weights_file} into "
                         f"{keras_cache_file(app).parent}."
                     ) from exc
+        self._fn = None
         out_dim = int(self.model.output_shape[-1])
         if out_dim != spec.dim:  # pragma: no cover - guards a Keras API change
             raise CbmirError(f"Keras {ctor} gives {out_dim} dims, expected {spec.dim}")
@@ -253,9 +254,25 @@ class KerasCNNExtractor:
         with self._tf.device(self.device_name) if self.device_name else _null():
             for lo in range(0, len(images), self.batch_size):
                 x = self.preprocess(images[lo: lo + self.batch_size])
-                y = self.model.predict_on_batch(x)
-                out[lo: lo + len(y)] = np.asarray(y, dtype=np.float32)
+                # full batches (the bulk of an ingest): one graph traced once for every input
+                # shape; a smaller remainder runs eagerly (tracing costs more than it saves)
+                fn = self._graph() if len(x) == self.batch_size else self._eager
+                out[lo: lo + len(x)] = np.asarray(fn(self._tf.constant(x)), dtype=np.float32)
         return out
+
+    def _eager(self, x):
+        return self.model(x, training=False).numpy()
+
+    def _graph(self):
+        """``model(x, training=False)`` as a ``tf.function`` with a fully dynamic input signature
+        (batch, height, width), traced once (Keras' ``predict_on_batch`` retraces per shape)."""
+        if self._fn is None:
+            tf = self._tf
+            model = self.model
+            self._fn = tf.function(lambda x: model(x, training=False),
+                                   input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+        fn = self._fn
+        return lambda x: fn(x).numpy()
 
     def identity(self, size: int | None = None) -> dict:
         """Identity recorded in collection metadata; ``backend`` is ``keras``."""
