@@ -14,7 +14,10 @@ Algorithm (exact, memory bounded by the block size, never ``queries x database``
    the group maxima are taken (one vectorised pass), the ``L`` best groups are selected with
    ``np.argpartition``, and only their ``L * g`` members are partitioned. Every element outside
    those groups is <= the ``L``-th best group maximum, so the union of the selected groups holds a
-   valid top-``L``. Block results are merged into a running ``(Q, L)`` top-``L``.
+   valid top-``L``. From the second block on, only the groups whose maximum beats the row's running
+   ``L``-th best are opened and merged into the running ``(Q, L)`` top-``L``, so a block costs little
+   more than one pass over it. The selection runs on one thread per CPU (row ranges; numpy releases
+   the GIL), between the sgemm calls, which use the BLAS library's own threads.
 2. **Completeness check.** float32 scores differ from the exact ones by at most ``e`` per pair
    (``e = 2 (gamma_D + 2u) * scale``, ``gamma_D = D u / (1 - D u)``, ``u = 2**-24``, scale from the
    vector norms: the classic worst-case bound of a length-``D`` float dot product, doubled). When
@@ -36,7 +39,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -247,7 +250,8 @@ def _complete(vals: np.ndarray, k: int, L: int, N: int, err) -> np.ndarray:
 
 def exact_topk(queries: np.ndarray, database: np.ndarray, k: int, *, distance: str = "cosine",
                normalised: bool = False, block_bytes: int = BLOCK_BYTES, margin: int = MARGIN,
-               threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               threads: int | None = None, database_norms: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` rows of ``database`` for every query by blocked sgemm (see module docstring).
 
     Args:
@@ -261,6 +265,9 @@ def exact_topk(queries: np.ndarray, database: np.ndarray, k: int, *, distance: s
             such blocks plus ``Q * (k + margin)`` candidates, independent of ``Q * N``.
         margin: extra float32 candidates per query (more are taken only for near-ties).
         threads: BLAS threads (threadpoolctl); None keeps the library's setting (all cores).
+        database_norms: float64 ``(N,)`` L2 norms of the (normalised) database rows, precomputed by
+            the caller (:class:`BlasIndex`); then the database is taken as checked (finite,
+            float32, C-contiguous) and is neither checked nor normalised again.
 
     Returns:
         ``(rows int64 (Q, k), scores float32 (Q, k))``: database row positions in rank order and
@@ -275,7 +282,8 @@ def exact_topk(queries: np.ndarray, database: np.ndarray, k: int, *, distance: s
     x = np.asarray(database)
     if x.ndim != 2:
         raise CbmirError(f"database vectors must have shape (N, D); got {x.shape}")
-    x = _as_matrix(x, x.shape[1], "database vectors")
+    if database_norms is None:
+        x = _as_matrix(x, x.shape[1], "database vectors")
     q = _as_matrix(queries, x.shape[1], "query vectors")
     N, D = x.shape
     if N == 0:
@@ -286,14 +294,14 @@ def exact_topk(queries: np.ndarray, database: np.ndarray, k: int, *, distance: s
     euclid = distance == "euclidean"
     if not euclid:
         q = _l2_normalise(q)
-        if not normalised:
+        if not normalised and database_norms is None:
             x = _l2_normalise(x)
     Q = len(q)
     out_rows = np.empty((Q, k), dtype=np.int64)
     out_scores = np.empty((Q, k), dtype=np.float32)
     if Q == 0:
         return out_rows, out_scores
-    xn = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    xn = database_norms if database_norms is not None else np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
     x_half_sq = 0.5 * xn * xn if euclid else None
     xmax = float(xn.max())
@@ -340,6 +348,7 @@ class BlasIndex:
         vectors: float32 ``(N, dim)`` stored vectors (cosine: L2-normalised as the store keeps them).
         payloads: one payload dict per database point.
         fetch_s: seconds spent reading them from the store.
+        norms: float64 ``(N,)`` L2 norm of each vector (computed once, with the finiteness check).
     """
 
     name: str
@@ -349,6 +358,14 @@ class BlasIndex:
     vectors: np.ndarray
     payloads: list
     fetch_s: float = 0.0
+    norms: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        v = np.asarray(self.vectors)
+        if v.ndim != 2:
+            raise CbmirError(f"database vectors must have shape (N, D); got {v.shape}")
+        self.vectors = _as_matrix(v, v.shape[1], f"stored vectors of {self.name!r}")
+        self.norms = np.sqrt(np.einsum("ij,ij->i", self.vectors, self.vectors, dtype=np.float64))
 
     @classmethod
     def from_store(cls, store: VectorStore, name: str, split: str = "train") -> "BlasIndex":
@@ -369,7 +386,7 @@ class BlasIndex:
         """Exact top-``k`` for float32 queries ``(Q, dim)``; same result layout and tie rule as
         :meth:`search.store.VectorStore.search` (keyword arguments go to :func:`exact_topk`)."""
         rows, scores = exact_topk(queries, self.vectors, k, distance=self.distance,
-                                  normalised=self.distance == "cosine", **kw)
+                                  normalised=self.distance == "cosine", database_norms=self.norms, **kw)
         indices = self.indices[rows]
         ids = (np.int64(point_id(self.split, 0)) | indices).astype(np.int64)
         return SearchResult(ids=ids, indices=indices, scores=scores)

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# torch/torchvision before anything imports TensorFlow: importing TensorFlow first makes the later
+# triton import (torchvision.ops -> torch._dynamo -> triton) segfault with torch 2.14 + TF 2.21.
+import torchvision.ops  # noqa: F401,E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CBMIR_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "medmnist"))
 

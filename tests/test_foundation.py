@@ -206,13 +206,15 @@ def test_random_init_is_deterministic_and_leaves_the_rng_alone(breast):
 
 # ----------------------------------------------------------------------------- weights round trips
 def _perturbed(ext) -> dict:
-    """The tower's state dict moved away from the seeded init (so loading really matters)."""
+    """The tower's state dict moved away from the seeded init, so that a load that silently did
+    nothing would show (every tensor up to 1 M values: norms, biases, embeddings, small
+    matrices; cheap even for ViT-L)."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for v in ext.model.state_dict().values():
-            if v.is_floating_point():
+            if v.is_floating_point() and v.numel() <= 1_000_000:
                 v.add_(torch.randn(v.shape, generator=g) * 0.01)
-    return {k: v.clone() for k, v in ext.model.state_dict().items()}
+    return dict(ext.model.state_dict())
 
 
 def _timm_swin_to_hf_legacy(sd: dict) -> dict:
@@ -294,6 +296,8 @@ def test_state_dict_round_trip_reproduces_features(name, breast, tmp_path):
     ident = loaded.identity()
     assert ident["weights"].startswith("sha256:") and ident["random_init"] is False
     del loaded
+    if name in ("uni", "conch"):  # uni: timm layout = own layout; conch: same prefix logic as biomedclip
+        return
     own = tmp_path / "sub" / "own.pt"  # the tower's own layout (a state dict saved from .model), as a file
     own.parent.mkdir()
     torch.save(sd, own)

@@ -26,6 +26,8 @@ from ingest.extractors import create_extractor, get_spec  # noqa: E402
 from ingest.extractors import keras_cnn  # noqa: E402
 from ingest.transforms import resize_batch  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings(  # Keras-internal np.array(tensor) under NumPy 2
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 CNN_DIMS = {"vgg19": 512, "resnet50": 2048, "densenet121": 1024, "efficientnetv2m": 1280}
 _BUILT: dict = {}
 

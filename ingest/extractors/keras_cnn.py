@@ -76,6 +76,10 @@ def import_tf():
     global _TF_READY
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    # torchvision (and the triton it pulls in) must be imported before TensorFlow: the other order
+    # segfaults with torch 2.14 + TF 2.21 in one process.
+    import torchvision.ops  # noqa: F401
+
     try:
         with _quiet_stderr():  # XLA / CUDA-stub lines printed before absl logging is set up
             import tensorflow as tf
