@@ -134,6 +134,7 @@ def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
 def _result_json(ev, rep, meta, t_ingest_total) -> dict:
     return {
         "collection": ev.collection, "engine": ev.engine, "distance": ev.distance, "k": ev.k,
+        "search_backend": getattr(ev, "search_backend", "store"),
         "dataset": meta.dataset, "size": meta.size, "model": meta.model, "backend": meta.backend,
         "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
         "family": "handcrafted baseline" if meta.model == "hog" else None,
@@ -154,7 +155,8 @@ def _result_json(ev, rep, meta, t_ingest_total) -> dict:
 def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
     tag = " [RANDOM-INIT]" if meta.random_init else (" [handcrafted baseline]" if meta.model == "hog" else "")
     _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database, "
-                   f"{ev.distance}, exact top-{ev.k} on {ev.engine}", ev.metrics,
+                   f"{ev.distance}, exact top-{ev.k} on {ev.engine}"
+                   + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""), ev.metrics,
                    f"  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
                    f"  search {ev.timings['search_s']:.2f} s, latency p50 {ev.timings['latency_p50_ms']:.2f} ms, "
                    f"p95 {ev.timings['latency_p95_ms']:.2f} ms")

@@ -65,6 +65,7 @@ __all__ = [
     "ci_table",
     "paired_table",
     "distance_table",
+    "tie_diagnostics",
     "plot_acc1_by_size",
     "tsne_figure",
     "markdown_table",
@@ -446,6 +447,33 @@ def ci_table(df: pd.DataFrame, results_dir: Path, n_boot: int = 2000, seed: int 
                                       "n", "value", "lo", "hi", "check"])
 
 
+def tie_diagnostics(df: pd.DataFrame, results_dir: Path, threshold: float = 10.0) -> pd.DataFrame:
+    """Rows whose retrieval is decided by ties: the percentage of queries whose k scores are all equal.
+
+    When a feature extractor collapses (e.g. random weights mapping most inputs to one vector), many
+    database points tie with the query and the tie rule (lower database index first) picks the top-k,
+    so the metrics describe the tie rule, not similarity. Equality is within 1e-6 (relative).
+
+    Returns:
+        Columns ``Dataset, size, Model, distance, tied top-k %`` for ok rows with a per-query file
+        where that percentage exceeds ``threshold``.
+    """
+    out = []
+    for r in _sort_rows(_ok(df)).to_dict("records"):
+        f = r.get("per_query_file")
+        if not isinstance(f, str) or not f or not _abs(f, results_dir).is_file():
+            continue
+        from evaluation.grid import load_per_query
+
+        sc = np.asarray(load_per_query(_abs(f, results_dir))["topk_scores"], dtype=np.float64)
+        tol = 1e-6 * np.maximum(1.0, np.abs(sc[:, :1]))
+        tied = 100.0 * float(np.mean(np.all(np.abs(sc - sc[:, :1]) <= tol, axis=1)))
+        if tied > threshold:
+            out.append({"Dataset": dataset_display_name(r["dataset"]), "size": int(r["size"]), "Model": r["label"],
+                        "distance": r["distance"], "tied top-k %": tied})
+    return pd.DataFrame(out, columns=["Dataset", "size", "Model", "distance", "tied top-k %"])
+
+
 def _holm(pvalues: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (Holm 1979), in the input order."""
     p = np.asarray(pvalues, dtype=float)
@@ -625,7 +653,7 @@ def plot_acc1_by_size(values: pd.DataFrame, path: Path, title: str, *, majority:
     models = sorted(values["Model"].unique(), key=_model_order)
     sizes = sorted(int(s) for s in values["size"].unique())
     width = 0.8 / max(1, len(sizes))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(models) + 2), 4.6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(models) + 2.5), 4.8))
     cmap = plt.get_cmap("viridis")
     x = np.arange(len(models))
     for j, s in enumerate(sizes):
@@ -927,6 +955,16 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
         lines.append(markdown_table(_sort_rows(prepare_results(ft))[["dataset", "size", "model", "backend",
                                                                      "distance", "random_init", "error"]]))
 
+    ties = tie_diagnostics(df, results_dir)
+    out.tables["ties"] = ties
+    if len(ties):
+        lines.append("### Warning: retrieval decided by ties (collapsed features)\n")
+        lines.append("For these rows, the listed share of queries has all top-k scores equal: the extractor maps "
+                     "many inputs to the same vector, so the top-k is chosen by the tie rule (lower database "
+                     "index first), not by similarity. Their metrics (often ACC@3/ACC@5 near 100%) are "
+                     "artifacts.\n")
+        lines.append(markdown_table(ties))
+
     # ------------------------------------------------------------------ baselines
     lines.append("## Baselines per dataset: majority class and weights-free features\n")
     lines.append("The majority-class rate is the ACC@1 of always answering the database's most frequent class "
@@ -1057,7 +1095,7 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
             lines.append("### Cosine vs Euclidean (the paper states cosine; its published code ranks by "
                          "Euclidean distance on unnormalised features)\n")
             lines.append("`identical top-k`: % of queries with the same top-k database rows in the same order. "
-                         "HOG vectors are L2-normalised by the extractor, so both distances rank them alike.\n")
+                         "2D HOG vectors are L2-normalised by the extractor, so both distances rank them alike; a 3D HOG vector is a concatenation of per-slice unit vectors (empty slices give zeros), so its norm varies and the rankings differ.\n")
             lines.append(markdown_table(dt, formats={"p McNemar": _fmt_p}, signed=["ΔACC@1"]))
 
     # ------------------------------------------------------------------ figures
@@ -1080,16 +1118,17 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
                     for r in pub[(pub["dataset"].str.lower() == str(d).lower()) & (pub["model"] == pm)].to_dict("records"):
                         paper_rows.append({"Model": lab, "size": int(r["size"]), "ACC@1": float(r["ACC@1"])})
             paper = pd.DataFrame(paper_rows, columns=["Model", "size", "ACC@1"])
-            paper = paper[paper["size"].isin(set(vals["size"]))]
+            have = set(zip(vals["Model"], vals["size"].astype(int)))
+            paper = paper[[(m, int(s)) in have for m, s in zip(paper["Model"], paper["size"])]]
             majority = {int(s): float(v) for s, v in zip(g["size"], g["majority_class_rate"]) if pd.notna(v)}
             name = dataset_display_name(d)
             num = fig_no.get(str(d).lower())
             title = (f"{name}: ACC@1 per model and image size, {dist}"
-                     + (f" (layout of the paper's Figure {num})" if num else ""))
+                     + (f"\n(layout of the paper's Figure {num})" if num else ""))
             path = plot_acc1_by_size(vals, fig_dir / f"acc1_{str(d).lower()}_{dist}.png", title,
                                      majority=majority, paper=paper)
             out.figures.append(path)
-            lines.append(f"**{title}.** Bars: ours (95% bootstrap CI); x: the paper's pretrained value; dashed: "
+            lines.append(f"**{title.replace(chr(10), ' ')}.** Bars: ours (95% bootstrap CI); x: the paper's pretrained value; dashed: "
                          f"majority-class rate.\n\n![{name} {dist}](figures/{path.name})\n")
     if tsne:
         res = _tsne_section(df, fig_dir, out, store_path=store_path, qdrant_url=qdrant_url,

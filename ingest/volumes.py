@@ -294,6 +294,8 @@ class VolumeEmbedder:
         """
         slices = self.preprocess(volumes)
         b = len(slices) // self.slices
+        if b == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
         feats = extract_slices(self.extractor, slices, self.slice_batch)
         if feats.shape[1] != self.slice_dim:
             raise CbmirError(f"extractor {self.extractor.spec.name!r} gave {feats.shape[1]}-dim slice "

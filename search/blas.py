@@ -26,8 +26,10 @@ Algorithm (exact, memory bounded by the block size, never ``queries x database``
    redone in float64 with ``4 L`` candidates, repeatedly, up to the whole database.
 3. **Exact ranking.** Candidates are re-scored in float64 from the float32 vectors (each product is
    exact; the sum is formed in the same order for every pair, so identical vectors get identical
-   scores) and ranked by score (cosine: descending; euclidean distance: ascending), ties broken by
-   the lower database index (DESIGN.md §2) — the store's rule.
+   scores; cosine: the dot product divided by both float64 norms, as a numpy brute force on the stored
+   vectors and the store's float64 re-ranking compute it) and ranked by score (cosine: descending;
+   euclidean distance: ascending), ties broken by the lower database index (DESIGN.md §2) — the
+   store's rule.
 
 Returned scores are float32: cosine similarity, or the Euclidean distance ``|q - x|`` (not
 squared), as the stores return them. Zero vectors under cosine score 0 against everything (the
@@ -330,6 +332,9 @@ def exact_topk(queries: np.ndarray, database: np.ndarray, k: int, *, distance: s
         if not len(qi):
             continue
         s = _exact_scores(q[qi], x, r, euclid)
+        if not euclid:  # cosine of the stored vectors, both re-normalised in float64 (as the store re-ranks)
+            den = qn[qi][:, None] * xn[r]
+            s = np.divide(s, den, out=np.zeros_like(s), where=den > 0)
         order = np.lexsort((r, -s), axis=-1)[:, :k]
         out_rows[qi] = np.take_along_axis(r, order, axis=1)
         best = np.take_along_axis(s, order, axis=1)

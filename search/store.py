@@ -31,6 +31,31 @@ TIE_MARGIN = 8
 MAX_VALUES_PER_CALL = 1 << 23
 
 
+#: Unit roundoff of float32 (engines score in float32).
+_U32 = 2.0 ** -24
+#: Most vector values :meth:`VectorStore._exact_rerank` keeps cached per store (1 GiB as float32).
+RERANK_CACHE_VALUES = 1 << 28
+
+
+def score_error_bound(dim: int, n_chunks: int = 1) -> float:
+    """Bound on ``|engine score - exact score|`` of one pair, relative to the vectors' scale.
+
+    A length-``d`` float32 dot product differs from the exact one by at most
+    ``gamma_d * sum|x_i y_i|`` with ``gamma_d = d u / (1 - d u)``, ``u = 2**-24`` (classic worst-case
+    rounding bound, any summation order). Each chunk is a separate dot product, so for chunks of at
+    most ``dim`` values the summed error is at most ``gamma_dim * sum over all i of |x_i y_i|``, and for
+    unit vectors ``sum|x_i y_i| <= 1``. ``n_chunks + 4`` more ``u`` cover the rounding of each chunk
+    score to float32, of their sum and of the engine's own re-normalisation. For Euclidean distances
+    the same bound applies to squared distances relative to ``(|q| + |x|)^2``.
+
+    Args:
+        dim: length of the longest chunk (``max(stop - start)`` over the layout).
+        n_chunks: number of chunks.
+    """
+    du = int(dim) * _U32
+    return du / (1.0 - du) + (int(n_chunks) + 4) * _U32
+
+
 def rows_per_call(dim: int, budget: int = MAX_VALUES_PER_CALL) -> int:
     """Rows (points or queries) of ``dim`` values per engine call: ``budget // dim``, clipped to 1..1024."""
     return max(1, min(1024, int(budget) // max(1, int(dim))))
@@ -80,6 +105,10 @@ class VectorStore(ABC):
     #: Most vector values per engine call (upsert, query batch, scroll page); see
     #: :data:`MAX_VALUES_PER_CALL`. A Qdrant server lowers it to stay under its request-size limit.
     max_values_per_call: int = MAX_VALUES_PER_CALL
+    #: Re-score near-ties in float64 (:meth:`_exact_rerank`): ``"auto"`` = for 3D collections and chunked
+    #: layouts (rankings then equal a float64 brute force exactly); ``True`` = always; ``False`` = never
+    #: (rankings equal brute force up to float32 rounding of near-tied scores).
+    exact_rerank: bool | str = "auto"
 
     # ---------------------------------------------------------------- engine primitives
     @abstractmethod
@@ -200,6 +229,7 @@ class VectorStore(ABC):
             raise CbmirError(f"upsert to {name!r}: {len(indices)} indices, {len(x)} vectors, "
                              f"{len(payloads)} payloads — lengths must match")
         ids = [point_id(split, i) for i in indices]
+        self._rerank_cache = None  # vectors change: drop the re-rank cache
         step = rows_per_call(meta.dim, self.max_values_per_call)
         for lo in range(0, len(ids), step):
             chunks = {c: x[lo:lo + step, a:b] for c, a, b in meta.layout}
@@ -234,6 +264,9 @@ class VectorStore(ABC):
             hits = self._search_single(name, meta, q, k, n_db, split, excl, lower_better)
         else:
             hits = self._search_chunked(name, meta, q, n_db, split, lower_better)
+        rerank = self.exact_rerank
+        if rerank is True or (rerank == "auto" and (meta.is_3d or len(meta.layout) > 1)):
+            hits = self._exact_rerank(name, meta, q, hits, k, n_db, split, excl, lower_better)
         return self._finish(hits, k, excl, lower_better)
 
     def _search_single(self, name, meta, q, k, n_db, split, excl, lower_better):
@@ -274,6 +307,86 @@ class VectorStore(ABC):
         if lower_better:
             return [[(pid, float(np.sqrt(s))) for pid, s in t.items()] for t in total]
         return [list(t.items()) for t in total]
+
+    def _exact_rerank(self, name, meta, q, hits, k, n_db, split, excl, lower_better):
+        """Make the top-``k`` exact: re-score in float64 the candidates the engine's float32 scores
+        cannot order with certainty.
+
+        Engine scores are within ``e`` (:func:`score_error_bound`) of the exact ones. Per query, the
+        *band* is every candidate whose engine score is within ``2e`` of the ``k``-th (for a single
+        chunk the engine is asked for more candidates until the band ends inside its answer; a
+        chunked search already scored every point). When the band holds exactly ``k`` points whose
+        engine scores are more than ``2e`` apart, the engine's order is provably exact and kept.
+        Otherwise the band's stored vectors are read back and scored in float64 as a numpy brute force
+        would (cosine: both vectors L2-normalised in float64, then the dot product; Euclidean:
+        ``sqrt(sum((q - x)^2))``); :meth:`_finish` then ranks them, ties by lower database index.
+        Vectors read back are cached per collection (up to :data:`RERANK_CACHE_VALUES` values; dropped
+        on any upsert through this store object or a change of the split's point count).
+        """
+        rho = score_error_bound(max(b - a for _, a, b in meta.layout), len(meta.layout))
+        q64 = q.astype(np.float64)
+        qnorm = np.linalg.norm(q64, axis=1)
+        out = list(hits)
+        need: dict[int, list[int]] = {}
+        for i, res in enumerate(hits):
+            res = [h for h in res if h[0] not in excl[i]]
+            while res:
+                res.sort(key=(lambda h: (h[1], h[0])) if lower_better else (lambda h: (-h[1], h[0])))
+                kk = min(k, len(res))
+                sc = np.asarray([h[1] for h in res], dtype=np.float64)
+                if lower_better:  # squared distances, error relative to (|q| + |x|)^2 <= (2|q| + d)^2
+                    d2, err = sc * sc, rho * (2 * qnorm[i] + sc) ** 2
+                    in_band = d2 - err <= d2[kk - 1] + err[kk - 1]
+                    sure = bool(np.all(d2[1:kk] - d2[:kk - 1] > err[1:kk] + err[:kk - 1]))
+                else:
+                    in_band = sc >= sc[kk - 1] - 2 * rho
+                    sure = bool(np.all(sc[:kk - 1] - sc[1:kk] > 2 * rho))
+                n_band = int(np.flatnonzero(in_band).max()) + 1
+                if n_band < len(res) or len(res) + len(excl[i]) >= n_db or len(meta.layout) > 1:
+                    break
+                lim = min(n_db, 4 * (len(res) + len(excl[i])))
+                res = [h for h in self._query(name, meta.layout[0][0], q[i:i + 1], lim, split)[0]
+                       if h[0] not in excl[i]]
+            out[i] = res
+            if res and not (sure and n_band == kk):
+                need[i] = [pid for pid, _ in res[:n_band]]
+        if not need:
+            return out
+        vecs = self._rerank_vectors(name, meta, split, sorted({p for ids in need.values() for p in ids}))
+        block = max(1, (1 << 24) // meta.dim)  # rows per float64 block (128 MB)
+        for i, ids in need.items():
+            qi = q64[i] / qnorm[i] if (qnorm[i] > 0 and not lower_better) else q64[i]
+            s = np.empty(len(ids))
+            for lo in range(0, len(ids), block):
+                x = np.stack([vecs[p] for p in ids[lo:lo + block]]).astype(np.float64)
+                # row-wise numpy sums (not BLAS): the same summation order for every row, so identical
+                # stored vectors get identical scores and tie (-> lower database index)
+                if lower_better:
+                    s[lo:lo + len(x)] = np.sqrt(((x - qi) ** 2).sum(axis=1))
+                else:
+                    xn = np.sqrt((x * x).sum(axis=1, keepdims=True))
+                    x = np.divide(x, xn, out=np.zeros_like(x), where=xn > 0)
+                    s[lo:lo + len(x)] = (x * qi).sum(axis=1) if qnorm[i] > 0 else 0.0
+            out[i] = [(pid, float(v)) for pid, v in zip(ids, s)]
+        return out
+
+    def _rerank_vectors(self, name, meta, split, ids) -> dict[int, np.ndarray]:
+        """Stored float32 vectors (chunks joined in layout order) of point ids, via a per-collection cache."""
+        key = (name, split, self.count(name, split))
+        cache = getattr(self, "_rerank_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, {})
+            self._rerank_cache = cache
+        store = cache[1]
+        missing = [p for p in ids if p not in store]
+        step = rows_per_call(meta.dim, self.max_values_per_call)
+        got: dict[int, np.ndarray] = {}
+        for lo in range(0, len(missing), step):
+            for pid, chunks, _ in self._retrieve(name, missing[lo:lo + step], True):
+                got[pid] = np.concatenate([np.asarray(chunks[c], dtype=np.float32) for c, _, _ in meta.layout])
+        if (len(store) + len(got)) * meta.dim <= RERANK_CACHE_VALUES:
+            store.update(got)
+        return {p: store[p] if p in store else got[p] for p in ids}
 
     @staticmethod
     def _finish(hits, k, excl, lower_better) -> SearchResult:

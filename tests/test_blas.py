@@ -13,9 +13,11 @@ def _naive(q: np.ndarray, x: np.ndarray, k: int, distance: str):
     """Brute force, one float64 score per (query, row), ranked by (score, row) - no BLAS."""
     q64, x64 = q.astype(np.float64), x.astype(np.float64)
     if distance == "cosine":
-        def unit(a):
+        def unit(a):  # float64 normalisation of float32-stored unit vectors (the store's layout)
             n = np.sqrt((a * a).sum(axis=1, keepdims=True))
-            return (a / np.where(n > 0, n, 1.0)).astype(np.float32).astype(np.float64)
+            a = (a / np.where(n > 0, n, 1.0)).astype(np.float32).astype(np.float64)
+            n = np.sqrt((a * a).sum(axis=1, keepdims=True))
+            return a / np.where(n > 0, n, 1.0)
         q64, x64 = unit(q64), unit(x64)
         s = (q64[:, None, :] * x64[None, :, :]).sum(axis=2)
     else:

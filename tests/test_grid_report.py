@@ -412,3 +412,19 @@ def test_euclidean_ranking_equals_numpy_brute_force_on_unnormalised_vectors(tmp_
     qn, dn = q / np.linalg.norm(q, axis=1, keepdims=True), db / np.linalg.norm(db, axis=1, keepdims=True)
     cos_top = np.argsort(-(qn @ dn.T), axis=1, kind="stable")[:, :5]
     assert not np.array_equal(cos_top[1:], idx[1:])
+
+
+def test_tie_diagnostics_flags_collapsed_features(tmp_path):
+    from evaluation.report import tie_diagnostics
+
+    scores = np.tile(np.array([0.9, 0.8, 0.7, 0.6, 0.5], dtype=np.float32), (10, 1))
+    scores[:6] = 1.0  # 6 of 10 queries: all five scores tie (collapsed features)
+    (tmp_path / "pq").mkdir()
+    np.savez(tmp_path / "pq" / "c.npz", query_indices=np.arange(10), query_labels=np.zeros(10, np.int64),
+             topk_indices=np.tile(np.arange(5), (10, 1)), topk_labels=np.zeros((10, 5), np.int64),
+             topk_scores=scores, k=np.int64(5))
+    row = _row("adrenalmnist3d", 28, "resnet50", 74.8, random_init=True, is_3d=True)
+    row["per_query_file"] = "pq/c.npz"
+    t = tie_diagnostics(prepare_results(pd.DataFrame([row])), tmp_path)
+    assert t[["Model", "tied top-k %"]].values.tolist() == [["ResNet50 RANDOM-INIT", 60.0]]
+    assert tie_diagnostics(prepare_results(pd.DataFrame([row])), tmp_path, threshold=70.0).empty

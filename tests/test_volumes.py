@@ -258,6 +258,35 @@ def test_131072_dim_search_equals_brute_force(engine, distance, tmp_path):
         store.close()
 
 
+@pytest.mark.parametrize("engine", ["edge", "client"])
+def test_near_ties_below_float32_resolution_are_ranked_exactly(engine, tmp_path):
+    """Random-init CNN volumes give nearly identical vectors (cosines 1 - 1e-8 apart, many exact
+    duplicates): the engines' float32 scores cannot order them, the float64 re-rank must."""
+    from search.edge_store import EdgeStore
+    from search.server_store import ServerStore
+
+    dim, n, k = 70_000, 30, 8
+    base = rng.standard_normal(dim)
+    db = base + rng.standard_normal((n, dim)) * rng.uniform(1e-5, 1e-4, (n, 1))
+    db[[3, 11, 17]] = db[20]  # exact duplicates: tie -> lower index
+    db = db.astype(np.float32)
+    q = (base + rng.standard_normal((4, dim)) * 1e-5).astype(np.float32)
+    q[3] = db[20]
+    meta = CollectionMeta(dataset="syn3d", size=28, model="m", backend="numpy", dim=dim, is_3d=True)
+    store = EdgeStore(tmp_path / "store") if engine == "edge" else ServerStore(location=":memory:")
+    try:
+        fill(store, "near", meta, db, q)
+        ref_idx, ref_s = brute_force(q, db, k)
+        assert np.ptp(ref_s) < 1e-6  # all within float32 resolution of each other
+        res = store.search("near", q, k)
+        np.testing.assert_array_equal(res.indices, ref_idx)
+        assert list(res.indices[3][:4]) == [3, 11, 17, 20]
+        store.exact_rerank = False  # the engines alone: float32 order (the test can fail)
+        assert not (store.search("near", q, k).indices == ref_idx).all()
+    finally:
+        store.close()
+
+
 def test_server_requests_stay_under_qdrant_request_size_limit():
     """A Qdrant server refuses POST bodies above 32 MB (``service.max_request_size_mb``); upserts and
     query batches of 131,072-dim vectors are split so that each JSON request stays well below it."""

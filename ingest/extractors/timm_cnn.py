@@ -119,8 +119,12 @@ class TimmCNNExtractor:
 
     def __init__(self, spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
                  batch_size=64) -> None:
-        import timm
         import torch
+
+        hub_path = None
+        if weights is None and not random_init:  # fail fast offline, before the slow timm import
+            hub_path = fetch_hub_file(f"timm/{spec.options['timm_name']}", spec.name)
+        import timm
 
         self.spec = spec
         self.batch_size = int(batch_size)
@@ -142,7 +146,7 @@ class TimmCNNExtractor:
             self.weights_id = RANDOM_INIT
         else:
             hub_id = f"timm/{timm_name}"
-            sd = load_state_dict_file(fetch_hub_file(hub_id, spec.name))
+            sd = load_state_dict_file(hub_path)
             # timm loads this in-memory state dict (with its checkpoint filter): no network.
             model = timm.create_model(
                 timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}
