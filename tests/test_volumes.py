@@ -89,6 +89,15 @@ def test_zoom_depth_equals_scipy_cubic_zoom_on_uint8():
     assert zoom_depth(vols, 28) is vols
 
 
+def test_zoom_depth_equals_scipy_on_real_adrenal_volumes(data_dir):
+    """The matrix form of the depth zoom gives scipy's uint8 output voxel for voxel on real data."""
+    z = np.load(data_dir / "adrenalmnist3d.npz")
+    vols = np.concatenate([z["train_images"][:48], z["test_images"][:16]])
+    out = zoom_depth(vols, 32)
+    ref = np.stack([ndimage.zoom(v, (32 / 28, 1, 1), order=3) for v in vols])
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_preprocessing_matches_independent_scipy_zoom_and_pil_bicubic():
     """Reference: scipy cubic zoom along depth (uint8), then PIL bicubic per slice.
 
@@ -154,7 +163,13 @@ def test_hog_concat_equals_per_slice_hog(data_dir):
     emb = make_embedder(create_extractor("hog"), size=28, is_3d=True)
     assert (emb.slices, emb.slice_dim, emb.dim) == (28, 1296, 36_288)
     v = emb.embed(vols)
-    per = np.stack([np.concatenate([emb.extractor.extract(np.repeat(vols[i, j][None, ..., None], 3, -1))[0]
+    # independent: skimage's raw HOG of each depth slice (no per-slice L2 normalisation, as the study
+    # concatenated it; normalising each slice gives AdrenalMNIST3D 28 ACC@1 69.13 instead of 71.14)
+    from skimage.feature import hog
+
+    from ingest.extractors.hog import HOG_PARAMS
+
+    per = np.stack([np.concatenate([hog(vols[i, j] / 255.0, feature_vector=True, **HOG_PARAMS)
                                     for j in range(28)]) for i in range(2)])
     np.testing.assert_allclose(v, per, rtol=0, atol=1e-6)
     assert not np.allclose(emb.embed(vols[:1, ::-1])[0], v[0])

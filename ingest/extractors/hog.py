@@ -61,11 +61,15 @@ class HogExtractor:
     channel mean instead); grayscale is divided by 255 (the same values, to float rounding, as
     either conversion of the replicated image). Each HOG vector is divided by its L2 norm; an
     all-zero vector (a constant image) stays all zero, so cosine similarity treats it as similar
-    to nothing (score 0).
+    to nothing (score 0). Setting :attr:`l2_normalize` to ``False`` returns skimage's raw HOG
+    vectors (what :func:`ingest.volumes.raw_slice_extractor` does for 3D slices).
 
     Raises:
         CbmirError: ``spec.options["gray"]`` not in :data:`GRAY_MODES`.
     """
+
+    #: Divide each HOG vector by its L2 norm (2D images); ``False`` for 3D slices.
+    l2_normalize: bool = True
 
     def __init__(self, spec: ExtractorSpec = HOG) -> None:
         self.spec = spec
@@ -81,7 +85,8 @@ class HogExtractor:
         return hog_dim(size, width, self.params)
 
     def extract(self, images: np.ndarray) -> np.ndarray:
-        """HOG of each image; float32 ``(B, dim)``, each row unit L2 norm (or all zero).
+        """HOG of each image; float32 ``(B, dim)``, each row unit L2 norm (or all zero) unless
+        :attr:`l2_normalize` is off (3D slices: skimage's raw HOG vector, as the study concatenated it).
 
         Raises:
             ValueError: not a uint8 batch of 1- or 3-channel images.
@@ -107,8 +112,9 @@ class HogExtractor:
             else:
                 gray = rgb2gray(images[i])
             out[i] = hog(gray, feature_vector=True, **self.params)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        np.divide(out, norms, out=out, where=norms > 0)
+        if self.l2_normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            np.divide(out, norms, out=out, where=norms > 0)
         return out
 
     def identity(self, size: int | None = None) -> dict:
