@@ -80,6 +80,13 @@ def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
 
 def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate, splits, aggregation,
                progress=True, arch: Optional[dict] = None):
+    from ingest.extractors import check_weights, get_spec
+
+    if backend == "torch" and "torch" not in get_spec(model).backends:
+        backend = None  # the default --backend does not apply to numpy-only models (hog)
+    # fail fast (seconds): weights are checked before torch / TensorFlow / medmnist are imported
+    # and before the dataset is opened; create_extractor loads them for real below
+    check_weights(model.lower(), weights=weights, random_init=random_init, backend=backend)
     from ingest.embedder import make_embedder
     from ingest.extractors import create_extractor
     from ingest.job import ingest
@@ -87,10 +94,6 @@ def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
     from search.store import open_store
 
     source = open_source(dataset, size, data_dir=s.data_dir, download=True, **(arch or {}))
-    from ingest.extractors import get_spec
-
-    if backend == "torch" and "torch" not in get_spec(model).backends:
-        backend = None  # the default --backend does not apply to numpy-only models (hog)
     extractor = create_extractor(model.lower(), weights=weights, random_init=random_init, device=s.device,
                                  batch_size=s.batch_size, backend=backend)
     embedder = make_embedder(extractor, size=size, is_3d=source.is_3d, aggregation=aggregation)
@@ -149,6 +152,11 @@ def _result_json(ev, rep, meta, t_ingest_total) -> dict:
         },
         "reused_splits": rep.skipped if rep else None,
         "skipped_files": rep.extra.get("skipped_files") if rep else None,
+        # per-query results, for independent checks (benchmarks/check_bruteforce.py): test rows, their
+        # labels, and the top-k database rows / scores in rank order
+        "per_query": {"query_indices": ev.query_indices.tolist(), "query_labels": ev.query_labels.tolist(),
+                      "topk_indices": ev.topk_indices.tolist(),
+                      "topk_scores": [[float(x) for x in row] for row in ev.topk_scores]},
     }
 
 

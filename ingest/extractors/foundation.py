@@ -42,7 +42,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ingest.base import CbmirError, ExtractorSpec
-from ingest.extractors.registry import register, register_builder
+from ingest.extractors.registry import register, register_builder, register_weights_check
 from ingest.extractors.weights import (
     RANDOM_INIT,
     file_identity,
@@ -599,7 +599,22 @@ def _load(make, arch: Arch, opts: dict, sd: Mapping, source: str):
     return materialize(make, arch.convert(sd, opts, own), source)
 
 
+def check_foundation_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:
+    """Weights check of builder ``foundation`` (:func:`~ingest.extractors.registry.check_weights`):
+    ``--weights`` resolves to a checkpoint file, or :func:`fetch_pretrained` obtains the hub
+    checkpoint (download, HF cache; fast offline). No torch / timm / open_clip import.
+
+    Raises:
+        CbmirError: as :func:`resolve_weights_path` / :func:`fetch_pretrained`.
+    """
+    if weights is not None:
+        resolve_weights_path(spec, weights)
+    else:
+        fetch_pretrained(spec)
+
+
 register_builder("foundation", build_foundation, backend="torch")
+register_weights_check("foundation", check_foundation_weights, backend="torch")
 
 
 # ============================================================================ registry entries

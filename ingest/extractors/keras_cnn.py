@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.base import CbmirError, ExtractorSpec
-from ingest.extractors.registry import register_builder
+from ingest.extractors.registry import register_builder, register_weights_check
 from ingest.extractors.weights import RANDOM_INIT, file_identity, http_reachable
 
 MIN_SIDE = 32
@@ -140,6 +140,38 @@ def keras_cache_file(keras_app: str) -> Path:
     return Path(home) / "models" / KERAS_APPS[keras_app][2]
 
 
+def check_keras_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:
+    """Weights check of builder ``imagenet_cnn`` on keras (no TensorFlow import): the
+    ``--weights`` file exists, or Keras' ``imagenet`` notop file is in the Keras cache, or its
+    download host answers (:func:`~ingest.extractors.weights.http_reachable`, ~2 s at most).
+
+    Raises:
+        CbmirError: no Keras application for ``spec``, no such ``--weights`` file, or the
+            ImageNet weights neither cached nor downloadable (names the model, the file and
+            ``--weights PATH``).
+    """
+    app = spec.options.get("keras_app")
+    if app not in KERAS_APPS:
+        raise CbmirError(f"model {spec.name!r} has no Keras application")
+    weights_file = KERAS_APPS[app][2]
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CbmirError(f"--weights {path} for model {spec.name!r} (keras backend): no such file; "
+                             f"expected a Keras weights file (.weights.h5 or {weights_file})")
+        return
+    cached = keras_cache_file(app)
+    if not cached.is_file() and not http_reachable(KERAS_WEIGHTS_HOST):
+        raise CbmirError(
+            f"no pretrained weights for model {spec.name!r} (keras backend): Keras' ImageNet "
+            f"weights {weights_file} are not in the Keras cache ({cached.parent}) and "
+            f"{urllib.parse.urlsplit(KERAS_WEIGHTS_HOST).hostname} is not reachable from here. "
+            f"Fix: pass a local Keras weights file with --weights PATH ({weights_file} or a "
+            f".weights.h5 saved with model.save_weights), copy {weights_file} into "
+            f"{cached.parent}, or run once with network access. For smoke tests only: --random-init."
+        )
+
+
 class KerasCNNExtractor:
     """Keras application (``include_top=False, pooling='avg'``) features (an ``Extractor``).
 
@@ -168,24 +200,12 @@ class KerasCNNExtractor:
         self.device_name = _tf_device(device)
         keras_weights: str | None = None
         if weights is not None:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise CbmirError(f"--weights {path} for model {spec.name!r} (keras backend): no such file; "
-                                 f"expected a Keras weights file (.weights.h5 or {weights_file})")
-            self.weights_id = file_identity(path)
+            check_keras_weights(spec, weights=weights)
+            self.weights_id = file_identity(Path(weights).expanduser())
         elif random_init:
             self.weights_id = RANDOM_INIT
         else:
-            cached = keras_cache_file(app)
-            if not cached.is_file() and not http_reachable(KERAS_WEIGHTS_HOST):
-                raise CbmirError(
-                    f"no pretrained weights for model {spec.name!r} (keras backend): Keras' ImageNet "
-                    f"weights {weights_file} are not in the Keras cache ({cached.parent}) and "
-                    f"{urllib.parse.urlsplit(KERAS_WEIGHTS_HOST).hostname} is not reachable from here. "
-                    f"Fix: pass a local Keras weights file with --weights PATH ({weights_file} or a "
-                    f".weights.h5 saved with model.save_weights), copy {weights_file} into "
-                    f"{cached.parent}, or run once with network access. For smoke tests only: --random-init."
-                )
+            check_keras_weights(spec)
             keras_weights = "imagenet"
             self.weights_id = f"keras-applications:imagenet:{weights_file}"
 
@@ -326,3 +346,4 @@ def build_keras_cnn(spec: ExtractorSpec, *, weights=None, random_init=False, dev
 
 
 register_builder("imagenet_cnn", build_keras_cnn, backend="keras")
+register_weights_check("imagenet_cnn", check_keras_weights, backend="keras")

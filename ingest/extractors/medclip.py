@@ -50,7 +50,7 @@ from ingest.extractors.foundation import (
     resolve_weights_path,
     seeded,
 )
-from ingest.extractors.registry import register, register_builder
+from ingest.extractors.registry import register, register_builder, register_weights_check
 from ingest.extractors.weights import RANDOM_INIT, file_identity, load_state_dict_file
 
 IMG_MEAN = 0.5862785803043838
@@ -218,7 +218,6 @@ def build_medclip(spec: ExtractorSpec, *, weights=None, random_init=False, devic
         CbmirError: no weights given and none in :func:`default_dirs` (message: where to get
             them), unreadable / non-fitting checkpoint, bad device.
     """
-    from ingest.extractors.foundation import weights_error
     from ingest.extractors.timm_cnn import resolve_device
 
     resolve_device(device)
@@ -227,14 +226,30 @@ def build_medclip(spec: ExtractorSpec, *, weights=None, random_init=False, devic
     if random_init:
         model, wid = seeded(make), RANDOM_INIT
     else:
-        path = resolve_weights_path(spec, weights) if weights is not None else find_local_weights()
-        if path is None:
-            raise weights_error(spec, "no --weights given and no pytorch_model.bin in "
-                                + ", ".join(str(d) for d in default_dirs()))
+        path = medclip_weights_path(spec, weights)
         wid = file_identity(path)
         model = _load(make, arch, spec.options, load_state_dict_file(path), str(path))
     return FoundationExtractor(spec, model, preprocess_of(spec), wid, device=device,
                                batch_size=batch_size, architecture=arch.describe(spec.options))
 
 
+def medclip_weights_path(spec: ExtractorSpec, weights=None, **_ignored) -> Path:
+    """The MedCLIP checkpoint file: from ``--weights DIR|FILE``, else the first of
+    :func:`default_dirs` holding ``pytorch_model.bin``. Also the registered weights check of
+    builder ``medclip`` (no torch import).
+
+    Raises:
+        CbmirError: ``weights`` missing / without a checkpoint, or no weights given and none in
+            :func:`default_dirs` (the message says where to get them).
+    """
+    from ingest.extractors.foundation import weights_error
+
+    path = resolve_weights_path(spec, weights) if weights is not None else find_local_weights()
+    if path is None:
+        raise weights_error(spec, "no --weights given and no pytorch_model.bin in "
+                            + ", ".join(str(d) for d in default_dirs()))
+    return path
+
+
 register_builder("medclip", build_medclip, backend="torch")
+register_weights_check("medclip", medclip_weights_path, backend="torch")

@@ -7,7 +7,8 @@ factory and holds no model-specific code.
 
 Adding a model of an existing family = one ``register(ExtractorSpec(...))`` call. Adding a family
 or a backend = one module in ``ingest/extractors/`` that calls :func:`register_builder` (and
-:func:`register` for its entries) at import time. Every public module of the package is imported
+:func:`register` for its entries, :func:`register_weights_check` for a fast weights pre-check
+used by :func:`check_weights`) at import time. Every public module of the package is imported
 on first use of the registry, so new modules need no edit here; such modules must import heavy
 libraries (torch, open_clip, tensorflow) inside their builders, not at module level.
 """
@@ -24,8 +25,13 @@ from ingest.base import CbmirError, Extractor, ExtractorSpec
 Builder = Callable[..., Extractor]
 """``builder(spec, *, weights, random_init, device, batch_size, backend) -> Extractor``."""
 
+WeightsCheck = Callable[..., None]
+"""``check(spec, *, weights) -> None``: raise :class:`~ingest.base.CbmirError` when the weights
+cannot be obtained; must not import torch / TensorFlow (see :func:`check_weights`)."""
+
 _SPECS: dict[str, ExtractorSpec] = {}
 _BUILDERS: dict[tuple[str, str | None], Builder] = {}
+_WEIGHTS_CHECKS: dict[tuple[str, str | None], WeightsCheck] = {}
 _LOADED = False
 _LOAD_LOCK = threading.RLock()
 _SKIP_MODULES = {"registry"}
@@ -53,13 +59,32 @@ def register_builder(
     Raises:
         ValueError: a different function is already registered for ``(name, backend)``.
     """
+    return _register_fn(_BUILDERS, "builder", name, fn, backend, replace)
+
+
+def register_weights_check(
+    name: str, fn: WeightsCheck, *, backend: str | None = None, replace: bool = False
+) -> WeightsCheck:
+    """Add the weights pre-check of builder ``name`` for ``backend`` (``None``: any backend).
+
+    Raises:
+        ValueError: a different function is already registered for ``(name, backend)``.
+    """
+    return _register_fn(_WEIGHTS_CHECKS, "weights check", name, fn, backend, replace)
+
+
+def _register_fn(table: dict, what: str, name: str, fn, backend, replace: bool):
+    """Put ``fn`` in ``table`` under ``(name, backend)``; a re-import of the same function is fine.
+
+    Raises:
+        ValueError: a different function is already registered there (and not ``replace``).
+    """
     key = (name, backend)
-    old = _BUILDERS.get(key)
+    old = table.get(key)
     if old is not None and old is not fn and not replace:
-        same = getattr(old, "__qualname__", None) == getattr(fn, "__qualname__", None)
-        if not same:  # re-import of the same module is fine
-            raise ValueError(f"builder {name!r} (backend {backend}) is already registered")
-    _BUILDERS[key] = fn
+        if getattr(old, "__qualname__", None) != getattr(fn, "__qualname__", None):
+            raise ValueError(f"{what} {name!r} (backend {backend}) is already registered")
+    table[key] = fn
     return fn
 
 
@@ -113,6 +138,37 @@ def resolve_backend(spec: ExtractorSpec, backend: str | None) -> str:
             f"model {spec.name!r} has no backend {backend!r}; valid: {', '.join(spec.backends)}"
         )
     return backend
+
+
+def check_weights(
+    name: str,
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    backend: str | None = None,
+) -> None:
+    """Fail fast when the pretrained weights of model ``name`` cannot be obtained.
+
+    Runs the builder's registered weights check (local ``weights`` file or directory, the local
+    caches, or the hub / download host: downloaded when reachable, ``HF_TOKEN`` honoured for gated
+    repositories) without importing torch, timm, open_clip or TensorFlow and without building the
+    model, so a command can stop within seconds, before reading any dataset.
+    :func:`create_extractor` loads the weights for real afterwards. Nothing is checked with
+    ``random_init`` or for models without a registered check (weights-free ``hog``).
+
+    Raises:
+        CbmirError: unknown name or backend, both ``weights`` and ``random_init``, or weights
+            unobtainable (names the model, the licence / access step and ``--weights``).
+    """
+    spec = get_spec(name)
+    chosen = resolve_backend(spec, backend)
+    if weights is not None and random_init:
+        raise CbmirError(f"give either --weights or --random-init for {spec.name!r}, not both")
+    if random_init:
+        return
+    fn = _WEIGHTS_CHECKS.get((spec.builder, chosen)) or _WEIGHTS_CHECKS.get((spec.builder, None))
+    if fn is not None:
+        fn(spec, weights=weights)
 
 
 def create_extractor(
