@@ -113,3 +113,22 @@ class Extractor(Protocol):
     def extract(self, images: np.ndarray) -> np.ndarray: ...
 
     def identity(self) -> dict: ...
+
+
+def uint8_image_batch(images, name: str) -> np.ndarray:
+    """``images`` as a numpy uint8 ``(B, H, W, 1|3)`` batch, the input check of every extractor's
+    ``extract``: a ``(B, H, W)`` batch gets a channel axis; nothing is copied.
+
+    Args:
+        images: array-like batch of images.
+        name: the extractor (model name) named in the error message.
+
+    Raises:
+        ValueError: not a uint8 ``(B, H, W[, 1|3])`` batch.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"{name} expects uint8 (B, H, W, 1|3) images, got {images.dtype} {images.shape}")
+    return images

@@ -41,15 +41,19 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec
+from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
 from ingest.extractors.registry import register, register_builder, register_weights_check
 from ingest.extractors.weights import (
     RANDOM_INIT,
+    SEED,  # noqa: F401 - re-exported (documented here before it moved to weights)
+    check_state_dict,
     file_identity,
     hub_endpoint,
     hub_offline_requested,
     hub_reachable,
     load_state_dict_file,
+    model_identity,
+    seeded,
     set_hub_offline,
 )
 
@@ -57,9 +61,6 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SEED = 0
-"""Torch seed set (in a forked RNG) before constructing a random-init model: the same
-random-init features in every process, so a random-init collection can be queried later."""
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -121,7 +122,8 @@ class ImagePreprocess:
         if self.crop:
             geo += f"; center crop {self.crop}"
         return (f"{geo}; /255; mean={list(self.mean)} std={list(self.std)}"
-                + (" -> 3 channels" if self.pad_square else "") + (f" [{self.source}]" if self.source else ""))
+                + (" -> 3 channels" if self.pad_square else "")
+                + (f" [{self.source}]" if self.source else ""))
 
     # ------------------------------------------------------------------ geometric (PIL)
     def _resample(self):
@@ -328,36 +330,6 @@ def select_keys(sd: Mapping, prefix: str, own_keys) -> dict:
     return dict(sd)
 
 
-def check_state_dict(model, sd: Mapping, source: str) -> None:
-    """Raise a clear error unless ``sd`` has exactly ``model``'s keys and shapes.
-
-    Raises:
-        CbmirError: missing / unexpected keys or shape mismatches (first few listed).
-    """
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-            if items:
-                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                parts.append(f"{label}: {', '.join(items[:5])}{more}")
-        raise CbmirError(f"weights from {source} do not fit {type(model).__name__}: " + "; ".join(parts))
-
-
-def seeded(make: Callable[[], object]):
-    """``make()`` with the torch CPU RNG seeded to :data:`SEED` (in a forked RNG state, so the
-    caller's RNG is untouched): random-init weights identical in every process."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return make()
-
-
 def materialize(make: Callable[[], object], sd: Mapping, source: str):
     """Build a module with ``make()`` and load ``sd`` into it strictly.
 
@@ -449,12 +421,7 @@ class FoundationExtractor:
         """
         import torch
 
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-            raise ValueError(f"{self.spec.name} expects uint8 (B, H, W, 1|3) images, "
-                             f"got {images.dtype} {images.shape}")
+        images = uint8_image_batch(images, self.spec.name)
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         out = np.empty((len(images), self.spec.dim), dtype=np.float32)
@@ -469,13 +436,8 @@ class FoundationExtractor:
     def identity(self, size: int | None = None) -> dict:
         """Identity recorded in collection metadata (stable across devices and precisions)."""
         return {
-            "model": self.spec.name,
-            "family": self.spec.family,
-            "backend": "torch",
-            "architecture": self.architecture,
-            "dim": int(self.spec.dim),
-            "weights": self.weights_id,
-            "random_init": self.weights_id == RANDOM_INIT,
+            **model_identity(self.spec, backend="torch", architecture=self.architecture,
+                             weights_id=self.weights_id),
             "preprocessing": self.preprocess.describe(),
             "embedding": self.spec.options.get("embedding", ""),
         }
@@ -566,6 +528,27 @@ def build_foundation(spec: ExtractorSpec, *, weights=None, random_init=False, de
     Raises:
         CbmirError: bad device, weights unobtainable / unreadable / not fitting.
     """
+    def locate_weights():
+        if weights is not None:
+            path = resolve_weights_path(spec, weights)
+            return path, file_identity(path), str(path)
+        path, wid = fetch_pretrained(spec)
+        return path, wid, wid
+
+    return build_tower(spec, locate_weights, random_init=random_init, device=device,
+                       batch_size=batch_size)
+
+
+def build_tower(spec: ExtractorSpec, locate_weights: Callable[[], tuple], *, random_init=False,
+                device="auto", batch_size=64) -> FoundationExtractor:
+    """The body of the image-tower builders (``foundation``, ``medclip``): the device check, then
+    the checkpoint from ``locate_weights() -> (path, weights id, source for messages)`` (not
+    called for random init), then the tower (random init: :func:`seeded`; else the checkpoint
+    converted and loaded by :func:`_load`) with its published preprocessing.
+
+    Raises:
+        CbmirError: bad device, or as ``locate_weights`` / :func:`_load`.
+    """
     from ingest.extractors.timm_cnn import resolve_device
 
     resolve_device(device)
@@ -575,14 +558,8 @@ def build_foundation(spec: ExtractorSpec, *, weights=None, random_init=False, de
     if random_init:
         model, wid = seeded(make), RANDOM_INIT
     else:
-        if weights is not None:
-            path = resolve_weights_path(spec, weights)
-            wid, source = file_identity(path), str(path)
-        else:
-            path, wid = fetch_pretrained(spec)
-            source = wid
-        sd = load_state_dict_file(path)
-        model = _load(make, arch, opts, sd, source)
+        path, wid, source = locate_weights()
+        model = _load(make, arch, opts, load_state_dict_file(path), source)
     return FoundationExtractor(spec, model, preprocess_of(spec), wid, device=device,
                                batch_size=batch_size, architecture=arch.describe(opts))
 
@@ -676,7 +653,8 @@ OPENCLIP = register(ExtractorSpec(
                            _OPENAI_EVAL + ", pretrained cfg laion2b_s34b_b88k"),
         "embedding": "model.encode_image(image) (ViT-g/14 CLS -> proj 1408->1024), not normalised",
         "access": "",
-        "paper": "Cherti et al., Reproducible scaling laws for contrastive language-image learning, CVPR 2023",
+        "paper": ("Cherti et al., Reproducible scaling laws for contrastive language-image learning, "
+                  "CVPR 2023"),
     },
 ))
 
@@ -703,7 +681,8 @@ UNI = register(ExtractorSpec(
         "preprocess": _UNI_PRE,
         "embedding": "ViT-L/16 CLS token after the final norm (timm forward, num_classes=0)",
         "access": _gated("MahmoodLab/UNI", "UNI"),
-        "paper": "Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med 2024",
+        "paper": ("Chen et al., Towards a general-purpose foundation model for computational pathology, "
+                  "Nat Med 2024"),
     },
 ))
 
@@ -726,7 +705,8 @@ DINOV2 = register(ExtractorSpec(
         "hub_files": ("model.safetensors", "pytorch_model.bin"),
         "key_prefix": "",
         "preprocess": _pre(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD,
-                           "DINOv2 make_classification_eval_transform: Resize(256, bicubic) + CenterCrop(224)"),
+                           "DINOv2 make_classification_eval_transform: Resize(256, bicubic) "
+                           "+ CenterCrop(224)"),
         "embedding": "ViT-L/14 CLS token after the final norm (x_norm_clstoken; kNN/linear-eval feature)",
         "access": "",
         "paper": "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",

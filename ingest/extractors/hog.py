@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec
+from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
 from ingest.extractors.registry import register, register_builder
 
 HOG_PARAMS = {
@@ -94,13 +94,7 @@ class HogExtractor:
         from skimage.color import rgb2gray
         from skimage.feature import hog
 
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-            raise ValueError(
-                f"hog expects uint8 (B, H, W, 1|3) images, got {images.dtype} {images.shape}"
-            )
+        images = uint8_image_batch(images, "hog")
         b, h, w, c = images.shape
         self._last_hw = (h, w)
         out = np.zeros((b, self.dim_for(h, w)), dtype=np.float32)

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec
+from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
 from ingest.extractors.registry import register_builder, register_weights_check
-from ingest.extractors.weights import RANDOM_INIT, file_identity, http_reachable
+from ingest.extractors.weights import RANDOM_INIT, file_identity, http_reachable, model_identity
 
 MIN_SIDE = 32
 KERAS_WEIGHTS_HOST = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -268,12 +268,7 @@ class KerasCNNExtractor:
         Raises:
             ValueError: not a uint8 ``(B, H, W, 1|3)`` batch.
         """
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-            raise ValueError(f"{self.spec.name} expects uint8 (B, H, W, 1|3) images, "
-                             f"got {images.dtype} {images.shape}")
+        images = uint8_image_batch(images, self.spec.name)
         out = np.empty((len(images), self.spec.dim), dtype=np.float32)
         with self._tf.device(self.device_name) if self.device_name else _null():
             for lo in range(0, len(images), self.batch_size):
@@ -301,13 +296,8 @@ class KerasCNNExtractor:
     def identity(self, size: int | None = None) -> dict:
         """Identity recorded in collection metadata; ``backend`` is ``keras``."""
         return {
-            "model": self.spec.name,
-            "family": self.spec.family,
-            "backend": "keras",
-            "architecture": f"keras.applications.{self.app}(include_top=False, pooling='avg')",
-            "dim": int(self.spec.dim),
-            "weights": self.weights_id,
-            "random_init": self.weights_id == RANDOM_INIT,
+            **model_identity(self.spec, backend="keras", weights_id=self.weights_id,
+                             architecture=f"keras.applications.{self.app}(include_top=False, pooling='avg')"),
             "preprocessing": (f"own size; sides < {MIN_SIDE} px upsampled to {MIN_SIDE} (bicubic); "
                               f"gray -> RGB; {self._pre_desc}; last conv block + global average pooling"),
         }

@@ -44,14 +44,12 @@ from ingest.extractors.foundation import (
     ARCHS,
     Arch,
     FoundationExtractor,
-    _load,
     _pre,
-    preprocess_of,
+    build_tower,
     resolve_weights_path,
-    seeded,
 )
 from ingest.extractors.registry import register, register_builder, register_weights_check
-from ingest.extractors.weights import RANDOM_INIT, file_identity, load_state_dict_file
+from ingest.extractors.weights import file_identity
 
 IMG_MEAN = 0.5862785803043838
 IMG_STD = 0.27950088968644304
@@ -71,7 +69,8 @@ MEDCLIP = register(ExtractorSpec(
         "hub_files": ("pytorch_model.bin",),
         "preprocess": _pre(224, 224, "bicubic", (IMG_MEAN,), (IMG_STD,),
                            "MedCLIPFeatureExtractor (medclip 0.0.3 dataset.py)", pad_square=True),
-        "embedding": "MedCLIPModel.encode_image: Swin-T pooler_output -> Linear(768, 512, no bias) -> L2-normalised",
+        "embedding": ("MedCLIPModel.encode_image: Swin-T pooler_output -> Linear(768, 512, no bias) "
+                      "-> L2-normalised"),
         "access": (f"MedCLIP weights are not on the Hugging Face hub: download the MedCLIP-ViT zip "
                    f"whose URL is the content of {WEIGHTS_TXT}, unzip it to a directory DIR (it holds "
                    f"pytorch_model.bin) and pass --weights DIR, or unzip it to $CBMIR_MEDCLIP_DIR or "
@@ -154,7 +153,8 @@ def hf_swin_to_timm(sd: Mapping) -> dict:
 
     out, qkv, unknown = {}, {}, []
     for key, v in sd.items():
-        if key.endswith(("relative_position_index", "attn_mask")) or key.startswith(("pooler", "embeddings.mask_token")):
+        if (key.endswith(("relative_position_index", "attn_mask"))
+                or key.startswith(("pooler", "embeddings.mask_token"))):
             continue
         if key.startswith("embeddings.patch_embeddings.projection."):
             out["patch_embed.proj." + key.rsplit(".", 1)[1]] = v
@@ -218,19 +218,12 @@ def build_medclip(spec: ExtractorSpec, *, weights=None, random_init=False, devic
         CbmirError: no weights given and none in :func:`default_dirs` (message: where to get
             them), unreadable / non-fitting checkpoint, bad device.
     """
-    from ingest.extractors.timm_cnn import resolve_device
-
-    resolve_device(device)
-    arch = ARCHS[spec.options["arch"]]
-    make = lambda: arch.make(spec.options)  # noqa: E731
-    if random_init:
-        model, wid = seeded(make), RANDOM_INIT
-    else:
+    def locate_weights():
         path = medclip_weights_path(spec, weights)
-        wid = file_identity(path)
-        model = _load(make, arch, spec.options, load_state_dict_file(path), str(path))
-    return FoundationExtractor(spec, model, preprocess_of(spec), wid, device=device,
-                               batch_size=batch_size, architecture=arch.describe(spec.options))
+        return path, file_identity(path), str(path)
+
+    return build_tower(spec, locate_weights, random_init=random_init, device=device,
+                       batch_size=batch_size)
 
 
 def medclip_weights_path(spec: ExtractorSpec, weights=None, **_ignored) -> Path:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec
+from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
 from ingest.extractors.registry import register, register_builder, register_weights_check
 from ingest.extractors.weights import (
     RANDOM_INIT,
@@ -42,10 +42,13 @@ from ingest.extractors.weights import (
     file_identity,
     load_into_model,
     load_state_dict_file,
+    model_identity,
+    seeded,
 )
 
 MIN_SIDE = 32
-#: Inputs smaller than this side are packed into larger forward passes (:meth:`TimmCNNExtractor.forward_batch`).
+#: Inputs smaller than this side are packed into larger forward passes
+#: (:meth:`TimmCNNExtractor.forward_batch`).
 BATCH_REF_SIDE = 128
 _POLICY = (
     "own size; sides < 32 px (MedMNIST 28) upsampled to 32x32 bicubic; gray -> RGB; "
@@ -181,9 +184,7 @@ class TimmCNNExtractor:
             load_into_model(model, sd, source=str(weights), ignore=[p for p in ignore if p])
             self.weights_id = file_identity(weights)
         elif random_init:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = timm.create_model(timm_name, pretrained=False)
+            model = seeded(lambda: timm.create_model(timm_name, pretrained=False))
             restore_zero_init_norms(model)
             self._trim(model, drop)
             self.weights_id = RANDOM_INIT
@@ -272,14 +273,7 @@ class TimmCNNExtractor:
 
         from ingest.transforms import normalize, resize_batch, to_rgb
 
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-            raise ValueError(
-                f"{self.spec.name} expects uint8 (B, H, W, 1|3) images, "
-                f"got {images.dtype} {images.shape}"
-            )
+        images = uint8_image_batch(images, self.spec.name)
         h, w = images.shape[1:3]
         target = (max(h, MIN_SIDE), max(w, MIN_SIDE)) if min(h, w) < MIN_SIDE else None
         out = np.empty((len(images), self.spec.dim), dtype=np.float32)
@@ -306,13 +300,8 @@ class TimmCNNExtractor:
     def identity(self, size: int | None = None) -> dict:
         """Identity recorded in collection metadata (stable across devices and precisions)."""
         return {
-            "model": self.spec.name,
-            "family": self.spec.family,
-            "backend": "torch",
-            "architecture": f"timm:{self.spec.options['timm_name']}",
-            "dim": int(self.spec.dim),
-            "weights": self.weights_id,
-            "random_init": self.weights_id == RANDOM_INIT,
+            **model_identity(self.spec, backend="torch", weights_id=self.weights_id,
+                             architecture=f"timm:{self.spec.options['timm_name']}"),
             "preprocessing": (
                 f"{self.spec.input_policy}; mean={list(self.mean)} std={list(self.std)}; "
                 "last conv block + global average pooling"

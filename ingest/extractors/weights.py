@@ -7,8 +7,11 @@
 * :func:`load_state_dict_file` - a state dict from ``.safetensors`` or a torch pickle loaded
   with ``torch.load(weights_only=True)`` (no arbitrary code execution).
 * :func:`load_into_model` - strict loading that may ignore named sub-modules (classifier heads).
+* :func:`check_state_dict` - the key / shape check behind it (a clear error naming the mismatches).
 * :func:`sha256_file` - the identity of a local weights file (``sha256:<hex>``).
 * :func:`weights_unavailable_error` - the one message naming both ways to supply weights.
+* :func:`model_identity` - the common fields of an extractor's collection identity.
+* :func:`seeded` - a random-init model built under a fixed torch seed (:data:`SEED`).
 """
 
 from __future__ import annotations
@@ -19,15 +22,50 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from ingest.base import CbmirError
 
 RANDOM_INIT = "random-init"
 """Weights identity of randomly initialised models (tests and smoke runs only)."""
+SEED = 0
+"""Torch seed set (in a forked RNG) before constructing a random-init model: the same
+random-init features in every process, so a random-init collection can be queried later."""
 
 _TRUE = {"1", "true", "yes", "on"}
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def seeded(make: Callable[[], object]):
+    """``make()`` with the torch CPU RNG seeded to :data:`SEED` (in a forked RNG state, so the
+    caller's RNG is untouched): random-init weights identical in every process."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        return make()
+
+
+def model_identity(spec, *, backend: str, architecture: str, weights_id: str) -> dict:
+    """The leading fields of a neural extractor's ``identity()`` (collection metadata), in order:
+    ``model``, ``family``, ``backend``, ``architecture``, ``dim``, ``weights`` (``weights_id``) and
+    ``random_init`` (``weights_id`` is :data:`RANDOM_INIT`); callers add ``preprocessing`` etc.
+
+    Args:
+        spec: the extractor's :class:`~ingest.base.ExtractorSpec`.
+        backend: ``torch`` or ``keras``.
+        architecture: description of the network.
+        weights_id: ``hf-hub:<repo>``, ``sha256:<hex>``, ``random-init`` ...
+    """
+    return {
+        "model": spec.name,
+        "family": spec.family,
+        "backend": backend,
+        "architecture": architecture,
+        "dim": int(spec.dim),
+        "weights": weights_id,
+        "random_init": weights_id == RANDOM_INIT,
+    }
 
 
 # --------------------------------------------------------------------------- hub
@@ -225,12 +263,24 @@ def load_into_model(model, state_dict: Mapping, *, source: str, ignore: Iterable
     """
     prefixes = tuple(p.rstrip(".") + "." for p in ignore)
     wanted = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    check_state_dict(model, wanted, source, ignore=prefixes)
+    model.load_state_dict(wanted, strict=False)
+
+
+def check_state_dict(model, sd: Mapping, source: str, *, ignore: Iterable[str] = ()) -> None:
+    """Raise a clear error unless ``sd`` has exactly ``model``'s keys and shapes (model keys under
+    the ``ignore`` prefixes may be absent from ``sd``).
+
+    Raises:
+        CbmirError: missing / unexpected keys or shape mismatches (first few listed).
+    """
+    prefixes = tuple(p.rstrip(".") + "." for p in ignore)
     own = model.state_dict()
-    missing = [k for k in own if k not in wanted and not k.startswith(prefixes)]
-    unexpected = [k for k in wanted if k not in own]
+    missing = [k for k in own if k not in sd and not k.startswith(prefixes)]
+    unexpected = [k for k in sd if k not in own]
     shapes = [
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in wanted.items()
+        for k, v in sd.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
@@ -242,4 +292,3 @@ def load_into_model(model, state_dict: Mapping, *, source: str, ignore: Iterable
         raise CbmirError(
             f"weights from {source} do not fit {type(model).__name__}: " + "; ".join(parts)
         )
-    model.load_state_dict(wanted, strict=False)

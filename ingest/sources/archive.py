@@ -163,7 +163,8 @@ def scan_tree(root: Path, accept: Callable[[Path], bool], *, class_folders: bool
     if split_dirs:
         others = [d.name for d in top_dirs if d not in split_dirs.values()]
         if others:
-            raise CbmirError(f"{root}: has split folders ({', '.join(sorted(p.name for p in split_dirs.values()))}) "
+            raise CbmirError(f"{root}: has split folders "
+                             f"({', '.join(sorted(p.name for p in split_dirs.values()))}) "
                              f"and other folders ({', '.join(others[:10])}); put every class folder inside "
                              "train/ and test/ (or database/ and query/), or remove the split folders")
         for f in sorted(p for p in root.iterdir() if p.is_file() and _visible(p.name)):
@@ -178,18 +179,21 @@ def scan_tree(root: Path, accept: Callable[[Path], bool], *, class_folders: bool
     return layout
 
 
-def _scan_split(d: Path, root: Path, accept, layout: Layout, class_folders: bool) -> list[tuple[str, str | None]]:
+def _scan_split(d: Path, root: Path, accept, layout: Layout,
+                class_folders: bool) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     sub = sorted(p for p in d.iterdir() if p.is_dir() and _visible(p.name))
     if not class_folders or not sub:
         for f in _walk_files(d):
-            (out.append((rel_posix(f, root), None)) if accept(f) else layout.ignored.append(rel_posix(f, root)))
+            (out.append((rel_posix(f, root), None)) if accept(f)
+             else layout.ignored.append(rel_posix(f, root)))
         return sorted(out)
     for f in sorted(p for p in d.iterdir() if p.is_file() and _visible(p.name)):
         layout.ignored.append(f"{rel_posix(f, root)} (not in a class folder)")
     for c in sub:
         for f in _walk_files(c):
-            (out.append((rel_posix(f, root), c.name)) if accept(f) else layout.ignored.append(rel_posix(f, root)))
+            (out.append((rel_posix(f, root), c.name)) if accept(f)
+             else layout.ignored.append(rel_posix(f, root)))
     return sorted(out)
 
 
@@ -265,9 +269,10 @@ class ArchiveSource:
 
     kind = "archive"
 
-    def __init__(self, root: str | Path, size: int, *, name: str | None = None, rule: IntensityRule | None = None,
-                 strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_voxels: int = DEFAULT_MAX_VOXELS, fit: str = "stretch") -> None:
+    def __init__(self, root: str | Path, size: int, *, name: str | None = None,
+                 rule: IntensityRule | None = None, strict: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 fit: str = "stretch") -> None:
         self.root = Path(root).expanduser()
         if not self.root.exists():
             raise CbmirError(f"{self.root} does not exist")
@@ -296,6 +301,21 @@ class ArchiveSource:
         self._multi_frame = 0
 
     # ------------------------------------------------------------------ set-up helpers
+    def _set_scanned_items(self, accept: Callable[[Path], bool], class_folders: bool = True) -> None:
+        """Scan ``root`` with :func:`scan_tree` and set one item per accepted file: key and
+        ``source_path`` its path relative to the archive folder, label its class folder (ids by
+        :func:`label_map`, -1 when unlabelled); records the scan's ``ignored`` files and ``notes``."""
+        layout = scan_tree(self.root, accept, class_folders=class_folders)
+        base = self.root.parent if self.root.is_file() else self.root
+        classes = label_map(c for files in layout.files.values() for _, c in files)
+        items = {split: [Item(key=rel, source_path=rel, files=(base / rel,),
+                              label=classes.get(c, -1) if c is not None else -1, label_name=c)
+                         for rel, c in files]
+                 for split, files in layout.files.items()}
+        self.ignored = layout.ignored
+        self.notes += layout.notes
+        self._set_items(items, sorted(classes, key=classes.get))
+
     def _set_items(self, items: dict[str, list[Item]], class_names: list[str] | None = None) -> None:
         for split, lst in items.items():
             if split not in SPLITS:
@@ -303,7 +323,8 @@ class ArchiveSource:
             lst.sort(key=lambda it: it.key)
             for a, b in zip(lst, lst[1:]):
                 if a.key == b.key:
-                    raise CbmirError(f"{self.root}: two {split} items share the key {a.key!r}; row ids must be unique")
+                    raise CbmirError(f"{self.root}: two {split} items share the key {a.key!r}; "
+                                     "row ids must be unique")
         self.items = {s: items.get(s, []) for s in SPLITS}
         if class_names is None:
             names: dict[int, str] = {}
@@ -398,9 +419,9 @@ class ArchiveSource:
                 yield Batch(images=np.stack(images), labels=np.asarray(labels, dtype=np.int64),
                             indices=np.asarray(idx, dtype=np.int64), image_ids=ids, extra_payload=pays)
         if failed and not ok and int(start) == 0:
-            raise CbmirError(f"{self.kind} archive {self.root}: none of the {failed} {split} files read from "
-                             f"row {start} could be decoded (first: {first_error}); check the pixel rules and "
-                             "the file formats")
+            raise CbmirError(f"{self.kind} archive {self.root}: none of the {failed} {split} files read "
+                             f"from row {start} could be decoded (first: {first_error}); check the pixel "
+                             "rules and the file formats")
 
     # ------------------------------------------------------------------ reporting
     def describe(self) -> str:
@@ -428,7 +449,8 @@ class ArchiveSource:
                          f"{100 * float(np.mean(self._clipped)):.2f}% of their pixels, max "
                          f"{100 * max(self._clipped):.2f}% (payload clipped_fraction)")
         if self._multi_frame:
-            lines.append(f"{self._multi_frame} multi-frame image file(s): first frame used (payload n_frames)")
+            lines.append(f"{self._multi_frame} multi-frame image file(s): first frame used "
+                         "(payload n_frames)")
         lines += self.notes
         return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.sources.archive import ArchiveSource, Item, label_map, scan_tree
+from ingest.sources.archive import ArchiveSource, Item
 from ingest.sources.pixels import (
     DEFAULT_MAX_PIXELS,
     DICOM_EXTENSIONS,
@@ -37,7 +37,8 @@ class FolderSource(ArchiveSource):
     Args:
         root: the archive folder (or one image file).
         size: side every image is resized to (a collection is per (dataset, size, model)).
-        name: dataset / collection name; default the folder name (:func:`~ingest.sources.archive.archive_name`).
+        name: dataset / collection name; default the folder name
+            (:func:`~ingest.sources.archive.archive_name`).
         rule: intensity rule (:class:`~ingest.sources.pixels.IntensityRule`, default ``auto``).
         strict: stop at the first unreadable file instead of skipping and listing it.
         max_pixels: decode limit per image (Pillow ``MAX_IMAGE_PIXELS``).
@@ -57,18 +58,10 @@ class FolderSource(ArchiveSource):
     kind = "folder"
 
     def __init__(self, root, size: int = 28, *, name=None, rule=None, strict=False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, fit: str = "stretch", class_folders: bool = True) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, fit: str = "stretch",
+                 class_folders: bool = True) -> None:
         super().__init__(root, size, name=name, rule=rule, strict=strict, max_pixels=max_pixels, fit=fit)
-        layout = scan_tree(self.root, _is_image, class_folders=class_folders)
-        base = self.root.parent if self.root.is_file() else self.root
-        classes = label_map(c for files in layout.files.values() for _, c in files)
-        items = {split: [Item(key=rel, source_path=rel, files=(base / rel,),
-                              label=classes.get(c, -1) if c is not None else -1, label_name=c)
-                         for rel, c in files]
-                 for split, files in layout.files.items()}
-        self.ignored = layout.ignored
-        self.notes += layout.notes
-        self._set_items(items, sorted(classes, key=classes.get))
+        self._set_scanned_items(_is_image, class_folders)
 
     def load_item(self, item: Item) -> tuple[np.ndarray, dict]:
         """uint8 ``(size, size, 3)`` and decoding facts (see the class docstring)."""

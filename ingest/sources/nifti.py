@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.base import CbmirError
-from ingest.sources.archive import ArchiveSource, Item, label_map, scan_tree
+from ingest.sources.archive import ArchiveSource, Item
 from ingest.sources.pixels import (
     DEFAULT_MAX_VOXELS,
     IntensityRule,
@@ -173,23 +173,16 @@ class NiftiSource(ArchiveSource):
                               payload={"stack_index": i}) for i in range(arr.shape[0])]
                 self._set_items({"train": items}, [])
                 return
-        layout = scan_tree(self.root, _is_volume, class_folders=class_folders)
-        base = self.root.parent if self.root.is_file() else self.root
-        classes = label_map(c for files in layout.files.values() for _, c in files)
-        items = {split: [Item(key=rel, source_path=rel, files=(base / rel,),
-                              label=classes.get(c, -1) if c is not None else -1, label_name=c)
-                         for rel, c in files]
-                 for split, files in layout.files.items()}
-        self.ignored = layout.ignored
-        self._set_items(items, sorted(classes, key=classes.get))
+        self._set_scanned_items(_is_volume, class_folders)
 
     def load_item(self, item: Item) -> tuple[np.ndarray, dict]:
         """uint8 ``(size, size, size)`` and the facts of :func:`read_volume`."""
         array = None
         if self._stack is not None:
-            array = np.array(self._stack[item.payload["stack_index"]])  # one volume, copied out of the memory map
-        vol, info = read_volume(item.files[0], self.rule, slice_axis=self.slice_axis, max_voxels=self.max_voxels,
-                                canonical=self.canonical, array=array)
+            # one volume, copied out of the memory map
+            array = np.array(self._stack[item.payload["stack_index"]])
+        vol, info = read_volume(item.files[0], self.rule, slice_axis=self.slice_axis,
+                                max_voxels=self.max_voxels, canonical=self.canonical, array=array)
         return resize_volume(vol, self.size), info
 
     def accepts(self) -> str:
@@ -216,7 +209,8 @@ def load_npy_header_checked(path: Path, max_voxels: int) -> np.ndarray:
                          f"got {arr.dtype} {arr.shape}")
     per = int(np.prod(arr.shape[-3:]))
     if per > max_voxels:
-        raise CbmirError(f"{path}: volumes of {arr.shape[-3:]} ({per:,} voxels) exceed the limit of {max_voxels:,}")
+        raise CbmirError(f"{path}: volumes of {arr.shape[-3:]} ({per:,} voxels) exceed the limit "
+                         f"of {max_voxels:,}")
     return arr
 
 
