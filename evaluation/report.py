@@ -991,9 +991,17 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
     base_df = pd.DataFrame(base)
     out.tables["baselines"] = base_df
     lines.append(markdown_table(base_df))
-    missing_hog = [f"{r['Dataset']}@{r['size']}" for r in base if any(v == "not run" for v in r.values())]
+    hog_cols = [f"HOG ACC@1 ({dist})" for dist in distances]
+    missing_hog = [f"{r['Dataset']}@{r['size']}" for r in base
+                   if hog_cols and all(r.get(c) == "not run" for c in hog_cols)]
     if missing_hog:
         lines.append(f"No weights-free baseline was run for: {', '.join(missing_hog)}.\n")
+    for dist, col in zip(distances, hog_cols):  # HOG run, but not with every distance of the table
+        partial = [f"{r['Dataset']}@{r['size']}" for r in base
+                   if r.get(col) == "not run" and any(r.get(c) != "not run" for c in hog_cols)]
+        if partial:
+            lines.append(f"HOG was not run with the {dist} distance for: {', '.join(partial)} "
+                         "(its other-distance result is in the table).\n")
 
     # ------------------------------------------------------------------ S1-S4
     lines.append("## Per-size results (layout of the study's Tables S1-S4)\n")

@@ -5,7 +5,8 @@ collection is exactly what its source file says it should be:
 
 * the collection exists and its metadata names the same dataset, size and modality;
 * per split: the number of stored points equals the split size, every row ``0..N-1`` is present
-  once (no duplicate point ids, no ids of another split, no rows beyond the split);
+  once (user archives: except rows whose file the ingest skipped as unreadable, re-checked by
+  decoding just those files with the same rules) (no duplicate point ids, no ids of another split, no rows beyond the split);
 * every payload agrees with its point id (``split``, ``index``) and with the collection
   (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
 * every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,
@@ -51,6 +52,8 @@ class VerifyReport:
         counts: per split, ``(points stored, rows in the source split)``.
         dim: the collection's vector dimension (0 when the collection is missing).
         zero_vectors: per split, the number of all-zero vectors (allowed; cosine similarity 0).
+        skipped: per split, rows absent because their file cannot be decoded (user archives: the
+            ingest skips them by the same rules; allowed, and re-checked on every verify).
         engine: the store's engine name.
     """
 
@@ -61,6 +64,7 @@ class VerifyReport:
     dim: int = 0
     zero_vectors: dict[str, int] = field(default_factory=dict)
     engine: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def fail(self, msg: str) -> None:
         self.ok = False
@@ -74,8 +78,11 @@ class VerifyReport:
         nz = sum(self.zero_vectors.values())
         zero = (f", {nz} all-zero vector(s) ({', '.join(f'{s} {n}' for s, n in self.zero_vectors.items() if n)};"
                 " stored by rule, cosine similarity 0)") if nz else ""
+        ns = sum(self.skipped.values())
+        skip = (f", {ns} unreadable source file(s) skipped ({', '.join(f'{s} {n}' for s, n in self.skipped.items())})"
+                if ns else "")
         return (f"OK {self.collection}: {parts}, dim {self.dim}, no duplicate ids, labels match the source, "
-                f"all vectors finite{zero} [{self.engine}]")
+                f"all vectors finite{zero}{skip} [{self.engine}]")
 
 
 def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
@@ -108,6 +115,14 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
     for key, want in (("dataset", source.name), ("size", int(source.size)), ("is_3d", bool(source.is_3d))):
         if getattr(meta, key) != want:
             rep.fail(f"metadata {key}={getattr(meta, key)!r} but the source has {want!r}")
+    fp = getattr(source, "fingerprint", None)
+    old_fp = (meta.extra or {}).get("source_fingerprint")
+    if old_fp and callable(fp):
+        new_fp = fp()
+        changed = sorted(sp for sp in set(old_fp) | set(new_fp) if old_fp.get(sp) != new_fp.get(sp))
+        if changed:
+            rep.fail(f"the source changed since it was ingested (split(s) {', '.join(changed)}); "
+                     "re-run the ingest with --recreate")
     if splits is None:
         splits = tuple(sp for sp in SPLIT_CODES if sp in ("train", "test") or store.count(name, sp) > 0)
     widths = {c: b - a for c, a, b in meta.layout}
@@ -153,8 +168,16 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         rep.zero_vectors[split] = zero
         missing = np.flatnonzero(seen == 0)
         dups = np.flatnonzero(seen > 1)
-        if stored != n or len(missing):
+        unreadable = getattr(source, "unreadable_rows", None)
+        if len(missing) and callable(unreadable):  # user archives: files the ingest skipped (same rules)
+            skipped = set(unreadable(split, missing))
+            if skipped:
+                rep.skipped[split] = len(skipped)
+                missing = np.asarray([r for r in missing if int(r) not in skipped], dtype=np.int64)
+        expected = n - rep.skipped.get(split, 0)
+        if stored != expected or len(missing):
             rep.fail(f"{split}: {stored} points stored, the source has {n}"
+                     + (f" ({rep.skipped[split]} unreadable, skipped)" if rep.skipped.get(split) else "")
                      + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
         if len(dups):
             rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")

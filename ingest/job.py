@@ -73,8 +73,34 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
         preprocessing="; ".join(x for x in (str(ident.get("preprocessing", "")),
                                             str(getattr(source, "preprocessing", "") or "")) if x),
         is_3d=bool(source.is_3d), aggregation=getattr(embedder, "aggregation", "none"),
-        extra={"n_classes": int(getattr(source, "n_classes", 0))},
+        extra=_source_extra(source),
     )
+
+
+def _source_extra(source: DatasetSource) -> dict:
+    """``n_classes`` and, for user archives, ``source_fingerprint`` (per split, see
+    :meth:`ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with the metadata."""
+    extra = {"n_classes": int(getattr(source, "n_classes", 0))}
+    fp = getattr(source, "fingerprint", None)
+    if callable(fp):
+        extra["source_fingerprint"] = fp()
+    return extra
+
+
+def check_fingerprint(name: str, stored: CollectionMeta, meta: CollectionMeta, source=None) -> None:
+    """Raise :class:`CbmirError` when ``stored`` records a source fingerprint other than ``meta``'s (the
+    archive changed since it was ingested). Collections without one (older, MedMNIST) are not checked."""
+    old = (stored.extra or {}).get("source_fingerprint")
+    new = (meta.extra or {}).get("source_fingerprint")
+    if not old or new is None or old == new:
+        return
+    changed = sorted(sp for sp in set(old) | set(new) if old.get(sp) != new.get(sp))
+    where = f" ({getattr(source, 'root', '')})" if getattr(source, "root", None) is not None else ""
+    raise CbmirError(
+        f"collection {name!r}: the source{where} changed since it was ingested (split(s) "
+        f"{', '.join(changed)}: files added, removed, renamed, relabelled or modified, or another archive "
+        f"of the same name); its stored points no longer match the rows. Re-run with --recreate to "
+        f"rebuild it from the current source (or use --name for another collection).")
 
 
 def _stored_rows(store: VectorStore, name: str, split: str, n: int) -> np.ndarray:
@@ -114,24 +140,41 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
         store: the vector store.
         splits: splits to ingest; the study uses ``train`` as database and ``test`` as queries.
         batch_size: items per extraction batch.
-        recreate: delete an existing collection of another configuration first.
+        recreate: replace an existing collection (of any configuration or source); it is deleted
+            right before the first point is written, after the source was read and embedded.
 
     Returns:
         :class:`IngestReport`.
 
     Raises:
-        CbmirError: the collection holds another configuration (without ``recreate``), or some
+        CbmirError: the collection holds another configuration or was built from a user archive
+            that changed since (source fingerprint; without ``recreate``), or some
             embeddings were not finite: raised after every split was processed, naming the count
             and the rows refused (all finite rows are stored).
     """
     meta = build_meta(source, embedder, distance=distance)
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
                                          distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat")
-    meta = store.ensure_collection(name, meta, recreate=recreate)
+    existing = store.read_meta(name)
+    # --recreate: the old collection is deleted only right before the first write (or at the end when
+    # nothing is written), after the source was scanned and its first batch read and embedded, so that
+    # a run that fails early (--strict and a broken file, a bad extractor) leaves the old collection alone
+    pending_recreate = bool(recreate and existing is not None)
+    if not pending_recreate:
+        stored = store.ensure_collection(name, meta)  # another configuration: CbmirError
+        check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
+        meta = stored
     report = IngestReport(collection=name, meta=meta)
+
+    def do_recreate() -> None:
+        nonlocal pending_recreate
+        if pending_recreate:
+            store.ensure_collection(name, meta, recreate=True)
+            pending_recreate = False
+
     for split in splits:
         n = source.split_size(split)
-        present = _stored_rows(store, name, split, n)
+        present = np.zeros(n, dtype=bool) if pending_recreate else _stored_rows(store, name, split, n)
         n_present = int(present.sum())
         report.resumed_from[split] = n_present
         if n_present >= n:
@@ -166,6 +209,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
                 payloads = [make_payload(dataset=source.name, split=split, index=int(i), label=int(lab),
                                          model=meta.model, size=int(source.size), image_id=iid, extra=ex)
                             for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
+                do_recreate()
                 writer.submit(store.upsert, name, split, batch.indices.tolist(), vecs, payloads)
                 written += len(batch)
                 bar.update(len(batch))
@@ -185,6 +229,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             n_sl = written * int(getattr(embedder, "items_per_image", 1))
             report.extra.setdefault("slices", {})[split] = n_sl
             report.extra.setdefault("slices_per_s", {})[split] = n_sl / dt if dt > 0 else float("nan")
+    do_recreate()
     if report.rejected:
         total = sum(len(v) for v in report.rejected.values())
         rows = "; ".join(f"{sp} rows {_rows_text(v)}" for sp, v in report.rejected.items())

@@ -139,6 +139,21 @@ def test_timing_tables_split_test_time_and_use_the_extracting_twin():
     assert e["search share %"] == pytest.approx(100 * 1.5 / 11.5)
 
 
+def test_report_says_hog_missing_only_where_no_distance_ran_it(tmp_path):
+    # 2D: HOG with both distances; AdrenalMNIST3D: HOG with cosine only (3D cells run cosine only);
+    # VesselMNIST3D: no HOG at all. Only VesselMNIST3D lacks the weights-free baseline.
+    rows = [_row("breastmnist", 28, "hog", 80.0), _row("breastmnist", 28, "hog", 80.0, distance="euclidean"),
+            _row("adrenalmnist3d", 28, "hog", 71.0, is_3d=True),
+            _row("adrenalmnist3d", 28, "densenet121", 72.0, random_init=True, is_3d=True),
+            _row("vesselmnist3d", 28, "densenet121", 90.0, random_init=True, is_3d=True)]
+    results = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(results, index=False)
+    md = build_report(results, tmp_path / "rep", tsne=False, n_boot=50).markdown.read_text()
+    assert "No weights-free baseline was run for: VesselMNIST3D@28.\n" in md
+    assert "HOG was not run with the euclidean distance for: AdrenalMNIST3D@28 " in md
+    assert "BreastMNIST@28" not in md.split("## Baselines")[1].split("## Per-size")[0]  # HOG ran with both
+
+
 def test_published_only_report_reproduces_tables_3_and_4_and_the_disagreement(tmp_path):
     """`cbmir report` with no results: the study's Tables 3 and 4 recomputed, and the one disagreement."""
     from typer.testing import CliRunner

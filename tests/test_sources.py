@@ -747,3 +747,128 @@ def test_cli_dicom_logs_nothing_identifying(dicom_archive, tmp_path):
         meta = store.meta("ct_dicom_16_hog")
     q = load_query(dicom_archive / "test" / "lesion" / "p3" / "1.dcm", meta)
     assert q.shape == (1, 16, 16, 16)
+
+
+# ============================================================================= changed archives (data safety)
+def _tiny_archive(root: Path, seed: int = 0, n_train: int = 3) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", 1)):
+        for cls in ("circle", "square"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(
+                    root / split / cls / f"img{i}.png")
+    return root
+
+
+def _ingest_cli(root, store, *extra):
+    return _cli("ingest", "-d", root, "-m", "hog", "-s", "16", "--store-path", store, *extra)
+
+
+def _changed_source_refused(r, name="arch_16_hog"):
+    assert isinstance(r.exception, CbmirError), r.output
+    msg = str(r.exception)
+    assert name in msg and "changed since it was ingested" in msg and "--recreate" in msg
+    assert "\n" not in msg
+
+
+def test_other_archive_of_the_same_name_is_refused_not_reused(tmp_path):
+    a = _tiny_archive(tmp_path / "a" / "arch", seed=0)
+    b = _tiny_archive(tmp_path / "b" / "arch", seed=1)
+    store = tmp_path / "store"
+    assert _ingest_cli(a, store).exit_code == 0
+    r = _ingest_cli(a, store)                                            # same archive: reused
+    assert r.exit_code == 0 and "complete, reused" in r.output
+    r = _ingest_cli(b, store)
+    _changed_source_refused(r)
+    assert "complete, reused" not in r.output
+    r = _ingest_cli(b, store, "--recreate")
+    assert r.exit_code == 0, r.output
+    assert _cli("verify", "-d", b, "-m", "hog", "-s", "16", "--store-path", store).exit_code == 0
+
+
+def test_added_file_is_refused_not_mixed_into_a_resume(tmp_path):
+    from search.edge_store import EdgeStore
+
+    a = _tiny_archive(tmp_path / "arch")
+    store = tmp_path / "store"
+    assert _ingest_cli(a, store).exit_code == 0
+    with EdgeStore(store) as s:
+        before = s.fetch("arch_16_hog", "train")
+        s.delete_points("arch_16_hog", [s_id for s_id in [1 << 40 | 5]])   # an interrupted run: last row lost
+    shutil.copy(a / "train" / "circle" / "img0.png", a / "train" / "circle" / "img00.png")  # shifts rows
+    r = _ingest_cli(a, store)
+    _changed_source_refused(r)
+    assert "missing rows embedded" not in r.output
+    with EdgeStore(store) as s:                                          # nothing written
+        assert s.count("arch_16_hog", "train") == 5
+    (a / "train" / "circle" / "img00.png").unlink()                      # source as ingested: resumes
+    r = _ingest_cli(a, store)
+    assert r.exit_code == 0 and "1 missing rows embedded" in r.output, r.output
+    with EdgeStore(store) as s:
+        after = s.fetch("arch_16_hog", "train")
+    np.testing.assert_allclose(before[1], after[1], atol=1e-6)
+
+
+def test_file_rewritten_in_place_is_refused_and_fails_verify(tmp_path):
+    a = _tiny_archive(tmp_path / "arch")
+    store = tmp_path / "store"
+    assert _ingest_cli(a, store).exit_code == 0
+    Image.fromarray(np.full((20, 21), 7, np.uint8)).save(a / "train" / "square" / "img1.png")
+    r = _ingest_cli(a, store)
+    _changed_source_refused(r)
+    r = _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)
+    assert r.exit_code == 1 and "changed since it was ingested" in r.output
+
+
+def test_collection_without_fingerprint_still_resumes(tmp_path):
+    """Collections built before fingerprints (no ``source_fingerprint``) keep working."""
+    from ingest.job import ingest
+
+    a = _tiny_archive(tmp_path / "arch")
+    store = _edge(tmp_path)
+    try:
+        src = open_source(a, 16)
+        src.fingerprint = lambda: {}            # an older cbmir: nothing recorded
+        rep = ingest(src, _hog_embedder(16), store, progress=False)
+        assert "source_fingerprint" not in store.meta(rep.collection).extra or \
+            not store.meta(rep.collection).extra["source_fingerprint"]
+        rep = ingest(open_source(a, 16), _hog_embedder(16), store, progress=False)
+        assert rep.skipped == ["train", "test"]
+    finally:
+        store.close()
+
+
+def test_recreate_keeps_the_old_collection_when_the_new_input_fails(tmp_path):
+    from search.edge_store import EdgeStore
+
+    a = _tiny_archive(tmp_path / "arch")
+    store = tmp_path / "store"
+    assert _ingest_cli(a, store).exit_code == 0
+    (a / "train" / "circle" / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    r = _ingest_cli(a, store, "--strict", "--recreate")
+    assert isinstance(r.exception, CbmirError) and "cannot read" in str(r.exception)
+    with EdgeStore(store) as s:
+        assert s.count("arch_16_hog", "train") == 6 and s.count("arch_16_hog", "test") == 2
+
+
+def test_verify_accepts_files_skipped_as_unreadable(tmp_path):
+    from search.edge_store import EdgeStore
+
+    a = _tiny_archive(tmp_path / "arch")
+    (a / "train" / "circle" / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    store = tmp_path / "store"
+    r = _ingest_cli(a, store)
+    assert r.exit_code == 0 and "skipped 1 unreadable" in r.output, r.output
+    r = _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)
+    assert r.exit_code == 0 and "OK arch_16_hog: train 5/6" in r.output and "1 unreadable" in r.output, r.output
+    with EdgeStore(store) as s:                                          # a readable row lost still fails
+        s.delete_points("arch_16_hog", [1 << 40 | 3])
+    r = _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)
+    assert r.exit_code == 1 and "missing rows [3]" in r.output, r.output
+
+
+def test_folder_image_id_is_name_and_relative_path(tmp_path):
+    a = _tiny_archive(tmp_path / "arch")
+    b = next(open_source(a, 16).iter_batches("train", 2))
+    assert b.image_ids[0] == "arch/train/circle/img0.png"

@@ -19,9 +19,11 @@ listed in the summary as ignored, never dropped silently.
 separators, code-point order, the same on every OS), or a manifest's row key — and the row
 index is the position in that list. Point ids (``split code << 40 | row``,
 :func:`search.schema.point_id`) therefore depend only on the archive's content, and re-ingesting
-the same archive overwrites the same points. Adding or removing files shifts the rows after them:
-ingest a changed archive with ``--recreate``. An unreadable file keeps its row (a gap), so the
-other rows do not move when it is fixed later.
+the same archive overwrites the same points. Adding or removing files shifts the rows after them,
+so a collection records a fingerprint of its source (:meth:`ArchiveSource.fingerprint`) and a
+re-run on a changed archive is refused: ingest a changed archive with ``--recreate``. An unreadable
+file keeps its row (a gap); ``cbmir verify`` re-decodes just the missing rows and accepts those that
+are still unreadable. Fixing the file changes the fingerprint, so it also needs ``--recreate``.
 
 **Labels.** Class names are mapped to integer ids in sorted order over *all* splits together
 (so ``train`` and ``test`` agree even when a class is missing from one); the payload keeps
@@ -268,6 +270,9 @@ class ArchiveSource:
     """
 
     kind = "archive"
+    #: ``image_id`` is ``<name>/<split>/<source_path>`` (manifests: one file may be listed in two splits);
+    #: scanned folders already have the split folder in ``source_path``: ``<name>/<source_path>``.
+    split_in_image_id = False
 
     def __init__(self, root: str | Path, size: int, *, name: str | None = None,
                  rule: IntensityRule | None = None, strict: bool = False,
@@ -356,6 +361,47 @@ class ArchiveSource:
         """Number of items of ``split`` (0 when the archive has no such split), unreadable ones included."""
         return len(self.items[self._check_split(split)])
 
+    def fingerprint(self) -> dict[str, str]:
+        """Per split (with items), sha256 over the sorted rows: key, source path, label, label name, static
+        payload, and each file's path, size and ``mtime_ns`` (a cheap ``stat``, no pixel read). Stored in
+        the collection metadata at ingest (``extra["source_fingerprint"]``): a re-run on an archive that
+        changed since (files added/removed/renamed/relabelled/rewritten) is refused instead of mixing rows."""
+        import hashlib
+        import json
+
+        base = self.root.parent if self.root.is_file() else self.root
+        out = {}
+        for split, items in self.items.items():
+            if not items:
+                continue
+            h = hashlib.sha256()
+            for it in items:
+                files = []
+                for f in it.files:
+                    try:
+                        st = os.stat(f)
+                        files.append([rel_posix(Path(f), base), st.st_size, st.st_mtime_ns])
+                    except (OSError, ValueError):
+                        files.append([str(f), -1, -1])
+                row = [it.key, it.source_path, int(it.label), it.label_name, it.payload, files]
+                h.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+            out[split] = h.hexdigest()
+        return out
+
+    def unreadable_rows(self, split: str, rows) -> list[int]:
+        """Those of ``rows`` of ``split`` that the ingest rules skip (the file cannot be decoded): what
+        ``cbmir verify`` accepts as missing after a non-strict ingest."""
+        items = self.items[self._check_split(split)]
+        bad = []
+        for i in rows:
+            try:
+                self.load_item(items[int(i)])
+            except MemoryError:
+                raise
+            except DECODE_ERRORS:
+                bad.append(int(i))
+        return bad
+
     def labels(self, split: str) -> np.ndarray:
         """int64 ``(N,)`` labels of ``split`` in row order (-1 = unlabelled)."""
         return np.asarray([it.label for it in self.items[self._check_split(split)]], dtype=np.int64)
@@ -371,7 +417,8 @@ class ArchiveSource:
         Yields:
             :class:`ingest.base.Batch`: ``images`` uint8 ``(B, size, size, 3)`` (2D, grey replicated)
             or ``(B, size, size, size)`` (3D); ``indices`` the rows (unreadable rows are absent: listed
-            in :attr:`problems`); ``image_ids`` ``<name>/<split>/<source_path>``; ``extra_payload``
+            in :attr:`problems`); ``image_ids`` ``<name>/<source_path>`` (manifests:
+            ``<name>/<split>/<source_path>``); ``extra_payload``
             with ``source_path``, ``label_name``, ``source_kind``, the item's static payload and
             decoding facts (``intensity``, ``intensity_low``/``_high``, ``clipped_fraction``,
             ``orig_*``, ``n_slices`` ...).
@@ -406,7 +453,8 @@ class ArchiveSource:
                 images.append(arr)
                 idx.append(i)
                 labels.append(it.label)
-                ids.append(f"{self.name}/{split}/{it.source_path}")
+                ids.append(f"{self.name}/{split}/{it.source_path}" if self.split_in_image_id
+                           else f"{self.name}/{it.source_path}")
                 if info.get("clipped_fraction"):
                     self._clipped.append(float(info["clipped_fraction"]))
                 if info.get("n_frames", 1) > 1 and not self.is_3d:

@@ -136,6 +136,7 @@ class ManifestSource(ArchiveSource):
     """
 
     kind = "manifest"
+    split_in_image_id = True  # one file may be listed in two splits
 
     def __init__(self, manifest, size: int = 28, *, name=None, root=None, rule=None, strict=False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_voxels: int = DEFAULT_MAX_VOXELS,
