@@ -53,9 +53,66 @@ def _arch(source=None, name=None, strict=False, intensity=None, window=None, sli
                 dicom_mode=dicom_mode, fit=fit)
 
 
+#: settings field -> (CLI option, environment variable), for one-line messages about invalid values
+_SETTING_OPTS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
+                 "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device"}
+
+
 def _settings(data_dir=None, store_path=None, qdrant_url=None, device=None, batch_size=None, distance=None):
-    return get_settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
-                        batch_size=batch_size, distance=distance)
+    from pydantic import ValidationError
+
+    try:
+        s = get_settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
+                         batch_size=batch_size, distance=distance)
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors():
+            field = str(e["loc"][0]) if e.get("loc") else "?"
+            opt = _SETTING_OPTS.get(field, field)
+            where = f"{opt} / CBMIR_{field.upper()}" if field in _SETTING_OPTS else f"CBMIR_{field.upper()}"
+            ctx = e.get("ctx") or {}
+            if e.get("type") == "literal_error":
+                valid = f"valid: {ctx.get('expected', '').replace(chr(39), '')}"
+            elif "ge" in ctx:
+                valid = f"must be an integer >= {ctx['ge']}"
+            elif "gt" in ctx:
+                valid = f"must be > {ctx['gt']}"
+            else:
+                valid = e.get("msg", "invalid")
+            parts.append(f"invalid {where} value {e.get('input')!r}: {valid}")
+        raise CbmirError("; ".join(parts)) from None
+    if s.qdrant_url and not str(s.qdrant_url).lower().startswith(("http://", "https://")):
+        raise CbmirError(f"--qdrant-url / CBMIR_QDRANT_URL {s.qdrant_url!r} has no scheme: give a full URL such as "
+                         f"http://{s.qdrant_url}, or drop --qdrant-url to use the embedded store")
+    if not s.qdrant_url:
+        sp = Path(s.store_path).expanduser()
+        bad = next((q for q in (sp, *sp.parents) if q.exists() and not q.is_dir()), None)
+        if bad is not None:
+            raise CbmirError(f"--store-path / CBMIR_STORE_PATH {sp}: {bad} is a file, not a directory; give a "
+                             "directory (it is created if missing)")
+    return s
+
+
+def _check_output(path: Optional[Path], opt: str = "--output") -> None:
+    """Refuse an output file whose folder does not exist before any work is done."""
+    if path is None:
+        return
+    parent = Path(path).expanduser().parent
+    if not parent.is_dir():
+        raise CbmirError(f"{opt} {path}: folder {parent} does not exist; create it first or choose another path")
+    if Path(path).is_dir():
+        raise CbmirError(f"{opt} {path} is a directory; give a file path")
+
+
+def _check_k(k: int, store=None, name: Optional[str] = None, split: str = "train") -> None:
+    """``--k`` must be >= 1 (checked before any work) and, given a store, at most the database size."""
+    if k < 1:
+        raise CbmirError(f"--k {k}: must be an integer >= 1 (at most the number of database points)")
+    if store is not None:
+        n = store.count(name, split)
+        if n and k > n:
+            raise CbmirError(f"--k {k} is larger than the database of collection {name!r} ({n} {split} points): "
+                             f"give --k between 1 and {n}")
 
 
 def _collection(dataset: str, size: int, model: str, backend: str, distance: str, aggregation: str,
@@ -211,11 +268,14 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
     from search.store import open_store
 
     s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    _check_k(k)
+    _check_output(output)
     arch = _arch(source, name, dicom_mode=dicom_mode)
     name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch)
     with open_store(s) as store:
         meta = store.meta(name)
         check_evaluable(store, name)
+        _check_k(k, store, name)
         ev = evaluate_collection(store, name, k=k, search_backend=search_backend)
         _report_eval(ev, meta, _result_json(ev, None, meta, None), output)
 
@@ -239,6 +299,8 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
     from ingest.sources import check_evaluable
 
     s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance)
+    _check_k(k)  # before the ingest (minutes), not after it
+    _check_output(output)
     t0 = time.perf_counter()
     store, rep = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
                             ("train", "test"), volume_aggregation,
@@ -246,6 +308,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
     t_ingest = time.perf_counter() - t0
     with store:
         check_evaluable(store, rep.collection)
+        _check_k(k, store, rep.collection)
         ev = evaluate_collection(store, rep.collection, k=k, search_backend=search_backend)
         _report_eval(ev, rep.meta, _result_json(ev, rep, rep.meta, t_ingest), output)
 
@@ -278,6 +341,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
     from search.store import open_store
 
     s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    _check_k(k)
     if (query_index is None) == (image is None):
         raise CbmirError("give exactly one of --query-index N or --image PATH")
     if collection is None:
@@ -289,17 +353,30 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
         raise CbmirError("--exclude-self needs --query-index (a stored point has an id; an image file has none)")
     client = SearchClient(open_store(s))
     try:
+        meta = client.store.meta(collection)  # a missing collection: CbmirError naming it
+        _check_k(k, client.store, collection, database_split)
         if image is not None:
             from ingest.sources import load_query
 
-            images = load_query(image, client.store.meta(collection), intensity=intensity, window=window,
-                                slice_axis=slice_axis, fit=fit)
-            hits = client.search_by_image(collection, images, k, weights=weights)[0]
-        elif exclude_self or query_split != database_split:
+            if not Path(image).expanduser().exists():
+                raise CbmirError(f"--image {image}: file not found; give an existing image / volume file")
+            try:
+                images = load_query(image, meta, intensity=intensity, window=window, slice_axis=slice_axis, fit=fit)
+                hits = client.search_by_image(collection, images, k, weights=weights)[0]
+            except CbmirError as exc:
+                if str(image) in str(exc):
+                    raise
+                raise CbmirError(f"--image {image}: {exc}") from None
+        else:
+            n_rows = client.store.count(collection, query_split)
+            if not 0 <= query_index < n_rows:
+                raise CbmirError(f"--query-index {query_index} is out of range: collection {collection!r} has "
+                                 f"{n_rows} {query_split} point(s); valid 0..{n_rows - 1}")
+        if image is None and (exclude_self or query_split != database_split):
             # search_by_point excludes the query's own id when it lies in the database split
             hits = client.search_by_point(collection, query_index, split=query_split, k=k,
                                           database_split=database_split)[0]
-        else:
+        elif image is None:
             vec, _ = client.store.get_points(collection, query_split, [query_index])
             hits = client.search_by_vector(collection, vec, k, split=database_split)[0]
         typer.echo(f"{'rank':>4} {'index':>7} {'label':>5} {'score':>10}  image_id")
@@ -321,6 +398,7 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
     from search.store import open_store
 
     s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    _check_output(output)
     name = _collection(dataset, size, model, backend, s.distance, volume_aggregation,
                        _arch(source, name, dicom_mode=dicom_mode))
     arrays = {}
@@ -459,23 +537,27 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down siz
 
 def main() -> None:
     """Console-script entry point: run the CLI, turning CbmirError into one clear line and exit code 2."""
-    import click
-
+    # typer >= 0.29 vendors click: its usage errors are typer.TyperException subclasses (ClickException,
+    # with .show() and .exit_code), not click's own classes; typer.Exit / typer.Abort are its public aliases
     try:
         rc = app(standalone_mode=False)
+        if rc == 130:  # typer turns KeyboardInterrupt (Ctrl-C) into a returned Exit(130) when not standalone
+            typer.echo("interrupted: re-run the same command to resume", err=True)
         if isinstance(rc, int) and rc:  # click returns (not raises) typer.Exit codes when not standalone
             sys.exit(rc)
     except CbmirError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
+    except typer.TyperException as e:
+        if not hasattr(e, "show"):
+            raise
         e.show()
-        sys.exit(e.exit_code)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         typer.echo("interrupted: re-run the same command to resume", err=True)
         sys.exit(130)

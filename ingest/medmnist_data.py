@@ -35,8 +35,28 @@ from numpy.lib import format as npy_format
 
 from ingest.base import SPLITS, Batch, CbmirError
 
+def _import_medmnist():
+    """``import medmnist`` without losing a Ctrl-C: its ``__init__`` wraps its slow imports (torch,
+    scipy; seconds) in a bare ``except:``, which would swallow the KeyboardInterrupt. In the main
+    thread a SIGINT arriving meanwhile is recorded and re-raised after the import."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        import medmnist
+        return medmnist
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *_: got.append(1))
+    try:
+        import medmnist
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+    return medmnist
+
+
 try:  # medmnist imports torch/torchvision; INFO itself is plain data.
-    import medmnist as _medmnist
+    _medmnist = _import_medmnist()
     from medmnist import INFO
 except ImportError as exc:  # pragma: no cover - medmnist is a hard dependency
     raise ImportError("cbmir needs the `medmnist` package (pip install medmnist==3.0.2)") from exc
@@ -408,19 +428,23 @@ class MedMNISTSource:
             )
 
     def _fetch_or_fail(self, download: bool) -> None:
-        how = "allow the download (--download / download=True) on a machine with network access"
+        # `cbmir ingest` / `cbmir run` always try the download; `cbmir verify` never does;
+        # `cbmir benchmark` does with --download
+        how = (", or let cbmir download it on a machine with network access (`cbmir ingest` / `cbmir run` do; "
+               "`cbmir benchmark` with --download)"
+               if not download else "")
         reason = ""
         if download:
             ok, why = _reachable(self.url)
             if ok:
                 _download(self.url, self.path, self.md5)
                 return
-            reason = f" Download was requested but the host is unreachable ({why})."
-            how = "run again with --download where the host is reachable"
+            reason = f" The automatic download failed: the host is unreachable ({why})."
         raise CbmirError(
             f"MedMNIST file not found: {self.path} ({self.name} at {self.size} px, expected "
-            f"MD5 {self.md5}).{reason} Fix: download {self.url} and put it in the data "
-            f"directory (CBMIR_DATA_DIR or --data-dir; now {self.data_dir}), or {how}."
+            f"MD5 {self.md5}).{reason} Fix: download {self.url} (on any machine with network access) "
+            f"and save it as {self.path.name} in the data directory {self.data_dir} (set CBMIR_DATA_DIR or "
+            f"--data-dir to the folder that holds it){how}."
         )
 
 

@@ -109,6 +109,7 @@ class ServerStore(VectorStore):
         self.retry_base_s = float(retry_base_s)
         self.retry_max_delay_s = float(retry_max_delay_s)
         self.retries = 0  # transient failures retried so far (for reports and tests)
+        self._answered = False  # has the server answered once? (a refused first connect fails fast)
 
     def __repr__(self) -> str:  # never shows the API key
         return f"ServerStore(engine={self.engine!r}, url={self.url!r})"
@@ -132,7 +133,9 @@ class ServerStore(VectorStore):
         attempt = 0
         while True:
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+                self._answered = True
+                return out
             except CbmirError:
                 raise
             except Exception as exc:  # classified below; unknown errors propagate unchanged
@@ -155,6 +158,15 @@ class ServerStore(VectorStore):
                         detail = ": " + exc.content[:300].decode("utf-8", "replace").strip()
                     raise CbmirError(f"{self._where()} failed '{op}': {what}{detail}") from None
                 elapsed = time.monotonic() - t0
+                src = exc.source if isinstance(exc, ResponseHandlingException) else exc
+                if (self.url and not self._answered and attempt >= 1
+                        and isinstance(src, (httpx.ConnectError, ConnectionRefusedError))):
+                    # never reached: no server there (a wrong URL or a server not started); two quick
+                    # tries, not the whole retry budget (which is for a server that drops mid-run)
+                    raise CbmirError(
+                        f"{self._where()} is unreachable: '{op}' failed {attempt + 1} time(s) ({what}). Start the "
+                        "server (`docker compose up -d`), fix --qdrant-url / CBMIR_QDRANT_URL, or drop "
+                        "--qdrant-url to use the embedded store.") from None
                 delay = suggested if suggested is not None else min(
                     self.retry_max_delay_s, self.retry_base_s * (2 ** attempt)) * random.uniform(0.75, 1.25)
                 if elapsed + delay > self.retry_total_s:

@@ -862,3 +862,77 @@ def test_verify_on_the_server_engine(breast):
     v = rep.verdict()
     assert not rep.ok and "test: 9 points stored, the source has 10 (missing rows [9])" in v
     assert "train: 1 label(s) differ from the source (row 0: stored 7" in v
+
+
+# ============================================================================ 11. CLI input errors: one line, exit 2
+def _one_error(code: int, out: str, err: str, *words) -> str:
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err, err
+    lines = _error_lines(err)
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["run", "-d", FLAG, "-m", "hog", "--bogus"], ["No such option", "--bogus"]),
+    (["run", "-m", "hog"], ["Missing option", "--dataset"]),
+])
+def test_usage_errors_are_clicks_usage_message_exit_2(args, words):
+    """A real subprocess: typer 0.29's vendored click exceptions get click's usage message, no traceback."""
+    p = subprocess.run(_cli_cmd(*args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    assert "Usage:" in p.stderr
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("Error:")]
+    for w in words:
+        assert w in line, line
+
+
+def test_invalid_option_values_are_one_error_line(tmp_path, data_dir):
+    store = tmp_path / "store"
+    base = ["run", "-d", FLAG, "-m", "hog", "--data-dir", data_dir]
+    _one_error(*run_main(*base, "--distance", "manhattan", "--store-path", store), "--distance", "manhattan",
+               "cosine", "euclidean")
+    _one_error(*run_main(*base, "--batch-size", "0", "--store-path", store), "--batch-size", ">= 1")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _one_error(*run_main(*base, "--store-path", a_file), "--store-path", str(a_file), "not a directory")
+    _one_error(*run_main(*base, "--qdrant-url", "localhost:6333"), "localhost:6333", "http://")
+    _one_error(*run_main(*base, "--store-path", store, "-o", tmp_path / "nope" / "r.json"),
+               "--output", str(tmp_path / "nope"), "does not exist")
+    _one_error(*run_main("export", "-d", FLAG, "-m", "hog", "--store-path", store, "-o", tmp_path / "nope" / "x.npz"),
+               "--output", str(tmp_path / "nope"), "does not exist")
+    assert _no_collections(store)
+
+
+def test_k_checked_before_ingest_and_against_database_size(tmp_path, data_dir, clean_store):
+    store = tmp_path / "store"
+    t0 = time.monotonic()
+    _one_error(*run_main("run", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", store, "--k", "0"),
+               "--k 0", ">= 1")
+    assert _no_collections(store) and time.monotonic() - t0 < 30  # refused before any ingest
+    root = _copy_store(clean_store, tmp_path / "s")
+    line = _one_error(*run_main("run", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root,
+                                "--k", "10000"), "--k 10000", str(N_TRAIN))
+    assert f"1 and {N_TRAIN}" in line
+    _one_error(*run_main("evaluate", "-d", FLAG, "-m", "hog", "--store-path", root, "--k", str(N_TRAIN + 1)),
+               f"--k {N_TRAIN + 1}")
+    _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--query-index", "9999"),
+               "--query-index 9999", f"0..{N_TEST - 1}")
+    _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--image", tmp_path / "missing.png"),
+               str(tmp_path / "missing.png"), "not found")
+
+
+def test_missing_data_file_message_is_true(tmp_path, monkeypatch):
+    """`cbmir run` has no --download: the message says where to put which file, not to pass it."""
+    import ingest.medmnist_data as md
+
+    monkeypatch.setattr(md, "_reachable", lambda url, timeout=3.0: (False, "probe failed"))
+    line = _one_error(*run_main("run", "-d", FLAG, "-s", "64", "-m", "hog", "--data-dir", tmp_path,
+                                "--store-path", tmp_path / "store"),
+                      str(tmp_path / "breastmnist_64.npz"), "CBMIR_DATA_DIR", "--data-dir", "breastmnist_64.npz",
+                      "unreachable")
+    assert "--download" not in line
+    assert _no_collections(tmp_path / "store")

@@ -232,10 +232,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's own message is many lines of advice (weights_only=False ...): keep one line
+        msg = str(exc)
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        detail = next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if "WeightsUnpickler error" in ln),
+                      lines[0] if lines else type(exc).__name__)
+        why = ("it holds pickled objects other than tensors, refused for safety" if "unsupported global" in
+               msg.lower() else f"{type(exc).__name__}: {detail[:200]}")
         raise CbmirError(
-            f"cannot read weights file {p} ({type(exc).__name__}: {exc}); expected a state dict "
+            f"cannot read weights file {p}: not a valid state dict / checkpoint ({why}); expected a state dict "
             f"saved with torch.save(model.state_dict(), path) or a .safetensors file"
-        ) from exc
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
             sd = sd[key]
