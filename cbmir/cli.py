@@ -55,15 +55,19 @@ def _arch(source=None, name=None, strict=False, intensity=None, window=None, sli
 
 #: settings field -> (CLI option, environment variable), for one-line messages about invalid values
 _SETTING_OPTS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
-                 "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device"}
+                 "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device",
+                 "threads": "--threads"}
+ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads for extraction (1 is often fastest on a busy "
+                                                  "CPU) [CBMIR_THREADS; default one per core]")
 
 
-def _settings(data_dir=None, store_path=None, qdrant_url=None, device=None, batch_size=None, distance=None):
+def _settings(data_dir=None, store_path=None, qdrant_url=None, device=None, batch_size=None, distance=None,
+              threads=None):
     from pydantic import ValidationError
 
     try:
         s = get_settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
-                         batch_size=batch_size, distance=distance)
+                         batch_size=batch_size, distance=distance, threads=threads)
     except ValidationError as exc:
         parts = []
         for e in exc.errors():
@@ -151,6 +155,10 @@ def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
     from search.store import open_store
 
     source = open_source(dataset, size, data_dir=s.data_dir, download=True, **(arch or {}))
+    if s.threads and backend == "torch":
+        import torch
+
+        torch.set_num_threads(int(s.threads))
     extractor = create_extractor(model.lower(), weights=weights, random_init=random_init, device=s.device,
                                  batch_size=s.batch_size, backend=backend)
     embedder = make_embedder(extractor, size=size, is_3d=source.is_3d, aggregation=aggregation)
@@ -243,12 +251,13 @@ def ingest_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                qdrant_url: Optional[str] = UrlOpt,
                device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [CBMIR_DEVICE]"),
                batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[CBMIR_BATCH_SIZE]"),
+               threads: Optional[int] = ThreadsOpt,
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
                fit: str = FitOpt) -> None:
     """Embed a dataset's splits and upsert them into its collection (idempotent, resumable)."""
-    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance)
+    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance, threads)
     store, _ = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
                           tuple(x.strip() for x in splits.split(",") if x.strip()), volume_aggregation,
                           arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
@@ -289,7 +298,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the result JSON here"),
             data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
             qdrant_url: Optional[str] = UrlOpt, device: Optional[str] = typer.Option(None, "--device"),
-            batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size"), threads: Optional[int] = ThreadsOpt,
             source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
             intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
             slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
@@ -298,7 +307,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
     from evaluation.evaluate import evaluate_collection
     from ingest.sources import check_evaluable
 
-    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance)
+    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance, threads)
     _check_k(k)  # before the ingest (minutes), not after it
     _check_output(output)
     t0 = time.perf_counter()
@@ -479,7 +488,7 @@ def benchmark_cmd(
         data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
         qdrant_url: Optional[str] = UrlOpt, device: Optional[str] = typer.Option(None, "--device"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on a busy CPU)"),
+        threads: Optional[int] = ThreadsOpt,
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress")) -> None:
     """Run a grid of datasets x sizes x models (x backends x distances); resumable, one tidy results CSV."""
     from evaluation.grid import config_from_cli, parse_list, run_grid
@@ -499,9 +508,10 @@ def benchmark_cmd(
 
 @app.command("report")
 def report_cmd(
-        results: Optional[Path] = typer.Option(None, "--results",
-                                               help="results CSV of `cbmir benchmark`; omit for the published "
-                                                    "tables only"),
+        results: Optional[list[Path]] = typer.Option(None, "--results",
+                                                     help="results CSV of `cbmir benchmark`; repeat to merge "
+                                                          "tables (a later table wins a shared cell); omit for "
+                                                          "the published tables only"),
         output: Path = typer.Option(Path("reports"), "--output", "-o", help="output directory"),
         store_path: Optional[Path] = typer.Option(None, "--store-path",
                                                   help="store for the t-SNE figure [the rows' store]"),
@@ -513,7 +523,7 @@ def report_cmd(
     """Markdown report with PNG figures: the study's Tables S1-S4, 3-7 and Figures 3-11, ours beside the paper's."""
     from evaluation.report import build_report
 
-    out = build_report(results, output, store_path=store_path, qdrant_url=qdrant_url,
+    out = build_report(results or None, output, store_path=store_path, qdrant_url=qdrant_url,
                        tsne_collection=tsne_collection, tsne=tsne, n_boot=n_boot)
     typer.echo(f"wrote {out.markdown} ({len(out.figures)} figures)")
     for note in out.notes:

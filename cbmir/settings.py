@@ -31,6 +31,8 @@ class Settings(BaseSettings):
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: images per extractor forward pass.
         num_workers: DataLoader workers for preprocessing (0 = in the main process).
+        threads: torch intra-op CPU threads for extraction (``CBMIR_THREADS``; None = torch's default,
+            one per core). On a shared or oversubscribed CPU, 1 is often several times faster.
     """
 
     model_config = SettingsConfigDict(env_prefix="CBMIR_", env_file=".env", extra="ignore")
@@ -44,6 +46,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=0, ge=0)
+    threads: int | None = Field(default=None, ge=1)
     distance: Literal["cosine", "euclidean"] = "cosine"
 
 

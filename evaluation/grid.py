@@ -160,7 +160,7 @@ class GridConfig:
         retry_failed: re-run cells whose row says ``failed`` (default) instead of skipping them.
         download: let the dataset reader download missing files.
         latency_sample: queries timed one by one for the latency percentiles.
-        threads: torch intra-op CPU threads for the run (None: torch's default). On a shared,
+        threads: torch intra-op CPU threads for the run (None: ``CBMIR_THREADS``, else torch's default). On a shared,
             oversubscribed CPU one thread is several times faster (OpenMP threads spin-wait).
         progress: show tqdm progress bars.
     """
@@ -985,10 +985,11 @@ class _TableLock:
 
 
 def _run_grid_locked(config: GridConfig, cells: list[Cell], runner, say) -> GridSummary:
-    if config.threads:
+    threads = config.threads or _settings_for(config).threads  # --threads / grid file, else CBMIR_THREADS
+    if threads:
         import torch
 
-        torch.set_num_threads(int(config.threads))
+        torch.set_num_threads(int(threads))
     results = config.results
     results_dir = results.parent
     records = read_results(results).to_dict("records")

@@ -667,7 +667,9 @@ def plot_acc1_by_size(values: pd.DataFrame, path: Path, title: str, *, majority:
             hi = np.array([float(sub.at[m, "hi"]) if m in sub.index else np.nan for m in models])
             hh = np.array(h)
             if np.isfinite(lo).any():
-                err = np.vstack([np.where(np.isfinite(lo), hh - lo, 0), np.where(np.isfinite(hi), hi - hh, 0)])
+                # clipped at 0: a table value outside its per-query CI (flagged in the statistics section)
+                err = np.maximum(0, np.vstack([np.where(np.isfinite(lo), hh - lo, 0),
+                                               np.where(np.isfinite(hi), hi - hh, 0)]))
         ax.bar(offs, h, width=width * 0.95, color=color, label=f"{s} px" if s else str(s), yerr=err,
                capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
         if paper is not None and len(paper):
@@ -875,13 +877,52 @@ def _tsne_section(df: pd.DataFrame, fig_dir: Path, out: ReportOutput, *, store_p
     return (f"Figure 11: t-SNE of the database (train) features of `{name}` ({row['label']})", path)
 
 
-def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *, store_path=None,
+def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, list[str]]:
+    """One results table from several (e.g. grids run in parallel or on different machines).
+
+    Each table is read with :func:`evaluation.grid.read_results`; relative ``per_query_file`` paths are
+    made absolute against their own table's folder. Where two tables hold the same cell
+    (:data:`evaluation.grid.KEY`), the row of the later table wins.
+
+    Returns:
+        (table, notes): ``notes`` names each cell found in more than one table.
+
+    Raises:
+        CbmirError: a path is missing or not a results table (names the path).
+    """
+    from evaluation.grid import KEY, read_results
+
+    frames = []
+    for p in paths:
+        rp = Path(p)
+        if not rp.is_file():
+            raise CbmirError(f"results table {rp} does not exist; run `cbmir benchmark --results {rp}` first, "
+                             "or omit --results for the published tables only")
+        t = read_results(rp)
+        t["per_query_file"] = [_abs(f, rp.parent).resolve().as_posix() if isinstance(f, str) and f else f
+                               for f in t["per_query_file"]]
+        t["_table"] = str(rp)
+        frames.append(t)
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    notes = []
+    dup = df.duplicated(list(KEY), keep="last")
+    for r in df[dup].to_dict("records"):
+        notes.append(f"cell {r['dataset']}@{r['size']} {r['model']}/{r['backend']} {r['distance']}"
+                     f"{' random-init' if r['random_init'] else ''} is in more than one table; "
+                     f"the row of the later table is used")
+    df = df[~dup].drop(columns="_table").reset_index(drop=True)
+    return df, notes
+
+
+def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None, output: str | os.PathLike, *,
+                 store_path=None,
                  qdrant_url: str | None = None, tsne_collection: str | None = None, tsne: bool = True,
                  tsne_max_points: int = 2000, n_boot: int = 2000, seed: int = 0) -> ReportOutput:
     """Write the report (``<output>/report.md``, ``<output>/figures/*.png``, statistics CSVs).
 
     Args:
-        results: results CSV of :func:`evaluation.grid.run_grid`, or None for the published tables only.
+        results: results CSV of :func:`evaluation.grid.run_grid`, a list of them (merged by
+            :func:`read_results_tables`), or None for the published tables only.
         output: output directory (created).
         store_path / qdrant_url: store holding the t-SNE collection (default: each row's ``store``).
         tsne_collection: collection of the t-SNE figure (default: the 2D row with the best ACC@1,
@@ -896,8 +937,6 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
     Raises:
         CbmirError: ``results`` is given but missing or not a results table.
     """
-    from evaluation.grid import read_results
-
     out_dir = Path(output)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -909,13 +948,12 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
                  "database, test split = queries, exact top-k; metrics in percent (mAP@5, mMV@5, ACC@1/3/5).\n")
 
     df = None
-    if results is not None:
-        rp = Path(results)
-        if not rp.is_file():
-            raise CbmirError(f"results table {rp} does not exist; run `cbmir benchmark --results {rp}` first, "
-                             "or omit --results for the published tables only")
-        df = prepare_results(read_results(rp))
-        results_dir = rp.parent
+    tables = [] if results is None else ([results] if isinstance(results, (str, os.PathLike)) else list(results))
+    if tables:
+        merged, merge_notes = read_results_tables(tables)
+        out.notes.extend(merge_notes)
+        df = prepare_results(merged)
+        results_dir = Path(tables[0]).parent  # per-query paths are absolute after the merge
     if df is None or df.empty:
         lines.append("No results table given: this report holds the study's published tables only.\n")
         _published_section(lines, out)
@@ -934,7 +972,8 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
     distances = [d for d in ("cosine", "euclidean") if d in set(ok["distance"])]
     # ------------------------------------------------------------------ provenance
     lines.append("## Runs\n")
-    lines.append(f"Results table: `{Path(results).resolve()}` — {len(df)} cells, {len(ok)} ok, "
+    lines.append(f"Results table{'s' if len(tables) > 1 else ''}: "
+                 f"{', '.join(f'`{Path(t).resolve()}`' for t in tables)} — {len(df)} cells, {len(ok)} ok, "
                  f"{len(failed)} failed. Distances: {', '.join(distances) or 'none'}.")
     vers = []
     for c in ("cbmir_version", "torch_version", "timm_version", "qdrant_edge_version", "numpy_version",
@@ -1078,6 +1117,14 @@ def build_report(results: str | os.PathLike | None, output: str | os.PathLike, *
                      "interval; `evaluation.stats.bootstrap_ci`)\n")
         lines.append(f"Every metric was recomputed from the saved per-query top-k labels; largest difference "
                      f"to the table: {worst:.2g} pp.\n")
+        bad = ci[ci["check"] > 1e-6]
+        if not bad.empty:
+            cells = sorted({f"{dataset_display_name(r['dataset'])}@{int(r['size'])} {r['label']} {r['distance']}"
+                            for r in bad.to_dict("records")})
+            msg = (f"per-query files disagree with the results table for {', '.join(cells)}: the file may come "
+                   "from another run of that cell; re-run the cell to make them agree")
+            lines.append(f"**Warning:** {msg}.\n")
+            out.notes.append(msg)
         wide = []
         for (d, s, lab, dist), g in ci.groupby(["dataset", "size", "label", "distance"], sort=False):
             rec = {"Dataset": dataset_display_name(d), "size": int(s), "Model": lab, "distance": dist,

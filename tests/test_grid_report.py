@@ -358,6 +358,43 @@ def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_pa
     assert dist["identical top-k"] == 100.0  # HOG vectors are unit-norm: both distances rank alike
 
 
+def test_report_merges_tables_from_different_folders(tiny_grid, tmp_path):
+    """Two tables (e.g. grids run in parallel): relative per-query paths resolve against each table's own
+    folder, and a cell in both tables takes the later table's row, with a note."""
+    import shutil
+
+    from cbmir.cli import app
+    from typer.testing import CliRunner
+
+    cfg, _, root = tiny_grid
+    df = pd.read_csv(cfg.results)
+    ok = df[df["status"] == "ok"]
+    cos, euc = ok[ok["distance"] == "cosine"], ok[ok["distance"] == "euclidean"]
+    other = tmp_path / "elsewhere"
+    (other / "per_query").mkdir(parents=True)
+    for f in euc["per_query_file"]:
+        shutil.copy(cfg.results.parent / f, other / f)  # same relative path, other folder
+    euc_changed = euc.assign(**{"ACC@1": 12.5})
+    pd.concat([cos, euc]).to_csv(tmp_path / "a.csv", index=False)  # relative paths resolve from tmp_path: none there
+    shutil.copytree(cfg.results.parent / "per_query", tmp_path / "per_query")
+    euc_changed.to_csv(other / "b.csv", index=False)
+    res = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "a.csv"), "--results",
+                                   str(other / "b.csv"), "-o", str(tmp_path / "rep"), "--no-tsne", "--n-boot", "50"])
+    assert res.exit_code == 0, res.output
+    assert "is in more than one table; the row of the later table is used" in res.output
+    assert "per-query files disagree with the results table for BreastMNIST@28 HOG" in res.output  # 12.5 edited
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Results tables: " in md and "b.csv" in md
+    from evaluation.report import read_results_tables
+
+    merged, notes = read_results_tables([tmp_path / "a.csv", other / "b.csv"])
+    assert len(merged) == 2 and len(notes) == 1
+    e = merged[merged["distance"] == "euclidean"].iloc[0]
+    assert e["ACC@1"] == 12.5 and e["per_query_file"] == (other / euc["per_query_file"].iloc[0]).resolve().as_posix()
+    with pytest.raises(CbmirError, match="nope.csv does not exist"):
+        read_results_tables([tmp_path / "a.csv", tmp_path / "nope.csv"])
+
+
 # --------------------------------------------------------------------------- Euclidean end to end
 class _ArraySource:
     """A tiny in-memory dataset whose 'images' are the feature vectors themselves."""

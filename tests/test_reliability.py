@@ -896,6 +896,7 @@ def test_invalid_option_values_are_one_error_line(tmp_path, data_dir):
     _one_error(*run_main(*base, "--distance", "manhattan", "--store-path", store), "--distance", "manhattan",
                "cosine", "euclidean")
     _one_error(*run_main(*base, "--batch-size", "0", "--store-path", store), "--batch-size", ">= 1")
+    _one_error(*run_main(*base, "--threads", "0", "--store-path", store), "--threads", "CBMIR_THREADS", ">= 1")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     _one_error(*run_main(*base, "--store-path", a_file), "--store-path", str(a_file), "not a directory")
@@ -905,6 +906,33 @@ def test_invalid_option_values_are_one_error_line(tmp_path, data_dir):
     _one_error(*run_main("export", "-d", FLAG, "-m", "hog", "--store-path", store, "-o", tmp_path / "nope" / "x.npz"),
                "--output", str(tmp_path / "nope"), "does not exist")
     assert _no_collections(store)
+
+
+def test_threads_option_and_env_set_torch_threads_before_extraction(tmp_path, data_dir, monkeypatch):
+    """--threads N (or CBMIR_THREADS) is in force when the extractor is built."""
+    import torch
+
+    import ingest.extractors as ex
+
+    seen = []
+
+    def stop(*a, **kw):
+        seen.append(torch.get_num_threads())
+        raise CbmirError("stop here")
+
+    monkeypatch.setattr(ex, "create_extractor", stop)
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    try:
+        base = ["run", "-d", FLAG, "-m", "resnet50", "--random-init", "--data-dir", data_dir,
+                "--store-path", tmp_path / "s"]
+        _one_error(*run_main(*base, "--threads", target), "stop here")
+        torch.set_num_threads(before)
+        monkeypatch.setenv("CBMIR_THREADS", str(target))
+        _one_error(*run_main(*base), "stop here")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [target, target]
 
 
 def test_k_checked_before_ingest_and_against_database_size(tmp_path, data_dir, clean_store):
