@@ -43,6 +43,8 @@ IntensityOpt = typer.Option(None, "--intensity", help="user archive pixel rule: 
 WindowOpt = typer.Option(None, "--window", help="user archive: intensity window CENTER,WIDTH (e.g. 40,400 for CT)")
 SliceAxisOpt = typer.Option(None, "--slice-axis", help="volumes: axis sliced [NIfTI: 2 = axial after RAS+; .npy: 0]")
 DicomModeOpt = typer.Option("auto", "--dicom-mode", help="DICOM: auto | 2d | 3d (series/multi-frame as volumes)")
+RECREATE_HELP = ("replace an existing collection: built beside it and swapped in when complete (the old one stays "
+                 "intact until then; re-running resumes)")
 FitOpt = typer.Option("stretch", "--fit", help="user archive 2D resize: stretch | pad | crop")
 
 
@@ -246,7 +248,7 @@ def ingest_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                backend: str = BackendOpt, distance: Optional[str] = DistanceOpt,
                volume_aggregation: str = AggOpt,
                splits: str = typer.Option("train,test", "--splits", help="comma-separated splits"),
-               recreate: bool = typer.Option(False, "--recreate", help="delete an existing collection first"),
+               recreate: bool = typer.Option(False, "--recreate", help=RECREATE_HELP),
                data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
                qdrant_url: Optional[str] = UrlOpt,
                device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [CBMIR_DEVICE]"),
@@ -294,7 +296,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
             weights: Optional[str] = typer.Option(None, "--weights", help="local weights file or directory"),
             random_init: bool = typer.Option(False, "--random-init", help="random weights (tests/smoke runs only)"),
             backend: str = BackendOpt, distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
-            k: int = typer.Option(5, "--k"), recreate: bool = typer.Option(False, "--recreate"),
+            k: int = typer.Option(5, "--k"), recreate: bool = typer.Option(False, "--recreate", help=RECREATE_HELP),
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the result JSON here"),
             data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
             qdrant_url: Optional[str] = UrlOpt, device: Optional[str] = typer.Option(None, "--device"),

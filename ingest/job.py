@@ -32,6 +32,9 @@ from ingest.pipeline import BackgroundWriter, prefetch
 from search.schema import CollectionMeta, collection_name, make_payload
 from search.store import VectorStore
 
+#: Suffix of the staging collection in which ``--recreate`` builds the new points (:func:`ingest`).
+STAGING_SUFFIX = "__recreate"
+
 
 @dataclass
 class IngestReport:
@@ -90,10 +93,9 @@ def _source_extra(source: DatasetSource) -> dict:
 def check_fingerprint(name: str, stored: CollectionMeta, meta: CollectionMeta, source=None) -> None:
     """Raise :class:`CbmirError` when ``stored`` records a source fingerprint other than ``meta``'s (the
     archive changed since it was ingested). Collections without one (older, MedMNIST) are not checked."""
-    old = (stored.extra or {}).get("source_fingerprint")
-    new = (meta.extra or {}).get("source_fingerprint")
-    if not old or new is None or old == new:
+    if not _fingerprint_changed(stored, meta):
         return
+    old, new = stored.extra["source_fingerprint"], meta.extra["source_fingerprint"]
     changed = sorted(sp for sp in set(old) | set(new) if old.get(sp) != new.get(sp))
     where = f" ({getattr(source, 'root', '')})" if getattr(source, "root", None) is not None else ""
     raise CbmirError(
@@ -140,8 +142,10 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
         store: the vector store.
         splits: splits to ingest; the study uses ``train`` as database and ``test`` as queries.
         batch_size: items per extraction batch.
-        recreate: replace an existing collection (of any configuration or source); it is deleted
-            right before the first point is written, after the source was read and embedded.
+        recreate: replace an existing collection (of any configuration or source). The new points
+            are built in the staging collection :func:`staging_name` and swapped in
+            (:meth:`search.store.VectorStore.replace_collection`) only once every split is complete;
+            until then the old collection is untouched, and re-running resumes the staging one.
 
     Returns:
         :class:`IngestReport`.
@@ -155,26 +159,23 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     meta = build_meta(source, embedder, distance=distance)
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
                                          distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat")
-    existing = store.read_meta(name)
-    # --recreate: the old collection is deleted only right before the first write (or at the end when
-    # nothing is written), after the source was scanned and its first batch read and embedded, so that
-    # a run that fails early (--strict and a broken file, a bad extractor) leaves the old collection alone
-    pending_recreate = bool(recreate and existing is not None)
-    if not pending_recreate:
-        stored = store.ensure_collection(name, meta)  # another configuration: CbmirError
-        check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
-        meta = stored
+    # --recreate over an existing collection: the new points are built in a staging collection and
+    # swapped in only once every split is complete (store.replace_collection), so a run that fails or
+    # is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old
+    # collection intact; re-running the same command resumes the staging collection
+    target = staging_name(name) if recreate and store.read_meta(name) is not None else name
+    if target != name:
+        staged = store.read_meta(target)
+        if staged is not None and (staged.differences(meta) or _fingerprint_changed(staged, meta)):
+            store.delete_collection(target)  # left by a --recreate of another configuration / source
+    stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
+    check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
+    meta = stored
     report = IngestReport(collection=name, meta=meta)
-
-    def do_recreate() -> None:
-        nonlocal pending_recreate
-        if pending_recreate:
-            store.ensure_collection(name, meta, recreate=True)
-            pending_recreate = False
 
     for split in splits:
         n = source.split_size(split)
-        present = np.zeros(n, dtype=bool) if pending_recreate else _stored_rows(store, name, split, n)
+        present = _stored_rows(store, target, split, n)
         n_present = int(present.sum())
         report.resumed_from[split] = n_present
         if n_present >= n:
@@ -209,14 +210,13 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
                 payloads = [make_payload(dataset=source.name, split=split, index=int(i), label=int(lab),
                                          model=meta.model, size=int(source.size), image_id=iid, extra=ex)
                             for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
-                do_recreate()
-                writer.submit(store.upsert, name, split, batch.indices.tolist(), vecs, payloads)
+                writer.submit(store.upsert, target, split, batch.indices.tolist(), vecs, payloads)
                 written += len(batch)
                 bar.update(len(batch))
         bar.close()
         flush = getattr(store, "flush", None)
         if flush:
-            flush(name)
+            flush(target)
         dt = time.perf_counter() - t0
         report.written[split] = written
         if zeros:
@@ -229,15 +229,29 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             n_sl = written * int(getattr(embedder, "items_per_image", 1))
             report.extra.setdefault("slices", {})[split] = n_sl
             report.extra.setdefault("slices_per_s", {})[split] = n_sl / dt if dt > 0 else float("nan")
-    do_recreate()
     if report.rejected:
         total = sum(len(v) for v in report.rejected.values())
         rows = "; ".join(f"{sp} rows {_rows_text(v)}" for sp, v in report.rejected.items())
+        where = ("The collection is incomplete" if target == name else
+                 f"The old collection is unchanged; the new points wait in {target!r}")
         raise CbmirError(
             f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
-            f"all other rows are stored. The collection is incomplete: fix the extractor or the input "
+            f"all other rows are stored. {where}: fix the extractor or the input "
             f"images, then re-run the same command to embed just these rows.")
+    if target != name:
+        store.replace_collection(target, name)
     return report
+
+
+def staging_name(name: str) -> str:
+    """Collection in which ``--recreate`` builds the new points of ``name`` (:func:`ingest`)."""
+    return f"{name}{STAGING_SUFFIX}"
+
+
+def _fingerprint_changed(stored: CollectionMeta, meta: CollectionMeta) -> bool:
+    old = (stored.extra or {}).get("source_fingerprint")
+    new = (meta.extra or {}).get("source_fingerprint")
+    return bool(old) and new is not None and old != new
 
 
 def _rows_text(rows: list[int], limit: int = 20) -> str:

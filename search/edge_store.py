@@ -226,6 +226,33 @@ class EdgeStore(VectorStore):
             (d / "meta.json").unlink(missing_ok=True)  # first: a half-deleted collection reads as absent
             shutil.rmtree(d)
 
+    def replace_collection(self, staging: str, name: str) -> None:
+        """Make ``name`` the collection built in ``staging`` by renaming its directory (no copy).
+
+        Both collections are locked and closed; ``name``'s directory is first renamed aside (one
+        atomic rename), then ``staging``'s is renamed to ``name`` and the old one deleted, so at every
+        moment each complete collection exists under some directory of the store.
+
+        Raises:
+            CbmirError: ``staging`` does not exist, or another process holds either collection.
+        """
+        self.meta(staging)
+        self._lock(staging)
+        self._lock(name)
+        for n in (staging, name):
+            sh = self._shards.pop(n, None)
+            if sh is not None:
+                sh.flush()
+                sh.close()
+        dst = self._dir(name)
+        trash = self.root / f".replaced-{name}-{os.getpid()}"
+        shutil.rmtree(trash, ignore_errors=True)
+        if dst.exists():
+            os.replace(dst, trash)
+        os.replace(self._dir(staging), dst)
+        shutil.rmtree(trash, ignore_errors=True)
+        self._rerank_cache = None
+
     def list_collections(self) -> list[str]:
         return sorted(p.parent.name for p in self.root.glob("*/meta.json"))
 

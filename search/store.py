@@ -154,6 +154,31 @@ class VectorStore(ABC):
     def list_collections(self) -> list[str]:
         """Names of all collections."""
 
+    def replace_collection(self, staging: str, name: str) -> None:
+        """Make ``name`` hold the points and metadata of ``staging``, then remove ``staging``.
+
+        Used by ``--recreate`` (:func:`ingest.job.ingest`): the new points are built in ``staging``
+        while the old collection stays intact, so a run that fails or is interrupted part-way never
+        loses it. This default (a Qdrant server, which has no rename) deletes ``name``, creates it with
+        ``staging``'s metadata, copies every point (vectors and payload) page by page and deletes
+        ``staging`` last, so an interrupted copy is redone by re-running the same command; engines
+        that can rename do so (:meth:`search.edge_store.EdgeStore.replace_collection`).
+
+        Raises:
+            CbmirError: ``staging`` does not exist.
+        """
+        meta = self.meta(staging)
+        self.delete_collection(name)
+        self._create(name, meta)
+        for ids, chunks, payloads in self._scroll(staging, None, True,
+                                                  batch=rows_per_call(meta.dim, self.max_values_per_call)):
+            self._upsert(name, ids, chunks, payloads)
+        flush = getattr(self, "flush", None)
+        if flush:
+            flush(name)
+        self.delete_collection(staging)
+        self._rerank_cache = None
+
     def close(self) -> None:
         """Flush and release the engine's resources."""
 

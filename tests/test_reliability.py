@@ -676,6 +676,36 @@ def test_ensure_collection_refuses_other_distance_on_both_engines(store):
     assert store.ensure_collection("c", b, recreate=True).distance == "euclidean"
 
 
+def test_replace_collection_on_both_engines(store):
+    """``name`` ends with the staging collection's metadata and points; the staging one is gone."""
+    from search.schema import CollectionMeta, make_payload
+
+    def fill(name, meta, vecs):
+        store.ensure_collection(name, meta)
+        store.upsert(name, "train", list(range(len(vecs))), vecs,
+                     [make_payload(dataset="d", split="train", index=i, label=i % 2, model="m", size=28,
+                                   image_id=str(i)) for i in range(len(vecs))])
+
+    rng = np.random.default_rng(0)
+    fill("c", CollectionMeta(dataset="d", size=28, model="m", backend="torch", dim=4),
+         rng.standard_normal((3, 4)).astype(np.float32))
+    new = CollectionMeta(dataset="d", size=28, model="m", backend="torch", dim=6, distance="euclidean")
+    v = rng.standard_normal((5, 6)).astype(np.float32)
+    fill("c__recreate", new, v)
+    store.replace_collection("c__recreate", "c")
+    assert "c__recreate" not in store.list_collections() and store.read_meta("c__recreate") is None
+    assert store.meta("c").dim == 6 and store.meta("c").distance == "euclidean" and store.count("c") == 5
+    idx, got, payloads = store.fetch("c", "train")
+    np.testing.assert_array_equal(idx, np.arange(5))
+    np.testing.assert_allclose(got, v, rtol=1e-6)
+    assert [p["label"] for p in payloads] == [0, 1, 0, 1, 0]
+    res = store.search("c", v[:2], 1)
+    np.testing.assert_array_equal(res.indices[:, 0], [0, 1])
+    with pytest.raises(CbmirError, match="does not exist"):
+        store.replace_collection("nope", "c")
+    assert store.count("c") == 5
+
+
 # ============================================================================ 8. unknown names
 @pytest.mark.parametrize("args,words", [
     (["-d", "nosuchmnist", "-m", "hog"], ["nosuchmnist"]),

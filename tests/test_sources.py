@@ -852,6 +852,74 @@ def test_recreate_keeps_the_old_collection_when_the_new_input_fails(tmp_path):
         assert s.count("arch_16_hog", "train") == 6 and s.count("arch_16_hog", "test") == 2
 
 
+def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and_resumes(tmp_path):
+    """--strict --recreate with a broken file in a later batch: the first batches already went to the
+    staging collection, the old collection is intact; once fixed, the same command swaps the new
+    collection in (the fixed file changed the fingerprint, so the staging rows are rebuilt). An
+    interrupted --recreate resumes the staging collection: only its missing rows are embedded."""
+    from search.edge_store import EdgeStore
+    from ingest.job import staging_name
+
+    a = _tiny_archive(tmp_path / "arch")
+    store = tmp_path / "store"
+    assert _ingest_cli(a, store).exit_code == 0
+    with EdgeStore(store) as s:
+        old_ids, old_vecs, _ = s.fetch("arch_16_hog", "train")
+    b = _tiny_archive(tmp_path / "b" / "arch", seed=5)                  # new content, same name
+    good = (b / "train" / "square" / "img2.png").read_bytes()
+    (b / "train" / "square" / "img2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)  # last train row
+    r = _ingest_cli(b, store, "--strict", "--recreate", "--batch-size", "2")
+    assert isinstance(r.exception, CbmirError) and "cannot read" in str(r.exception), r.output
+    staging = staging_name("arch_16_hog")
+    with EdgeStore(store) as s:
+        ids, vecs, _ = s.fetch("arch_16_hog", "train")                   # the old collection, unchanged
+        np.testing.assert_array_equal(ids, old_ids)
+        np.testing.assert_array_equal(vecs, old_vecs)
+        assert s.count("arch_16_hog", "test") == 2
+        assert 2 <= s.count(staging, "train") < 6                       # batches before the broken file
+    (b / "train" / "square" / "img2.png").write_bytes(good)
+    r = _ingest_cli(b, store, "--recreate", "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    with EdgeStore(store) as s:
+        assert staging not in s.list_collections()
+        assert s.count("arch_16_hog", "train") == 6 and s.count("arch_16_hog", "test") == 2
+        assert not np.allclose(s.fetch("arch_16_hog", "train")[1], old_vecs)
+    assert _cli("verify", "-d", b, "-m", "hog", "-s", "16", "--store-path", store).exit_code == 0
+    fresh = tmp_path / "fresh"                                           # equals a clean ingest of b
+    assert _ingest_cli(b, fresh).exit_code == 0
+    with EdgeStore(store) as s, EdgeStore(fresh) as f:
+        np.testing.assert_array_equal(s.fetch("arch_16_hog", "train")[1], f.fetch("arch_16_hog", "train")[1])
+
+    from ingest.job import ingest
+
+    class Interrupted:                                                  # Ctrl-C after the first batch
+        def __init__(self, src):
+            self.src = src
+
+        def __getattr__(self, name):
+            return getattr(self.src, name)
+
+        def iter_batches(self, split, batch_size, start=0):
+            for i, batch in enumerate(self.src.iter_batches(split, batch_size, start=start)):
+                if i == 1:
+                    raise KeyboardInterrupt
+                yield batch
+
+    with EdgeStore(store) as s:
+        before = s.fetch("arch_16_hog", "train")[1]
+        with pytest.raises(KeyboardInterrupt):
+            ingest(Interrupted(open_source(a, 16)), _hog_embedder(16), s, batch_size=2, recreate=True,
+                   progress=False)
+        np.testing.assert_array_equal(s.fetch("arch_16_hog", "train")[1], before)
+        assert s.count(staging, "train") == 2
+        rep = ingest(open_source(a, 16), _hog_embedder(16), s, batch_size=2, recreate=True, progress=False)
+        assert rep.resumed_from["train"] == 2 and rep.written["train"] == 4
+        assert staging not in s.list_collections()
+        with EdgeStore(tmp_path / "fresh_a") as f:
+            ingest(open_source(a, 16), _hog_embedder(16), f, progress=False)
+            np.testing.assert_array_equal(s.fetch("arch_16_hog", "train")[1], f.fetch("arch_16_hog", "train")[1])
+
+
 def test_verify_accepts_files_skipped_as_unreadable(tmp_path):
     from search.edge_store import EdgeStore
 
