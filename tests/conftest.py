@@ -36,3 +36,26 @@ def store(request, tmp_path):
         s = ServerStore(location=":memory:")
     yield s
     s.close()
+
+
+class InterruptedSource:
+    """A dataset source that raises KeyboardInterrupt (like Ctrl-C or a kill) when batch ``after`` of any
+    split is about to be yielded; everything else is the wrapped source's."""
+
+    def __init__(self, src, after: int):
+        self.src, self.after = src, after
+
+    def __getattr__(self, name):
+        return getattr(self.src, name)
+
+    def iter_batches(self, split, batch_size, start=0):
+        for i, batch in enumerate(self.src.iter_batches(split, batch_size, start=start)):
+            if i == self.after:
+                raise KeyboardInterrupt
+            yield batch
+
+
+@pytest.fixture
+def interrupted():
+    """``interrupted(source, after)``: :class:`InterruptedSource`, for kill-and-resume tests."""
+    return InterruptedSource

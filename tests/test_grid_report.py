@@ -294,7 +294,7 @@ def test_second_run_skips_finished_cells_without_recomputing(tiny_grid):
     pd.testing.assert_frame_equal(ok_a, ok_b)  # the finished rows were not recomputed
 
 
-def test_interrupted_cell_resumes_and_complete_collection_is_reused(data_dir, tmp_path):
+def test_interrupted_cell_resumes_and_complete_collection_is_reused(data_dir, tmp_path, interrupted):
     from ingest.extractors import create_extractor
     from ingest.embedder import make_embedder
     from ingest.job import ingest
@@ -304,24 +304,9 @@ def test_interrupted_cell_resumes_and_complete_collection_is_reused(data_dir, tm
     store_path = tmp_path / "store"
     source = open_medmnist("breastmnist", 28, data_dir)
 
-    class Interrupting:
-        """Stops after two batches of the train split, like a kill mid-ingest."""
-
-        def __init__(self, src):
-            self.src = src
-
-        def __getattr__(self, name):
-            return getattr(self.src, name)
-
-        def iter_batches(self, split, batch_size, start=0):
-            for i, b in enumerate(self.src.iter_batches(split, batch_size, start=start)):
-                if i == 2:
-                    raise KeyboardInterrupt
-                yield b
-
     emb = make_embedder(create_extractor("hog"), size=28, is_3d=False)
     with open_store(store_path=store_path) as store, pytest.raises(KeyboardInterrupt):
-        ingest(Interrupting(source), emb, store, batch_size=64, collection="breastmnist_28_hog", progress=False)
+        ingest(interrupted(source, 2), emb, store, batch_size=64, collection="breastmnist_28_hog", progress=False)
     cfg3 = GridConfig(datasets=["breastmnist"], models=["hog"], sizes=[28], results=tmp_path / "r" / "results.csv",
                       store_path=store_path, data_dir=data_dir, progress=False, latency_sample=3)
     run_grid(cfg3, echo=lambda s: None)

@@ -852,7 +852,7 @@ def test_recreate_keeps_the_old_collection_when_the_new_input_fails(tmp_path):
         assert s.count("arch_16_hog", "train") == 6 and s.count("arch_16_hog", "test") == 2
 
 
-def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and_resumes(tmp_path):
+def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and_resumes(tmp_path, interrupted):
     """--strict --recreate with a broken file in a later batch: the first batches already went to the
     staging collection, the old collection is intact; once fixed, the same command swaps the new
     collection in (the fixed file changed the fingerprint, so the staging rows are rebuilt). An
@@ -892,23 +892,10 @@ def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and
 
     from ingest.job import ingest
 
-    class Interrupted:                                                  # Ctrl-C after the first batch
-        def __init__(self, src):
-            self.src = src
-
-        def __getattr__(self, name):
-            return getattr(self.src, name)
-
-        def iter_batches(self, split, batch_size, start=0):
-            for i, batch in enumerate(self.src.iter_batches(split, batch_size, start=start)):
-                if i == 1:
-                    raise KeyboardInterrupt
-                yield batch
-
     with EdgeStore(store) as s:
         before = s.fetch("arch_16_hog", "train")[1]
         with pytest.raises(KeyboardInterrupt):
-            ingest(Interrupted(open_source(a, 16)), _hog_embedder(16), s, batch_size=2, recreate=True,
+            ingest(interrupted(open_source(a, 16), 1), _hog_embedder(16), s, batch_size=2, recreate=True,
                    progress=False)
         np.testing.assert_array_equal(s.fetch("arch_16_hog", "train")[1], before)
         assert s.count(staging, "train") == 2
