@@ -496,6 +496,36 @@ def test_sigkill_mid_ingest_then_rerun_completes_exactly(tmp_path, data_dir, cle
             assert pay == cpay
 
 
+def test_ctrl_c_mid_ingest_says_how_to_resume_and_rerun_resumes(tmp_path, data_dir):
+    """SIGINT (Ctrl-C) to a running `cbmir run`: exit 130, one line saying to re-run, no traceback;
+    the points acknowledged so far are kept and the same command resumes from them."""
+    from search.edge_store import EdgeStore
+
+    store, bs = tmp_path / "store", 8
+    args = _cli_cmd("run", "-d", FLAG, "-s", SIZE, "-m", "hog", "--data-dir", data_dir,
+                    "--store-path", store, "--batch-size", bs)
+    p = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_progress(p, "train", N_TRAIN, at_least=40, timeout=240)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = err.decode(errors="replace")
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "interrupted: re-run the same command to resume" in err
+    with EdgeStore(store) as s:
+        kept = s.count(NAME, "train")
+    assert 0 < kept < N_TRAIN
+    r = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"[train]: resumed: {kept} rows were already stored" in r.stdout, r.stdout
+    assert "ACC@1" in r.stdout
+
+
 def test_collection_interrupted_while_being_created_is_recreated(tmp_path):
     """A kill between shard creation and meta.json (or during a delete) leaves a shard without
     metadata: the collection reads as absent and the next create replaces the leftover."""
