@@ -67,22 +67,35 @@ def _hog_embedder(size, is_3d=False):
     return make_embedder(create_extractor("hog"), size=size, is_3d=is_3d)
 
 
-def _write_ct(path: Path, hu: np.ndarray, *, series: str, instance: int, z: float, window=(40, 400),
-              description="Chest 2.5mm") -> None:
-    """A CT slice: stored = HU + 1024 (12 bits), RescaleIntercept -1024, a window and fake identity."""
+def _dicom(sop_class):
+    """A DICOM dataset of ``sop_class`` with file meta, new UIDs and the fake patient identity."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.PatientName = FAKE_PATIENT
     ds.PatientID = FAKE_ID
+    return ds
+
+
+def _save(ds, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _write_ct(path: Path, hu: np.ndarray, *, series: str, instance: int, z: float, window=(40, 400),
+              description="Chest 2.5mm") -> None:
+    """A CT slice: stored = HU + 1024 (12 bits), RescaleIntercept -1024, a window and fake identity."""
+    from pydicom.uid import CTImageStorage
+
+    ds = _dicom(CTImageStorage)
     ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
     ds.SeriesInstanceUID = series
     ds.Modality = "CT"
@@ -97,31 +110,19 @@ def _write_ct(path: Path, hu: np.ndarray, *, series: str, instance: int, z: floa
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     ds.set_pixel_data((hu + 1024).astype(np.uint16), "MONOCHROME2", 12)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    _save(ds, path)
 
 
 def _write_cr(path: Path, stored: np.ndarray, photometric="MONOCHROME1") -> None:
     """A 2D radiograph (no ImagePositionPatient), 12-bit, MONOCHROME1, no window."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ComputedRadiographyImageStorage, generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = FAKE_PATIENT
-    ds.PatientID = FAKE_ID
+    ds = _dicom(ComputedRadiographyImageStorage)
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "CR"
     ds.ViewPosition = "PA"
     ds.set_pixel_data(stored.astype(np.uint16), photometric, 12)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    _save(ds, path)
 
 
 # ----------------------------------------------------------------------------- fixtures
