@@ -914,6 +914,17 @@ def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFram
     return df, notes
 
 
+def _emit(lines: list[str], out: ReportOutput, key: str, table: pd.DataFrame, heading: str, **fmt) -> bool:
+    """Append ``heading`` and ``table`` (Markdown) to ``lines`` and keep it as ``out.tables[key]``;
+    nothing when the table is empty. Returns whether it was emitted."""
+    if table.empty:
+        return False
+    out.tables[key] = table
+    lines.append(heading)
+    lines.append(markdown_table(table, **fmt))
+    return True
+
+
 def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None, output: str | os.PathLike, *,
                  store_path=None,
                  qdrant_url: str | None = None, tsne_collection: str | None = None, tsne: bool = True,
@@ -1050,11 +1061,9 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     for size in sorted(set(int(s) for s in ok["size"])):
         for dist in distances:
             t = per_size_table(df, size, dist)
-            if t.empty:
-                continue
-            out.tables[f"size {size} {dist}"] = t
-            lines.append(f"### Table {s_names.get(size, '')} layout: {size} px ({size}³ for 3D), {dist}\n")
-            lines.append(markdown_table(t, signed=[c for c in t.columns if c.endswith("Δ")]))
+            _emit(lines, out, f"size {size} {dist}", t,
+                  f"### Table {s_names.get(size, '')} layout: {size} px ({size}³ for 3D), {dist}\n",
+                  signed=[c for c in t.columns if c.endswith("Δ")])
 
     # ------------------------------------------------------------------ Tables 3/4
     lines.append("## Averages over the 2D and the 3D datasets (Tables 3 and 4)\n")
@@ -1063,25 +1072,15 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
                  "datasets outside the study (e.g. VesselMNIST3D); `n paper` counts the matched cells.\n")
     for kind, table in (("2d", "Table 3"), ("3d", "Table 4")):
         for dist in distances:
-            t = average_table(df, kind, dist)
-            if t.empty:
-                continue
-            out.tables[f"{table} ours {dist}"] = t
-            lines.append(f"### {table} layout ({kind.upper()}), {dist}\n")
-            lines.append(markdown_table(t))
+            _emit(lines, out, f"{table} ours {dist}", average_table(df, kind, dist),
+                  f"### {table} layout ({kind.upper()}), {dist}\n")
     _published_section(lines, out)
 
     # ------------------------------------------------------------------ Table 5
     lines.append("## Size robustness (Table 5): range of ACC@1 across sizes\n")
     any_rob = False
     for dist in distances:
-        t = robustness_table(df, dist)
-        if t.empty:
-            continue
-        any_rob = True
-        out.tables[f"Table 5 ours {dist}"] = t
-        lines.append(f"### Ours, {dist}\n")
-        lines.append(markdown_table(t))
+        any_rob |= _emit(lines, out, f"Table 5 ours {dist}", robustness_table(df, dist), f"### Ours, {dist}\n")
     if not any_rob:
         lines.append("No (dataset, model) was run at two or more sizes.\n")
     lines.append("### Published (all sizes)\n")
