@@ -4,7 +4,7 @@ Every *cell* of the grid is one run of the study's protocol (DESIGN.md §1): ing
 (database) and the test split (queries) of one dataset at one size with one extractor into one
 collection, then query every test image against the database (:func:`evaluation.evaluate.evaluate_collection`).
 
-Results go to **one tidy CSV table** (``--results``, default ``results/results.csv``), one row per
+Results go to **one tidy table** (``--results``, default ``results/results.csv``; Parquet for a ``.parquet`` path), one row per
 cell, keyed by :data:`KEY` = ``(dataset, size, model, backend, distance, random_init)``. The table
 is rewritten atomically (temporary file + ``os.replace``) after every cell, so an interrupted grid
 loses at most the cell in progress. Columns (:data:`COLUMNS`; units in the names or below):
@@ -358,7 +358,8 @@ def expand_cells(config: GridConfig) -> list[Cell]:
 
 # ----------------------------------------------------------------------------- results table
 def read_results(path: str | os.PathLike) -> pd.DataFrame:
-    """The results table at ``path`` (empty, with :data:`COLUMNS`, when the file does not exist).
+    """The results table at ``path``: CSV, or Parquet when it ends in ``.parquet`` (empty, with
+    :data:`COLUMNS`, when the file does not exist).
 
     Types: ``size`` int, boolean columns bool, metrics and timings float; extra columns kept.
 
@@ -369,9 +370,10 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     if not p.exists():
         return pd.DataFrame(columns=list(COLUMNS))
     try:
-        df = pd.read_csv(p, keep_default_na=True)
+        df = pd.read_parquet(p, engine="pyarrow") if _is_parquet(p) else pd.read_csv(p, keep_default_na=True)
     except Exception as e:
-        raise CbmirError(f"results table {p} does not parse as CSV: {e}") from None
+        raise CbmirError(f"results table {p} does not parse as {'Parquet' if _is_parquet(p) else 'CSV'}: "
+                         f"{e}") from None
     missing = [c for c in KEY if c not in df.columns]
     if missing:
         raise CbmirError(f"results table {p} lacks key column(s) {missing}; is it a cbmir results table?")
@@ -395,6 +397,10 @@ def _to_bool(v) -> bool:
     return str(v).strip().lower() in ("true", "1", "yes")
 
 
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
 def _key_of(row: Mapping) -> tuple:
     return (str(row["dataset"]), int(row["size"]), str(row["model"]), str(row["backend"]),
             str(row["distance"]), _to_bool(row["random_init"]))
@@ -403,7 +409,8 @@ def _key_of(row: Mapping) -> tuple:
 def write_results(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` to ``path`` atomically (temporary file in the same directory + ``os.replace``).
 
-    Columns are ordered as :data:`COLUMNS`, extra columns after them.
+    CSV, or Parquet (pyarrow) when ``path`` ends in ``.parquet``. Columns are ordered as
+    :data:`COLUMNS`, extra columns after them.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -411,8 +418,15 @@ def write_results(df: pd.DataFrame, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the table is an ordinary shared file
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            df[cols].to_csv(fh, index=False)
+        with os.fdopen(fd, "wb") as fh:
+            if _is_parquet(p):
+                out = df[cols].copy()
+                for c in out.columns[out.dtypes == object]:  # mixed str/NaN object columns -> str or null
+                    out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v))
+                                        else str(v))
+                out.to_parquet(fh, index=False, engine="pyarrow")
+            else:
+                fh.write(df[cols].to_csv(index=False, lineterminator="\n").encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)

@@ -343,6 +343,25 @@ def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_pa
     assert dist["identical top-k"] == 100.0  # HOG vectors are unit-norm: both distances rank alike
 
 
+def test_results_table_as_parquet_reads_back_equal_and_reports(tiny_grid, tmp_path):
+    from evaluation.grid import write_results
+
+    cfg, _, _ = tiny_grid
+    csv_df = read_results(cfg.results)
+    pq = cfg.results.with_suffix(".parquet")                      # beside the CSV: per-query paths resolve
+    write_results(csv_df, pq)
+    assert pq.read_bytes()[:4] == b"PAR1"
+    pq_df = read_results(pq)
+    pd.testing.assert_frame_equal(pq_df[csv_df.columns], csv_df, check_dtype=False)
+    assert set(pq_df["status"]) == {"ok", "failed"} and "" in set(pq_df["error"])
+    out = build_report(pq, tmp_path / "rep", tsne=False, n_boot=50)
+    assert out.tables["ci"]["check"].max() < 1e-9
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(CbmirError, match="does not parse as Parquet"):
+        read_results(tmp_path / "bad.parquet")
+    pq.unlink()
+
+
 def test_report_merges_tables_from_different_folders(tiny_grid, tmp_path):
     """Two tables (e.g. grids run in parallel): relative per-query paths resolve against each table's own
     folder, and a cell in both tables takes the later table's row, with a note."""
