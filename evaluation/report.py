@@ -447,6 +447,26 @@ def ci_table(df: pd.DataFrame, results_dir: Path, n_boot: int = 2000, seed: int 
                                       "n", "value", "lo", "hi", "check"])
 
 
+_CI_MISMATCH_MARK = "†"
+
+
+def _cells_without_ci(df: pd.DataFrame, ci: pd.DataFrame, results_dir: Path) -> list[str]:
+    """``ok`` rows of ``df`` absent from ``ci``, each with why (per-query file not saved / not found)."""
+    have = set(zip(ci["dataset"], ci["size"].astype(int), ci["label"], ci["distance"]))
+    out = []
+    for r in _sort_rows(_ok(df)).to_dict("records"):
+        if (r["dataset"], int(r["size"]), r["label"], r["distance"]) in have:
+            continue
+        f = r.get("per_query_file")
+        if not (isinstance(f, str) and f):
+            why = "no per-query file saved"
+        else:
+            why = f"per-query file {_abs(f, results_dir)} " + ("unusable" if _abs(f, results_dir).is_file()
+                                                               else "not found")
+        out.append(f"{dataset_display_name(r['dataset'])}@{int(r['size'])} {r['label']} {r['distance']} ({why})")
+    return out
+
+
 def tie_diagnostics(df: pd.DataFrame, results_dir: Path, threshold: float = 10.0) -> pd.DataFrame:
     """Rows whose retrieval is decided by ties: the percentage of queries whose k scores are all equal.
 
@@ -881,36 +901,47 @@ def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFram
     """One results table from several (e.g. grids run in parallel or on different machines).
 
     Each table is read with :func:`evaluation.grid.read_results`; relative ``per_query_file`` paths are
-    made absolute against their own table's folder. Where two tables hold the same cell
-    (:data:`evaluation.grid.KEY`), the row of the later table wins.
+    made absolute against their own table's folder; a table given twice (same resolved path) is read
+    once. Where two tables hold the same cell (:data:`evaluation.grid.KEY`), an ``ok`` row wins over
+    one of another status (``failed``); among rows of the same status the later table's row wins.
 
     Returns:
-        (table, notes): ``notes`` names each cell found in more than one table.
+        (table, notes): ``notes`` names each cell found in more than one table and whose row is used.
 
     Raises:
         CbmirError: a path is missing or not a results table (names the path).
     """
     from evaluation.grid import KEY, read_results
 
-    frames = []
+    frames, seen = [], set()
     for p in paths:
         rp = Path(p)
         if not rp.is_file():
             raise CbmirError(f"results table {rp} does not exist; run `cbmir benchmark --results {rp}` first, "
                              "or omit --results for the published tables only")
+        if rp.resolve() in seen:
+            continue
+        seen.add(rp.resolve())
         t = read_results(rp)
         t["per_query_file"] = [_abs(f, rp.parent).resolve().as_posix() if isinstance(f, str) and f else f
                                for f in t["per_query_file"]]
         t["_table"] = str(rp)
         frames.append(t)
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df["_pos"] = np.arange(len(df))
+    df["_last"] = df.groupby(list(KEY), sort=False)["_pos"].transform("max")
+    multi = df.duplicated(list(KEY), keep=False)
+    # the row kept for a cell: the last of its ok rows, else the last row
+    ranked = df.assign(_is_ok=df["status"] == "ok").sort_values(["_is_ok", "_pos"], kind="stable")
+    kept = ranked.index[~ranked.duplicated(list(KEY), keep="last")]
+    df = df.loc[sorted(kept, key=lambda i: df.at[i, "_pos"])]
     notes = []
-    dup = df.duplicated(list(KEY), keep="last")
-    for r in df[dup].to_dict("records"):
+    for r in df[multi.loc[df.index]].to_dict("records"):
+        which = ("the row of the later table is used" if r["_pos"] == r["_last"]
+                 else f"the ok row of {r['_table']} is used, not a later table's non-ok row")
         notes.append(f"cell {r['dataset']}@{r['size']} {r['model']}/{r['backend']} {r['distance']}"
-                     f"{' random-init' if r['random_init'] else ''} is in more than one table; "
-                     f"the row of the later table is used")
-    df = df[~dup].drop(columns="_table").reset_index(drop=True)
+                     f"{' random-init' if r['random_init'] else ''} is in more than one table; {which}")
+    df = df.drop(columns=["_table", "_pos", "_last"]).reset_index(drop=True)
     return df, notes
 
 
@@ -1126,12 +1157,20 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
             out.notes.append(msg)
         wide = []
         for (d, s, lab, dist), g in ci.groupby(["dataset", "size", "label", "distance"], sort=False):
-            rec = {"Dataset": dataset_display_name(d), "size": int(s), "Model": lab, "distance": dist,
+            mark = _CI_MISMATCH_MARK if float(g["check"].max()) > 1e-6 else ""
+            rec = {"Dataset": dataset_display_name(d), "size": int(s), "Model": lab + mark, "distance": dist,
                    "n": int(g["n"].iloc[0])}
             for r in g.to_dict("records"):
                 rec[r["metric"]] = f"{r['value']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
             wide.append(rec)
         lines.append(markdown_table(pd.DataFrame(wide)))
+        if not bad.empty:
+            lines.append(f"{_CI_MISMATCH_MARK} per-query file disagrees with the table; CI not comparable.\n")
+        without = _cells_without_ci(df, ci, results_dir)
+        if without:
+            msg = f"no CIs for {', '.join(without)}"
+            lines.append(f"**Note:** {msg}.\n")
+            out.notes.append(msg)
         pt = paired_table(df, results_dir, n_boot=n_boot, seed=seed)
         out.tables["paired"] = pt
         if not pt.empty:

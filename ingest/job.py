@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ingest.base import Batch, CbmirError, DatasetSource
 from ingest.pipeline import BackgroundWriter, prefetch
-from search.schema import CollectionMeta, collection_name, make_payload
+from search.schema import CollectionMeta, DamagedMetaError, collection_name, make_payload
 from search.store import VectorStore
 
 #: Suffix of the staging collection in which ``--recreate`` builds the new points (:func:`ingest`).
@@ -81,9 +81,16 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
 
 
 def _source_extra(source: DatasetSource) -> dict:
-    """``n_classes`` and, for user archives, ``source_fingerprint`` (per split, see
-    :meth:`ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with the metadata."""
-    extra = {"n_classes": int(getattr(source, "n_classes", 0))}
+    """``n_classes``, ``split_sizes`` (rows per split of the source, so that evaluating an unfinished
+    collection is refused: :func:`ingest.sources.check_evaluable`), ``rows_may_be_skipped`` (a
+    non-strict user archive skips unreadable files) and, for user archives, ``source_fingerprint``
+    (per split, see :meth:`ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with
+    the metadata."""
+    from ingest.base import SPLITS
+
+    extra = {"n_classes": int(getattr(source, "n_classes", 0)),
+             "split_sizes": {sp: int(source.split_size(sp)) for sp in SPLITS},
+             "rows_may_be_skipped": getattr(source, "strict", True) is False}
     fp = getattr(source, "fingerprint", None)
     if callable(fp):
         extra["source_fingerprint"] = fp()
@@ -163,10 +170,11 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     # swapped in only once every split is complete (store.replace_collection), so a run that fails or
     # is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old
     # collection intact; re-running the same command resumes the staging collection
-    target = staging_name(name) if recreate and store.read_meta(name) is not None else name
+    # (a collection whose stored metadata is damaged counts as existing: --recreate replaces it)
+    target = staging_name(name) if recreate and _read_meta(store, name)[1] else name
     if target != name:
-        staged = store.read_meta(target)
-        if staged is not None and (staged.differences(meta) or _fingerprint_changed(staged, meta)):
+        staged, exists = _read_meta(store, target)
+        if exists and (staged is None or staged.differences(meta) or _fingerprint_changed(staged, meta)):
             store.delete_collection(target)  # left by a --recreate of another configuration / source
     stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
     check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
@@ -241,6 +249,16 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     if target != name:
         store.replace_collection(target, name)
     return report
+
+
+def _read_meta(store: VectorStore, name: str) -> tuple[CollectionMeta | None, bool]:
+    """``(metadata, exists)`` of collection ``name``; damaged metadata gives ``(None, True)``
+    (``--recreate`` replaces such a collection; without it, ensure_collection reports the damage)."""
+    try:
+        m = store.read_meta(name)
+    except DamagedMetaError:
+        return None, True
+    return m, m is not None
 
 
 def staging_name(name: str) -> str:

@@ -206,14 +206,15 @@ def test_grid_config_from_yaml_toml_and_flags(tmp_path):
 # --------------------------------------------------------------------------- the grid, tiny real case
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory, data_dir):
-    """``cbmir benchmark`` on BreastMNIST 28 px with an unknown model (fails) and HOG, cosine + Euclidean,
-    per-query files; run_cell calls are counted."""
+    """``cbmir benchmark`` on BreastMNIST 28 px with pretrained VGG19 (its weights are unreachable offline:
+    the cells fail at run time and are recorded) and HOG, cosine + Euclidean, per-query files; run_cell
+    calls are counted."""
     from typer.testing import CliRunner
 
     from cbmir.cli import app
 
     root = tmp_path_factory.mktemp("grid")
-    flags = dict(datasets="breastmnist", models="no-such-model,hog", sizes="28", distances="cosine,euclidean",
+    flags = dict(datasets="breastmnist", models="vgg19,hog", sizes="28", distances="cosine,euclidean",
                  results=root / "results" / "results.csv", store_path=root / "store", data_dir=data_dir)
     args = ["benchmark", "--save-per-query", "--no-progress"]
     for k, v in flags.items():
@@ -227,6 +228,7 @@ def tiny_grid(tmp_path_factory, data_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(grid_mod, "run_cell", counting)
+        mp.setenv("HF_HUB_OFFLINE", "1")  # the VGG19 weights check fails fast, network or not
         res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "4 cells: 2 ran, 2 failed, 0 skipped" in res.output
@@ -242,7 +244,7 @@ def test_grid_writes_rows_records_failure_and_goes_on(tiny_grid):
     assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
     assert len(df) == 4
     failed = df[df.status == "failed"]
-    assert len(failed) == 2 and failed["error"].str.contains("unknown model 'no-such-model'").all()
+    assert len(failed) == 2 and failed["error"].str.contains("no pretrained weights for model 'vgg19'").all()
     ok = df[df.status == "ok"].set_index("distance")
     assert set(ok["model"]) == {"hog"} and set(ok["backend"]) == {"numpy"}
     c = ok.loc["cosine"]
@@ -276,12 +278,12 @@ def test_second_run_skips_finished_cells_without_recomputing(tiny_grid):
 
     def runner(cell, *a, **kw):
         calls.append(cell.key)
-        raise CbmirError(f"unknown model {cell.model!r} (still)")
+        raise CbmirError(f"no pretrained weights for model {cell.model!r} (still)")
 
     summary = run_grid(cfg, cell_runner=runner, echo=lambda s: None)
     # ok cells are skipped; the two failed cells are retried (they fail again, quickly)
     assert len(summary.skipped) == 2 and len(calls) == 2
-    assert all(k[2] == "no-such-model" for k in calls)
+    assert all(k[2] == "vgg19" for k in calls)
     cfg2 = GridConfig(**{**cfg.__dict__, "retry_failed": False})
     calls.clear()
     summary = run_grid(cfg2, cell_runner=runner, echo=lambda s: None)
@@ -292,6 +294,78 @@ def test_second_run_skips_finished_cells_without_recomputing(tiny_grid):
     ok_a = after[after.status == "ok"][cols].sort_values("distance").reset_index(drop=True)
     assert len(ok_a) == 2
     pd.testing.assert_frame_equal(ok_a, ok_b)  # the finished rows were not recomputed
+
+
+def test_grid_refuses_unknown_names_sizes_and_k_before_any_cell(tmp_path):
+    from cbmir.cli import app
+    from typer.testing import CliRunner
+
+    calls = []
+
+    def runner(cell, *a, **kw):
+        calls.append(cell.key)
+        raise AssertionError("no cell may run")
+
+    results = tmp_path / "r" / "results.csv"
+    base = dict(datasets=["breastmnist"], models=["hog"], results=results, progress=False)
+    cases = [
+        (dict(models=["no-such-model", "hog"]), r"unknown model\(s\) 'no-such-model' \(valid models: .*hog"),
+        (dict(datasets=["breastmnist", "nosuchmnist"]), r"unknown dataset\(s\) 'nosuchmnist' \(valid datasets: "
+                                                        r".*breastmnist"),
+        (dict(sizes=[28, 32]), r"breastmnist has no size 32 \(valid: 28, 64, 128, 224\)"),
+        (dict(datasets={"adrenalmnist3d": [128]}), r"adrenalmnist3d has no size 128 \(valid: 28, 64\)"),
+        (dict(k=9999), r"k 9999 exceeds the 546 database points of breastmnist"),
+    ]
+    for override, pattern in cases:
+        with pytest.raises(CbmirError, match=pattern):
+            run_grid(GridConfig(**{**base, **override}), cell_runner=runner, echo=lambda s: None)
+    with pytest.raises(CbmirError, match="k must be an integer >= 1, got 0"):
+        GridConfig(**{**base, "k": 0})
+    assert calls == [] and not results.exists()
+    # the CLI: refused (not exit 0 with failed rows), every bad entry named in one message
+    res = CliRunner().invoke(app, ["benchmark", "--datasets", "breastmnist,nosuchmnist", "--models",
+                                   "hog,no-such-model", "--results", str(results), "--no-progress"])
+    assert res.exit_code != 0 and isinstance(res.exception, CbmirError)
+    assert "'no-such-model'" in str(res.exception) and "'nosuchmnist'" in str(res.exception)
+    assert not results.exists()
+    # a user archive given as a path is not refused up front (its cell opens and checks it)
+    grid_mod.validate_grid(GridConfig(**{**base, "datasets": ["./my_archive/images"]}))
+
+
+def test_run_cell_refuses_k_larger_than_the_database(data_dir, tmp_path):
+    cfg = GridConfig(datasets=["breastmnist"], models=["hog"], k=9999, data_dir=data_dir,
+                     store_path=tmp_path / "store", results=tmp_path / "results.csv", progress=False)
+    cell = expand_cells(cfg)[0]
+    with pytest.raises(CbmirError, match=r"^k 9999 exceeds the 546 database points of breastmnist@28$"):
+        grid_mod.run_cell(cell, cfg, results_dir=tmp_path, ingest_log={})
+
+
+def test_grid_reruns_finished_cells_recorded_with_another_k(tmp_path):
+    results = tmp_path / "results.csv"
+    cfg = GridConfig(datasets=["breastmnist"], models=["hog"], sizes=[28, 64], distances=["cosine", "euclidean"],
+                     k=5, results=results, progress=False)
+    old = [dict(_row("breastmnist", 28, "hog", 70.0), k=3),                         # other k: re-run
+           dict(_row("breastmnist", 28, "hog", 71.0, distance="euclidean"), k=5),   # same k: done
+           _row("breastmnist", 64, "hog", 72.0)]                                    # no k (old table): done
+    pd.DataFrame(old).to_csv(results, index=False)
+    calls, said = [], []
+
+    def runner(cell, config, **kw):
+        calls.append(cell.key)
+        return dict(_row(cell.dataset, cell.size, cell.model, 99.0, distance=cell.distance), k=config.k)
+
+    summary = run_grid(cfg, cell_runner=runner, echo=said.append)
+    assert calls == [("breastmnist", 28, "hog", "numpy", "cosine", False),
+                     ("breastmnist", 64, "hog", "numpy", "euclidean", False)]  # the missing cell
+    assert len(summary.skipped) == 2 and len(summary.ran) == 2
+    assert "re-running breastmnist@28 hog/numpy cosine: table row has k=3, grid asks k=5" in said
+    df = read_results(results).set_index(["size", "distance"]).sort_index()
+    assert len(df) == 4  # one row per cell: the k=3 row was replaced
+    assert df.loc[(28, "cosine"), "k"] == 5 and df.loc[(28, "cosine"), "ACC@1"] == 99.0
+    assert df.loc[(28, "euclidean"), "ACC@1"] == 71.0 and df.loc[(64, "cosine"), "ACC@1"] == 72.0
+    calls.clear()
+    run_grid(cfg, cell_runner=runner, echo=lambda s: None)  # now every row has k=5 (or none)
+    assert calls == []
 
 
 def test_interrupted_cell_resumes_and_complete_collection_is_reused(data_dir, tmp_path, interrupted):
@@ -330,7 +404,7 @@ def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_pa
                     "Size robustness (Table 5)", "Table 6 layout", "Table 7 layout", "95% bootstrap confidence",
                     "Cosine vs Euclidean", "Failed cells", "majority class"):
         assert heading in md, heading
-    assert "HOG (handcrafted baseline)" in md and "no-such-model" in md
+    assert "HOG (handcrafted baseline)" in md and "no pretrained weights for model 'vgg19'" in md
     assert "printed **87.39**" in md
     names = sorted(p.name for p in out.figures)
     assert names == ["acc1_breastmnist_cosine.png", "acc1_breastmnist_euclidean.png", "tsne_breastmnist_28_hog.png"]
@@ -397,6 +471,57 @@ def test_report_merges_tables_from_different_folders(tiny_grid, tmp_path):
     assert e["ACC@1"] == 12.5 and e["per_query_file"] == (other / euc["per_query_file"].iloc[0]).resolve().as_posix()
     with pytest.raises(CbmirError, match="nope.csv does not exist"):
         read_results_tables([tmp_path / "a.csv", tmp_path / "nope.csv"])
+
+
+def test_merged_tables_prefer_ok_rows_and_read_a_repeated_table_once(tmp_path, monkeypatch):
+    from evaluation.report import read_results_tables
+
+    x_ok = _row("breastmnist", 28, "hog", 80.0)
+    x_failed = dict(_row("breastmnist", 28, "hog", float("nan")), status="failed", error="boom")
+    y_a, y_b = _row("breastmnist", 64, "hog", 60.0), _row("breastmnist", 64, "hog", 65.0)
+    z_failed_a = dict(_row("breastmnist", 128, "hog", float("nan")), status="failed", error="first")
+    z_failed_b = dict(z_failed_a, error="second")
+    (tmp_path / "b").mkdir()
+    pd.DataFrame([x_ok, y_a, z_failed_a]).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame([x_failed, y_b, z_failed_b]).to_csv(tmp_path / "b" / "b.csv", index=False)
+    merged, notes = read_results_tables([tmp_path / "a.csv", tmp_path / "b" / "b.csv"])
+    m = merged.set_index("size")
+    assert len(merged) == 3
+    assert m.loc[28, "status"] == "ok" and m.loc[28, "ACC@1"] == 80.0      # a's ok beats b's later failed row
+    assert m.loc[64, "ACC@1"] == 65.0                                       # both ok: the later table
+    assert m.loc[128, "error"] == "second"                                  # both failed: the later table
+    assert len(notes) == 3
+    assert notes[0] == (f"cell breastmnist@28 hog/numpy cosine is in more than one table; the ok row of "
+                        f"{tmp_path / 'a.csv'} is used, not a later table's non-ok row")
+    assert notes[1].endswith("the row of the later table is used") and "@64" in notes[1]
+    # the same table twice (also through another spelling of its path): read once, no notes
+    monkeypatch.chdir(tmp_path / "b")
+    once, notes = read_results_tables([tmp_path / "a.csv", "../a.csv"])
+    assert notes == [] and len(once) == 3
+    pd.testing.assert_frame_equal(once, read_results_tables([tmp_path / "a.csv"])[0])
+
+
+def test_ci_table_marks_rows_whose_per_query_file_disagrees_and_lists_cells_without_cis(tiny_grid, tmp_path):
+    cfg, _, _ = tiny_grid
+    df = pd.read_csv(cfg.results)
+    ok = df[df["status"] == "ok"].copy()
+    ok["per_query_file"] = [(cfg.results.parent / f).as_posix() for f in ok["per_query_file"]]
+    ok.loc[ok["distance"] == "euclidean", "ACC@1"] = 12.5                 # disagrees with its per-query file
+    extra = dict(ok[ok["distance"] == "cosine"].iloc[0], size=64, per_query_file="per_query/gone.npz")
+    extra2 = dict(ok[ok["distance"] == "cosine"].iloc[0], size=128, per_query_file=float("nan"))
+    pd.concat([ok, pd.DataFrame([extra, extra2])]).to_csv(tmp_path / "t.csv", index=False)
+    out = build_report(tmp_path / "t.csv", tmp_path / "rep", tsne=False, n_boot=50)
+    md = out.markdown.read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| BreastMNIST | 28 | HOG (handcrafted baseline)")
+            and "[" in ln]
+    assert len(rows) == 2
+    assert [r.split(" | ")[2:4] for r in rows] == [["HOG (handcrafted baseline)", "cosine"],
+                                                   ["HOG (handcrafted baseline)†", "euclidean"]]
+    assert "† per-query file disagrees with the table; CI not comparable." in md
+    note = (f"no CIs for BreastMNIST@64 HOG (handcrafted baseline) cosine (per-query file "
+            f"{tmp_path / 'per_query' / 'gone.npz'} not found), BreastMNIST@128 HOG (handcrafted baseline) cosine "
+            f"(no per-query file saved)")
+    assert note in out.notes and f"**Note:** {note}." in md
 
 
 # --------------------------------------------------------------------------- Euclidean end to end

@@ -918,6 +918,9 @@ def test_verify_accepts_files_skipped_as_unreadable(tmp_path):
     assert r.exit_code == 0 and "skipped 1 unreadable" in r.output, r.output
     r = _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)
     assert r.exit_code == 0 and "OK arch_16_hog: train 5/6" in r.output and "1 unreadable" in r.output, r.output
+    r = _cli("evaluate", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)  # evaluated, with a note
+    assert r.exit_code == 0 and "ACC@1" in r.output, r.output
+    assert "note: collection 'arch_16_hog': train: 5 of 6 files stored" in r.output, r.output
     with EdgeStore(store) as s:                                          # a readable row lost still fails
         s.delete_points("arch_16_hog", [1 << 40 | 3])
     r = _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)

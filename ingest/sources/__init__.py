@@ -211,26 +211,45 @@ def _medmnist_flags() -> tuple[str, ...]:
     return MEDMNIST_FLAGS
 
 
-def check_evaluable(store, name: str, *, database_split: str = "train", query_split: str = "test") -> None:
-    """Refuse, with a clear message, to evaluate a collection without queries or without labels.
+def check_evaluable(store, name: str, *, database_split: str = "train", query_split: str = "test") -> list[str]:
+    """Refuse, with a clear message, to evaluate a collection that is unfinished, without queries or
+    without labels. Cheap: point counts and metadata only.
+
+    Returns:
+        Notes for the user: a non-strict user archive with fewer points than files (unreadable files
+        were skipped at ingest, or the ingest did not finish; ``cbmir verify`` tells which).
 
     Raises:
-        CbmirError: no ``database_split`` / ``query_split`` points (a user archive needs ``test/`` or
-            ``query/`` sub-folders, or a manifest ``split`` column), or the collection's metadata records
-            0 classes (an unlabelled archive). Cheap: point counts and metadata only.
+        CbmirError: fewer ``database_split`` / ``query_split`` points stored than the source has rows
+            (``split_sizes`` recorded at ingest) for a MedMNIST or ``--strict`` source: an unfinished
+            ingest; no ``database_split`` / ``query_split`` points (a user archive needs ``test/`` or
+            ``query/`` sub-folders, or a manifest ``split`` column); or the collection's metadata
+            records 0 classes (an unlabelled archive).
     """
     n_db, n_q = store.count(name, database_split), store.count(name, query_split)
+    extra = store.meta(name).extra or {}
+    sizes = extra.get("split_sizes") or {}  # recorded at ingest (ingest.job.build_meta)
+    short = {sp: (n, int(sizes[sp])) for sp, n in ((database_split, n_db), (query_split, n_q))
+             if sp in sizes and n < int(sizes[sp])}
+    if short and not extra.get("rows_may_be_skipped"):
+        have = "; ".join(f"{sp}: {n} of {m} points stored" for sp, (n, m) in short.items())
+        raise CbmirError(
+            f"collection {name!r} is incomplete ({have}): its ingest did not finish, so metrics would "
+            "cover only part of the split. Re-run the same `cbmir ingest` / `cbmir run` command to "
+            "embed the missing rows (it resumes), then evaluate; `cbmir verify` lists them.")
     if n_db == 0 or n_q == 0:
         raise CbmirError(
             f"collection {name!r} has {n_db} {database_split} (database) and {n_q} {query_split} (query) points; "
             "evaluation needs both. A user archive needs a query split: test/ (or query/) next to train/ "
             "(or database/) folders, or a 'split' column in the manifest. Search still works: `cbmir search`.")
-    n_classes = store.meta(name).extra.get("n_classes")  # recorded at ingest (ingest.job.build_meta)
+    n_classes = extra.get("n_classes")  # recorded at ingest (ingest.job.build_meta)
     if n_classes is not None and int(n_classes) == 0:
         raise CbmirError(
             f"collection {name!r} holds an unlabelled archive (no classes), so relevance (same class) is "
             "undefined and evaluation is impossible. Give labels by class sub-folders or a manifest "
             "'label' column. Search still works: `cbmir search`.")
+    return [f"collection {name!r}: {sp}: {n} of {m} files stored (unreadable files skipped at ingest, or an "
+            "unfinished ingest: `cbmir verify` tells which)" for sp, (n, m) in short.items()]
 
 
 def load_query(path: str | Path, meta, *, intensity: str | None = None, window=None,
