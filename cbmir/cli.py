@@ -7,7 +7,9 @@ Every user-facing error is a :class:`ingest.base.CbmirError`, printed as one ``e
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -43,6 +45,8 @@ IntensityOpt = typer.Option(None, "--intensity", help="user archive pixel rule: 
 WindowOpt = typer.Option(None, "--window", help="user archive: intensity window CENTER,WIDTH (e.g. 40,400 for CT)")
 SliceAxisOpt = typer.Option(None, "--slice-axis", help="volumes: axis sliced [NIfTI: 2 = axial after RAS+; .npy: 0]")
 DicomModeOpt = typer.Option("auto", "--dicom-mode", help="DICOM: auto | 2d | 3d (series/multi-frame as volumes)")
+RandomInitReadOpt = typer.Option(False, "--random-init", help="the collection built with --random-init "
+                                                              "(named <dataset>_<size>_<model>_randinit)")
 RECREATE_HELP = ("replace an existing collection: built beside it and swapped in when complete (the old one stays "
                  "intact until then; re-running resumes)")
 FitOpt = typer.Option("stretch", "--fit", help="user archive 2D resize: stretch | pad | crop")
@@ -99,6 +103,18 @@ def _settings(data_dir=None, store_path=None, qdrant_url=None, device=None, batc
     return s
 
 
+def _check_search_backend(value: str) -> None:
+    from evaluation.evaluate import SEARCH_BACKENDS
+
+    if value not in SEARCH_BACKENDS:
+        raise CbmirError(f"unknown --search-backend {value!r}; valid: {', '.join(SEARCH_BACKENDS)}")
+
+
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+
+
 def _check_output(path: Optional[Path], opt: str = "--output") -> None:
     """Refuse an output file whose folder does not exist before any work is done."""
     if path is None:
@@ -108,6 +124,16 @@ def _check_output(path: Optional[Path], opt: str = "--output") -> None:
         raise CbmirError(f"{opt} {path}: folder {parent} does not exist; create it first or choose another path")
     if Path(path).is_dir():
         raise CbmirError(f"{opt} {path} is a directory; give a file path")
+    # writable? os.access alone is not enough (root passes it even for /proc), so a file is also
+    # created and removed in the folder
+    try:
+        if not os.access(parent, os.W_OK | os.X_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+            raise PermissionError("permission denied")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".cbmir-write-check-"):
+            pass
+    except OSError as exc:
+        raise CbmirError(f"{opt} {path}: cannot write there ({exc.strerror or exc}); choose a writable "
+                         "folder") from None
 
 
 def _check_k(k: int, store=None, name: Optional[str] = None, split: str = "train") -> None:
@@ -122,14 +148,14 @@ def _check_k(k: int, store=None, name: Optional[str] = None, split: str = "train
 
 
 def _collection(dataset: str, size: int, model: str, backend: str, distance: str, aggregation: str,
-                arch: Optional[dict] = None) -> str:
+                arch: Optional[dict] = None, random_init: bool = False) -> str:
     from ingest.sources import dataset_identity
     from search.schema import collection_name
 
     _, ds_name, is_3d = dataset_identity(dataset, size, aggregation=aggregation, **(arch or {}))
     agg = aggregation if is_3d else "concat"
     return collection_name(ds_name, size, model.lower(), backend="numpy" if model == "hog" else backend,
-                           distance=distance, aggregation=agg)
+                           distance=distance, aggregation=agg, random_init=random_init)
 
 
 def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
@@ -272,7 +298,8 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
                  k: int = typer.Option(5, "--k"), output: Optional[Path] = typer.Option(None, "--output", "-o"),
                  store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                  source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
-                 dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt) -> None:
+                 dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt,
+                 random_init: bool = RandomInitReadOpt) -> None:
     """Query every test point against the train points of a collection; print the study's metrics."""
     from evaluation.evaluate import evaluate_collection
     from ingest.sources import check_evaluable
@@ -282,10 +309,10 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
     _check_k(k)
     _check_output(output)
     arch = _arch(source, name, dicom_mode=dicom_mode)
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
     with open_store(s) as store:
         meta = store.meta(name)
-        check_evaluable(store, name)
+        _notes(check_evaluable(store, name))
         _check_k(k, store, name)
         ev = evaluate_collection(store, name, k=k, search_backend=search_backend)
         _report_eval(ev, meta, _result_json(ev, None, meta, None), output)
@@ -311,6 +338,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
 
     s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance, threads)
     _check_k(k)  # before the ingest (minutes), not after it
+    _check_search_backend(search_backend)
     _check_output(output)
     t0 = time.perf_counter()
     store, rep = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
@@ -318,7 +346,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
                             arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
     t_ingest = time.perf_counter() - t0
     with store:
-        check_evaluable(store, rep.collection)
+        _notes(check_evaluable(store, rep.collection))
         _check_k(k, store, rep.collection)
         ev = evaluate_collection(store, rep.collection, k=k, search_backend=search_backend)
         _report_eval(ev, rep.meta, _result_json(ev, rep, rep.meta, t_ingest), output)
@@ -345,7 +373,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-               fit: str = FitOpt) -> None:
+               fit: str = FitOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Top-k database images for a stored point (``--query-index``) or a file (``--image``: any image format,
     DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as ingest)."""
     from search.client import SearchClient
@@ -355,11 +383,18 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
     _check_k(k)
     if (query_index is None) == (image is None):
         raise CbmirError("give exactly one of --query-index N or --image PATH")
+    from ingest.base import SPLITS
+
+    for opt, sp in (("--query-split", query_split), ("--database-split", database_split)):
+        if sp not in SPLITS:
+            raise CbmirError(f"unknown {opt} {sp!r}; valid: {', '.join(SPLITS)}")
+    if collection is not None and (dataset is not None or model is not None):
+        raise CbmirError("give either --collection NAME or --dataset with --size and --model, not both")
     if collection is None:
         if dataset is None or model is None:
             raise CbmirError("give --collection NAME, or --dataset with --size and --model")
         collection = _collection(dataset, size, model, backend, s.distance, volume_aggregation,
-                                 _arch(source, name, dicom_mode=dicom_mode))
+                                 _arch(source, name, dicom_mode=dicom_mode), random_init)
     if exclude_self and image is not None:
         raise CbmirError("--exclude-self needs --query-index (a stored point has an id; an image file has none)")
     client = SearchClient(open_store(s))
@@ -371,6 +406,8 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
 
             if not Path(image).expanduser().exists():
                 raise CbmirError(f"--image {image}: file not found; give an existing image / volume file")
+            if Path(image).expanduser().is_dir():
+                raise CbmirError(f"--image {image} is a directory; give one image / volume file")
             try:
                 images = load_query(image, meta, intensity=intensity, window=window, slice_axis=slice_axis, fit=fit)
                 hits = client.search_by_image(collection, images, k, weights=weights)[0]
@@ -403,15 +440,17 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                output: Path = typer.Option(..., "--output", "-o", help="npz file to write"),
                store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
-               dicom_mode: str = DicomModeOpt) -> None:
+               dicom_mode: str = DicomModeOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Write a collection's vectors read back from the store: ``train_vectors`` (N, D) float32,
     ``train_labels`` (N,), ``test_vectors``, ``test_labels``, rows in split order."""
     from search.store import open_store
 
     s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
+    if not str(output).endswith(".npz"):  # numpy.savez appends it: name (and check) the file it writes
+        output = Path(f"{output}.npz")
     _check_output(output)
     name = _collection(dataset, size, model, backend, s.distance, volume_aggregation,
-                       _arch(source, name, dicom_mode=dicom_mode))
+                       _arch(source, name, dicom_mode=dicom_mode), random_init)
     arrays = {}
     with open_store(s) as store:
         store.meta(name)
@@ -428,7 +467,7 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
                distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
                data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
-               qdrant_url: Optional[str] = UrlOpt) -> None:
+               qdrant_url: Optional[str] = UrlOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Check a collection against its source: counts per split, duplicate ids, labels, dims, non-finite
     vectors. Prints one line, ``OK ...`` (exit 0) or ``FAIL: <problems>`` (exit 1)."""
     from evaluation.verify import verify_collection
@@ -438,7 +477,7 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 
     s = _settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, distance=distance)
     get_spec(model)  # unknown model: CbmirError listing the valid ones
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, random_init=random_init)
     source = open_source(dataset, size, data_dir=s.data_dir)
     with open_store(s) as store:
         rep = verify_collection(store, name, source)
@@ -525,6 +564,13 @@ def report_cmd(
     """Markdown report with PNG figures: the study's Tables S1-S4, 3-7 and Figures 3-11, ours beside the paper's."""
     from evaluation.report import build_report
 
+    if n_boot < 1:  # before any work (tables, figures, t-SNE)
+        raise CbmirError(f"--n-boot {n_boot}: must be an integer >= 1 (bootstrap resamples, e.g. 2000)")
+    op = Path(output).expanduser()
+    bad = next((q for q in (op, *op.parents) if q.exists() and not q.is_dir()), None)
+    if bad is not None:
+        what = "is a file" if bad == op else f"is inside {bad}, which is a file"
+        raise CbmirError(f"--output {output} {what}; give a directory (created if missing)")
     out = build_report(results or None, output, store_path=store_path, qdrant_url=qdrant_url,
                        tsne_collection=tsne_collection, tsne=tsne, n_boot=n_boot)
     typer.echo(f"wrote {out.markdown} ({len(out.figures)} figures)")

@@ -134,6 +134,19 @@ def _as_sizes(value) -> list[int]:
         raise CbmirError(f"sizes must be integers (e.g. 28,64), got {value!r}") from e
 
 
+def _as_int(key: str, value, minimum: int = 1) -> int:
+    """Integer setting ``key`` (``5`` or ``"5"``); CbmirError naming the key and the value otherwise."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        n = int(value)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n < minimum:
+        raise CbmirError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return n
+
+
 @dataclass
 class GridConfig:
     """What to run and where to write it.
@@ -210,9 +223,14 @@ class GridConfig:
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, Path(v).expanduser())
-        if int(self.k) < 1:
-            raise CbmirError(f"k must be >= 1, got {self.k}")
-        self.k = int(self.k)
+        self.k = _as_int("k", self.k)
+        self.latency_sample = _as_int("latency_sample", self.latency_sample)
+        for name in ("batch_size", "threads"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _as_int(name, getattr(self, name)))
+        for name in ("random_init", "save_per_query", "retry_failed", "download", "progress"):
+            if not isinstance(getattr(self, name), (bool, int)):  # a string "false" would read as true
+                raise CbmirError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], **overrides) -> "GridConfig":
@@ -232,7 +250,15 @@ class GridConfig:
         if unknown:
             raise CbmirError(f"unknown grid setting(s) {unknown}; valid: {', '.join(sorted(valid))}")
         merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**merged)
+        try:
+            return cls(**merged)
+        except (TypeError, ValueError) as exc:  # a value of the wrong type: find and name its key
+            for key, value in merged.items():
+                try:
+                    cls(**{key: value})
+                except (TypeError, ValueError) as e:
+                    raise CbmirError(f"grid setting {key} = {value!r} has the wrong type ({e})") from None
+            raise CbmirError(f"invalid grid settings ({exc})") from None
 
 
 def load_grid_file(path: str | os.PathLike) -> dict:
@@ -330,7 +356,8 @@ def expand_cells(config: GridConfig) -> list[Cell]:
 
     Cells that differ only in distance are adjacent, so features are extracted once. A model
     listing a single backend collapses the backends axis; ``random_init`` is False for
-    weights-free models. Unknown models still yield cells (they fail with the registry's message).
+    weights-free models. Unknown names still yield cells here; :func:`run_grid` refuses them first
+    (:func:`validate_grid`).
 
     Raises:
         CbmirError: no datasets or no models.
@@ -354,6 +381,52 @@ def expand_cells(config: GridConfig) -> list[Cell]:
                             seen.add(cell.key)
                             cells.append(cell)
     return cells
+
+
+def validate_grid(config: GridConfig) -> None:
+    """Refuse a grid whose names cannot work, before any cell runs.
+
+    Checks the models against the extractor registry, the MedMNIST flags against ``medmnist``'s
+    list (a dataset that looks like a path is a user archive and is not checked here), each
+    flag's sizes, and ``k`` against each MedMNIST database (train split) size. Runtime failures
+    (weights unavailable, missing files) are left to the cells, which record them.
+
+    Raises:
+        CbmirError: one line naming every bad entry and the valid choices.
+    """
+    from ingest.extractors import list_specs
+    from ingest.medmnist_data import INFO, MEDMNIST_FLAGS, valid_sizes
+    from ingest.sources import _looks_like_path
+
+    problems = []
+    if int(config.k) < 1:
+        problems.append(f"k must be an integer >= 1, got {config.k}")
+    valid_models = [s.name for s in list_specs()]
+    bad_models = [m for m in config.models if _spec_or_none(m) is None]
+    if bad_models:
+        problems.append(f"unknown model(s) {', '.join(map(repr, bad_models))} (valid models: "
+                        f"{', '.join(valid_models)})")
+    bad_datasets, bad_sizes, too_small = [], [], []
+    for dataset in config.datasets:
+        if _looks_like_path(dataset):
+            continue  # a user archive: opened (and checked) by its cell
+        if dataset not in MEDMNIST_FLAGS:
+            bad_datasets.append(dataset)
+            continue
+        ok_sizes = valid_sizes(dataset)
+        wrong = [s for s in config.dataset_sizes.get(dataset, config.sizes) if int(s) not in ok_sizes]
+        if wrong:
+            bad_sizes.append(f"{dataset} has no size {', '.join(map(str, wrong))} "
+                             f"(valid: {', '.join(map(str, ok_sizes))})")
+        n_db = int(INFO[dataset]["n_samples"]["train"])
+        if config.k > n_db:
+            too_small.append(f"k {config.k} exceeds the {n_db} database points of {dataset}")
+    if bad_datasets:
+        problems.append(f"unknown dataset(s) {', '.join(map(repr, bad_datasets))} (valid datasets: "
+                        f"{', '.join(MEDMNIST_FLAGS)}, or a user-archive path)")
+    problems += bad_sizes + too_small
+    if problems:
+        raise CbmirError("grid refused before any cell ran: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- results table
@@ -404,6 +477,15 @@ def _is_parquet(path: Path) -> bool:
 def _key_of(row: Mapping) -> tuple:
     return (str(row["dataset"]), int(row["size"]), str(row["model"]), str(row["backend"]),
             str(row["distance"]), _to_bool(row["random_init"]))
+
+
+def _k_of(row: Mapping) -> int | None:
+    """The row's recorded ``k`` (None when not recorded: old tables, failed rows)."""
+    v = row.get("k")
+    try:
+        return None if v is None or v == "" or pd.isna(v) else int(float(v))
+    except (TypeError, ValueError):
+        return None
 
 
 def write_results(df: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -713,9 +795,8 @@ def _write_log(path: Path, log: dict) -> None:
 def _collection_for(cell: Cell, aggregation: str, is_3d: bool) -> str:
     from search.schema import collection_name
 
-    name = collection_name(cell.dataset, cell.size, cell.model, backend=cell.backend, distance=cell.distance,
-                           aggregation=aggregation if is_3d else "concat")
-    return name + ("_randinit" if cell.random_init else "")
+    return collection_name(cell.dataset, cell.size, cell.model, backend=cell.backend, distance=cell.distance,
+                           aggregation=aggregation if is_3d else "concat", random_init=cell.random_init)
 
 
 def _settings_for(config: GridConfig):
@@ -771,6 +852,9 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
     started = _now()
     spec = get_spec(cell.model)  # unknown model: CbmirError naming the valid ones
     source = open_medmnist(cell.dataset, cell.size, s.data_dir, download=config.download)
+    n_db = int(source.split_size("train"))
+    if config.k > n_db:  # validate_grid catches MedMNIST flags; this covers any other source
+        raise CbmirError(f"k {config.k} exceeds the {n_db} database points of {cell.dataset}@{cell.size}")
     aggregation = config.volume_aggregation
     name = _collection_for(cell, aggregation, source.is_3d)
     store_loc = _store_location(s)
@@ -953,11 +1037,15 @@ def run_grid(config: GridConfig, *, cell_runner: Callable[..., dict] | None = No
         :class:`GridSummary`. The results table is written after every cell.
 
     Raises:
-        CbmirError: the grid is empty, the results table is unreadable or another grid is writing
-            it (a lock file ``<results>.lock`` guards it). Errors inside a cell are
+        CbmirError: the grid is empty or names an unknown model / dataset / size or a ``k`` larger
+            than a database (:func:`validate_grid`, before any cell runs), the results table is
+            unreadable or another grid is writing it (a lock file ``<results>.lock`` guards it).
+            A finished row counts as done only when its ``k`` is the grid's (or unrecorded); else
+            the cell runs again and its row is replaced. Errors inside a cell are
             recorded as ``failed`` rows, never raised; KeyboardInterrupt / SIGTERM stop the grid
             (finished cells are kept; re-run the same command to resume).
     """
+    validate_grid(config)
     cells = expand_cells(config)
     config.results.parent.mkdir(parents=True, exist_ok=True)
     with _TableLock(config.results):
@@ -1007,7 +1095,7 @@ def _run_grid_locked(config: GridConfig, cells: list[Cell], runner, say) -> Grid
     results = config.results
     results_dir = results.parent
     records = read_results(results).to_dict("records")
-    done: dict[tuple, str] = {_key_of(r): str(r["status"]) for r in records}
+    done: dict[tuple, tuple[str, int | None]] = {_key_of(r): (str(r["status"]), _k_of(r)) for r in records}
     log_path = results_dir / _INGEST_LOG
     ingest_log = _read_log(log_path)
     settings = _settings_for(config)
@@ -1015,8 +1103,11 @@ def _run_grid_locked(config: GridConfig, cells: list[Cell], runner, say) -> Grid
 
     todo = []
     for cell in cells:
-        status = done.get(cell.key)
-        if status == "ok" or (status == "failed" and not config.retry_failed):
+        status, row_k = done.get(cell.key, (None, None))
+        if status == "ok" and row_k is not None and row_k != config.k:
+            say(f"re-running {cell.label()}: table row has k={row_k}, grid asks k={config.k}")
+            todo.append(cell)
+        elif status == "ok" or (status == "failed" and not config.retry_failed):
             summary.skipped.append(cell)
         else:
             todo.append(cell)
@@ -1067,4 +1158,9 @@ def config_from_cli(config_file: str | os.PathLike | None = None, **flags) -> Gr
     comma-separated strings.
     """
     data = load_grid_file(config_file) if config_file else {}
+    if data:  # the file's own values first, so that an error names the file
+        try:
+            GridConfig.from_mapping(data)
+        except CbmirError as e:
+            raise CbmirError(f"grid file {Path(config_file).expanduser()}: {e}") from None
     return GridConfig.from_mapping(data, **flags)

@@ -88,8 +88,13 @@ def _source_extra(source: DatasetSource) -> dict:
     the metadata."""
     from ingest.base import SPLITS
 
-    extra = {"n_classes": int(getattr(source, "n_classes", 0)),
-             "split_sizes": {sp: int(source.split_size(sp)) for sp in SPLITS},
+    sizes = {}
+    for sp in SPLITS:
+        try:
+            sizes[sp] = int(source.split_size(sp))
+        except (KeyError, CbmirError):  # a source without this split
+            continue
+    extra = {"n_classes": int(getattr(source, "n_classes", 0)), "split_sizes": sizes,
              "rows_may_be_skipped": getattr(source, "strict", True) is False}
     fp = getattr(source, "fingerprint", None)
     if callable(fp):
@@ -165,7 +170,8 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     """
     meta = build_meta(source, embedder, distance=distance)
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
-                                         distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat")
+                                         distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat",
+                                         random_init=meta.random_init)
     # --recreate over an existing collection: the new points are built in a staging collection and
     # swapped in only once every split is complete (store.replace_collection), so a run that fails or
     # is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old

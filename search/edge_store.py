@@ -28,7 +28,6 @@ create.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -40,7 +39,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from ingest.base import CbmirError
-from search.schema import CollectionMeta
+from search.schema import CollectionMeta, parse_meta
 from search.store import VectorStore, engine_distance
 
 try:  # advisory locks (POSIX); elsewhere Edge's own WAL lock is the only guard
@@ -68,7 +67,11 @@ class EdgeStore(VectorStore):
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CbmirError(f"cannot create the embedded store directory {self.root} ({exc.strerror or exc}); "
+                             "give a writable directory with --store-path / CBMIR_STORE_PATH") from None
         self._shards: dict[str, qe.EdgeShard] = {}
         self._locks: dict[str, object] = {}
 
@@ -164,7 +167,7 @@ class EdgeStore(VectorStore):
         p = self._dir(name) / "meta.json"
         if not p.exists():
             return None
-        return CollectionMeta.from_dict(json.loads(p.read_text()))
+        return parse_meta(p.read_bytes(), name, f"file {p}")  # damaged: DamagedMetaError naming p
 
     def _upsert(self, name, ids, chunks, payloads) -> None:
         sh = self._shard(name)

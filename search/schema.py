@@ -30,10 +30,13 @@ def collection_name(
     backend: str = "torch",
     distance: str = "cosine",
     aggregation: str = "concat",
+    random_init: bool = False,
 ) -> str:
     """Name of the collection of (dataset, size, model), e.g. ``breastmnist_28_hog``.
 
-    Defaults (torch backend, cosine distance, concat slice aggregation) add no suffix.
+    Defaults (torch backend, cosine distance, concat slice aggregation, pretrained weights) add no
+    suffix; random weights (``--random-init``) add ``_randinit`` last, so a smoke-test collection never
+    takes the name of the pretrained one (``breastmnist_28_resnet50_randinit``).
     """
     parts = [dataset, str(size), model]
     if backend not in ("torch", "numpy"):
@@ -42,6 +45,8 @@ def collection_name(
         parts.append(aggregation)
     if distance != "cosine":
         parts.append(distance)
+    if random_init:
+        parts.append("randinit")
     name = "_".join(parts).lower()
     if not re.fullmatch(r"[a-z0-9_.\-]+", name):
         raise CbmirError(f"invalid collection name {name!r}: use letters, digits, '_', '-', '.'")
@@ -127,8 +132,28 @@ class CollectionMeta:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    #: JSON type of every field, checked by :meth:`from_dict` (stored metadata may be damaged)
+    _TYPES = {"dataset": str, "size": int, "model": str, "backend": str, "dim": int, "distance": str,
+              "weights": str, "random_init": bool, "preprocessing": str, "is_3d": bool, "aggregation": str,
+              "layout": list, "extra": dict}
+
     @classmethod
     def from_dict(cls, d: dict) -> "CollectionMeta":
+        """Metadata from its stored form.
+
+        Raises:
+            ValueError: ``d`` is not a mapping, misses a required key, or holds a value of the wrong
+                type (callers name the stored file; see :func:`parse_meta`).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("dataset", "size", "model", "backend", "dim") if k not in d]
+        if missing:
+            raise ValueError(f"missing key(s) {', '.join(missing)}")
+        for k, t in cls._TYPES.items():
+            v = d.get(k, None)
+            if k in d and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
+                raise ValueError(f"{k} = {v!r} is not a {t.__name__}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -142,6 +167,29 @@ class CollectionMeta:
         ri = " RANDOM-INIT" if self.random_init else ""
         return (f"{self.dataset}@{self.size} model={self.model} backend={self.backend} dim={self.dim} "
                 f"distance={self.distance} weights={self.weights}{ri} preprocessing={self.preprocessing!r}")
+
+
+class DamagedMetaError(CbmirError):
+    """A collection's stored metadata exists but cannot be read (bad JSON, missing keys, wrong types).
+
+    ``--recreate`` treats such a collection as existing and replaces it (:func:`ingest.job.ingest`).
+    """
+
+
+def parse_meta(text: str | bytes, name: str, where: str) -> CollectionMeta:
+    """:class:`CollectionMeta` of collection ``name`` from its stored JSON ``text`` (kept in ``where``).
+
+    Raises:
+        DamagedMetaError: the text is not valid metadata; one line naming the collection, ``where``
+            and ``--recreate`` (nothing is deleted automatically).
+    """
+    try:
+        return CollectionMeta.from_dict(json.loads(text))
+    except (ValueError, TypeError, CbmirError) as e:  # json.JSONDecodeError is a ValueError
+        detail = " ".join(str(e).split())
+        raise DamagedMetaError(
+            f"collection {name!r}: its metadata {where} is damaged ({detail}); nothing was deleted. "
+            f"Re-run `cbmir ingest` (or `cbmir run`) with --recreate to rebuild the collection") from None
 
 
 def make_payload(*, dataset: str, split: str, index: int, label: int, model: str, size: int,

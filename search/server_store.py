@@ -21,7 +21,6 @@ itself; a collection creation answered 409 after a lost reply counts as done.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 import warnings
@@ -38,7 +37,7 @@ except ImportError:  # pragma: no cover - older qdrant-client
     ResourceExhaustedResponse = None  # type: ignore[assignment]
 
 from ingest.base import CbmirError
-from search.schema import CollectionMeta
+from search.schema import CollectionMeta, parse_meta
 from search.store import VectorStore, engine_distance
 
 _DIST = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT, "euclidean": models.Distance.EUCLID}
@@ -200,7 +199,7 @@ class ServerStore(VectorStore):
         if _META_KEY not in md:
             raise CbmirError(f"collection {name!r} exists on the server but was not made by cbmir "
                              "(no cbmir metadata); choose another collection or delete it")
-        return CollectionMeta.from_dict(json.loads(md[_META_KEY]))
+        return parse_meta(md[_META_KEY], name, f"on the {self._where()}")  # damaged: DamagedMetaError
 
     def _upsert(self, name, ids, chunks, payloads) -> None:
         lists = {c: v.tolist() for c, v in chunks.items()}

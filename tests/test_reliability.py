@@ -968,6 +968,78 @@ def test_invalid_option_values_are_one_error_line(tmp_path, data_dir):
     assert _no_collections(store)
 
 
+@pytest.mark.parametrize("text,words", [
+    ("{bad json", ["Expecting property name"]),
+    ('{"dataset": "breastmnist", "size": 28}', ["missing key(s)", "model", "dim"]),
+    ('{"dataset": "breastmnist", "size": 28, "model": "hog", "backend": "numpy", "dim": "many"}', ["dim = 'many'"]),
+    ("[1, 2]", ["expected a JSON object"]),
+])
+def test_damaged_collection_meta_is_one_error_and_recreate_rebuilds(tmp_path, clean_store, data_dir, text, words):
+    root = tmp_path / "store"
+    shutil.copytree(clean_store, root)
+    meta = root / NAME / "meta.json"
+    meta.write_text(text)
+    for cmd in (["evaluate", "-d", FLAG, "-m", "hog", "--store-path", root],
+                ["run", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root]):
+        _one_error(*run_main(*cmd), repr(NAME), str(meta), "damaged", "--recreate", "nothing was deleted", *words)
+        assert meta.read_text() == text and (root / NAME / "shard").is_dir()  # nothing deleted or rewritten
+    code, out, err = run_main("ingest", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root,
+                              "--recreate")
+    assert code == 0, err
+    assert json.loads(meta.read_text())["dim"] == 1296
+    code, out, err = run_main("evaluate", "-d", FLAG, "-m", "hog", "--store-path", root)
+    assert code == 0 and f"{N_TEST} queries x {N_TRAIN} database" in out, (out, err)
+
+
+def test_export_names_the_npz_file_numpy_writes(tmp_path, clean_store):
+    for given, real in (("vecs", "vecs.npz"), ("vecs.npz", "vecs.npz"), ("v.data", "v.data.npz")):
+        code, out, err = run_main("export", "-d", FLAG, "-m", "hog", "--store-path", clean_store,
+                                  "-o", tmp_path / given)
+        assert code == 0, err
+        assert out.startswith(f"wrote {tmp_path / real}:"), out
+        assert np.load(tmp_path / real)["train_vectors"].shape == (N_TRAIN, 1296)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.data.npz", "vecs.npz"]
+
+
+def test_report_bad_n_boot_and_output_file_refused_before_work(tmp_path):
+    for n in ("0", "-5"):
+        _one_error(*run_main("report", "--n-boot", n, "-o", tmp_path / "rep"), f"--n-boot {n}", ">= 1")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _one_error(*run_main("report", "-o", a_file), f"--output {a_file} is a file", "give a directory")
+    _one_error(*run_main("report", "-o", a_file / "sub"), str(a_file / "sub"), "is a file", "give a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("text,words", [
+    ('k = "five"', ["k", "'five'", "integer"]),
+    ('sizes = ["big"]', ["sizes", "'big'"]),
+    ("latency_sample = 0", ["latency_sample", ">= 1"]),
+    ('download = "false"', ["download", "'false'", "true or false"]),
+    ('weights = "x"', ["weights", "'x'", "wrong type"]),
+])
+def test_grid_file_wrongly_typed_value_names_key_value_and_file(tmp_path, text, words):
+    grid = tmp_path / "g.toml"
+    grid.write_text(f'datasets = ["{FLAG}"]\nmodels = ["hog"]\nresults = "{tmp_path / "r" / "results.csv"}"\n'
+                    f'store_path = "{tmp_path / "s"}"\n{text}\n')
+    _one_error(*run_main("benchmark", "--config", grid, "--no-download"), f"grid file {grid}", *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.toml"]  # nothing ran
+
+
+def test_unwritable_output_and_store_path_refused_before_work(tmp_path, data_dir):
+    """/proc refuses new files even to root (which passes os.access checks)."""
+    store = tmp_path / "store"
+    base = ["-d", FLAG, "-m", "hog"]
+    _one_error(*run_main("run", *base, "--data-dir", data_dir, "--store-path", store, "-o", "/proc/nope.json"),
+               "--output /proc/nope.json", "cannot write")
+    assert not store.exists()  # refused before the ingest
+    _one_error(*run_main("export", *base, "--store-path", store, "-o", "/proc/nope.npz"),
+               "--output /proc/nope.npz", "cannot write")
+    for cmd in (["run", *base, "--data-dir", data_dir], ["evaluate", *base]):
+        _one_error(*run_main(*cmd, "--store-path", "/proc/cbmir-store"), "/proc/cbmir-store", "--store-path",
+                   "CBMIR_STORE_PATH")
+
+
 def test_threads_option_and_env_set_torch_threads_before_extraction(tmp_path, data_dir, monkeypatch):
     """--threads N (or CBMIR_THREADS) is in force when the extractor is built."""
     import torch
@@ -1011,6 +1083,57 @@ def test_k_checked_before_ingest_and_against_database_size(tmp_path, data_dir, c
                "--query-index 9999", f"0..{N_TEST - 1}")
     _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--image", tmp_path / "missing.png"),
                str(tmp_path / "missing.png"), "not found")
+    _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--image", tmp_path),
+               f"--image {tmp_path} is a directory")
+    _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--query-index", "0", "--query-split", "foo"),
+               "--query-split 'foo'", "train, val, test")
+    _one_error(*run_main("search", "-c", NAME, "-d", "retinamnist", "--store-path", root, "--query-index", "0"),
+               "not both")
+
+
+def test_evaluating_an_unfinished_collection_is_refused(tmp_path, clean_store):
+    """A collection whose ingest did not finish (rows missing) is not evaluated on part of a split:
+    one error naming the counts and the re-run; nothing is written to --output."""
+    from search.edge_store import EdgeStore
+    from search.schema import point_id
+
+    root = _copy_store(clean_store, tmp_path / "s")
+    with EdgeStore(root) as s:
+        assert s.meta(NAME).extra["split_sizes"] == {"train": N_TRAIN, "val": 78, "test": N_TEST}
+        s.delete_points(NAME, [point_id("test", i) for i in range(100, N_TEST)])  # as if interrupted
+    out = tmp_path / "r.json"
+    line = _one_error(*run_main("evaluate", "-d", FLAG, "-m", "hog", "--store-path", root, "-o", out),
+                      NAME, "incomplete", f"test: 100 of {N_TEST} points stored", "Re-run")
+    assert "user archive" not in line and not out.exists()
+    with EdgeStore(root) as s:
+        s.delete_points(NAME, [point_id("test", i) for i in range(100)])      # no test point at all
+    _one_error(*run_main("evaluate", "-d", FLAG, "-m", "hog", "--store-path", root),
+               f"test: 0 of {N_TEST} points stored")
+    code, out_, err = run_main("evaluate", "-d", FLAG, "-m", "hog", "--store-path", _copy_store(clean_store,
+                                                                                                  tmp_path / "ok"))
+    assert code == 0 and "ACC@1" in out_ and "incomplete" not in err
+
+
+def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_path, data_dir):
+    """`run --random-init` and `benchmark --random-init` write the same `_randinit` collection (never the
+    pretrained model's name); evaluate / export / verify find it with --random-init."""
+    from evaluation.grid import Cell, _collection_for
+
+    store = tmp_path / "s"
+    base = ["-d", FLAG, "-m", "resnet50", "--store-path", store]
+    code, out, err = run_main("run", *base, "--random-init", "--data-dir", data_dir, "--batch-size", 256)
+    assert code == 0, err
+    name = "breastmnist_28_resnet50_randinit"
+    assert name in out
+    cell = Cell(dataset=FLAG, size=SIZE, model="resnet50", backend="torch", distance="cosine", random_init=True)
+    assert _collection_for(cell, "concat", False) == name
+    code, out, err = run_main("evaluate", *base, "--random-init")
+    assert code == 0 and "RANDOM-INIT" in out + err, err
+    _one_error(*run_main("evaluate", *base), "breastmnist_28_resnet50'", "does not exist", name)
+    code, out, err = run_main("export", *base, "--random-init", "-o", tmp_path / "v.npz")
+    assert code == 0 and np.load(tmp_path / "v.npz")["train_vectors"].shape == (N_TRAIN, 2048)
+    code, out, err = run_main("verify", *base, "--random-init", "--data-dir", data_dir)
+    assert code == 0 and out.startswith("OK"), out + err
 
 
 def test_missing_data_file_message_is_true(tmp_path, monkeypatch):

@@ -908,6 +908,28 @@ def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and
             np.testing.assert_array_equal(s.fetch("arch_16_hog", "train")[1], f.fetch("arch_16_hog", "train")[1])
 
 
+def test_invalid_archive_options_refused_before_anything_is_written(tmp_path):
+    """--fit / --dicom-mode values are checked when the source is opened: no collection is created, so
+    the corrected command is not refused as 'another configuration'."""
+    from search.edge_store import EdgeStore
+
+    a = _tiny_archive(tmp_path / "arch")
+    store = tmp_path / "store"
+    for extra, words in ((("--fit", "foo"), ("--fit 'foo'", "stretch, pad, crop")),
+                         (("--dicom-mode", "foo"), ("--dicom-mode 'foo'", "auto, 2d, 3d")),
+                         (("--dicom-mode", "3d"), ("applies to DICOM archives",)),
+                         (("--search-backend", "faiss"), ("--search-backend 'faiss'", "store, blas"))):
+        r = _cli("run", "-d", a, "-m", "hog", "-s", "16", "--store-path", store, *extra)
+        assert isinstance(r.exception, CbmirError), (extra, r.output)
+        for w in words:
+            assert w in str(r.exception), (w, str(r.exception))
+        with EdgeStore(store) as s:
+            assert s.list_collections() == [], extra
+    r = _cli("run", "-d", "breastmnist", "-m", "hog", "--store-path", store, "--fit", "pad")
+    assert isinstance(r.exception, CbmirError) and "--fit apply to user archives" in str(r.exception)
+    assert _cli("run", "-d", a, "-m", "hog", "-s", "16", "--store-path", store, "--fit", "PAD").exit_code == 0
+
+
 def test_verify_accepts_files_skipped_as_unreadable(tmp_path):
     from search.edge_store import EdgeStore
 

@@ -42,6 +42,8 @@ def test_schema_ids_roundtrip_and_names():
     assert point_id("train", 3) < point_id("train", 4) < point_id("test", 0)
     assert collection_name("breastmnist", 28, "hog") == "breastmnist_28_hog"
     assert collection_name("breastmnist", 28, "resnet50", backend="keras") == "breastmnist_28_resnet50_keras"
+    assert collection_name("breastmnist", 28, "resnet50", backend="keras", distance="euclidean",
+                           random_init=True) == "breastmnist_28_resnet50_keras_euclidean_randinit"
     with pytest.raises(CbmirError):
         point_id("validation", 0)
 

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from ingest.base import CbmirError
 from ingest.sources.archive import ArchiveSource, Problem, archive_name
+from ingest.sources.dicom import MODES as DICOM_MODES
 from ingest.sources.pixels import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VOXELS,
+    FITS,
     IMAGE_EXTENSIONS,
     IntensityRule,
     PixelError,
@@ -143,9 +145,17 @@ def open_source(dataset: str | Path, size: int = 28, *, source: str | None = Non
     kind = (source or infer_source_kind(dataset)).lower()
     if kind not in SOURCE_KINDS:
         raise CbmirError(f"unknown source {source!r}; valid: {', '.join(SOURCE_KINDS)}")
+    # option values are checked here, before anything is read or a collection is created
+    fit, dicom_mode = str(fit).lower(), str(dicom_mode).lower()
+    if fit not in FITS:
+        raise CbmirError(f"unknown --fit {fit!r}; valid: {', '.join(FITS)}")
+    if dicom_mode not in DICOM_MODES:
+        raise CbmirError(f"unknown --dicom-mode {dicom_mode!r}; valid: {', '.join(DICOM_MODES)}")
+    if dicom_mode != "auto" and kind != "dicom":
+        raise CbmirError(f"--dicom-mode {dicom_mode} applies to DICOM archives; {dataset} is a {kind} source")
     if kind == "medmnist":
-        if any(v is not None for v in (name, intensity, window, slice_axis)) or kwargs:
-            raise CbmirError("--name, --intensity, --window and --slice-axis apply to user archives, "
+        if any(v is not None for v in (name, intensity, window, slice_axis)) or kwargs or fit != "stretch":
+            raise CbmirError("--name, --intensity, --window, --slice-axis and --fit apply to user archives, "
                              "not to MedMNIST datasets")
         from ingest.medmnist_data import open_medmnist
 
