@@ -244,6 +244,8 @@ def _result_json(ev, rep, meta, t_ingest_total) -> dict:
             **ev.timings,
         },
         "reused_splits": rep.skipped if rep else None,
+        # rows already stored before this run, per split: its timings cover only the rest (0: a fresh run)
+        "resumed_from": {sp: int(n) for sp, n in rep.resumed_from.items() if sp not in rep.skipped} if rep else None,
         "skipped_files": rep.extra.get("skipped_files") if rep else None,
         # per-query results, for independent checks (benchmarks/check_bruteforce.py): test rows, their
         # labels, and the top-k database rows / scores in rank order

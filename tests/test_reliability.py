@@ -520,10 +520,12 @@ def test_ctrl_c_mid_ingest_says_how_to_resume_and_rerun_resumes(tmp_path, data_d
     with EdgeStore(store) as s:
         kept = s.count(NAME, "train")
     assert 0 < kept < N_TRAIN
-    r = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*args, "-o", tmp_path / "r.json"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"[train]: resumed: {kept} rows were already stored" in r.stdout, r.stdout
     assert "ACC@1" in r.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["resumed_from"] == {"train": kept, "test": 0}
 
 
 def test_collection_interrupted_while_being_created_is_recreated(tmp_path):
