@@ -121,6 +121,9 @@ def _check_output(path: Optional[Path], opt: str = "--output") -> None:
         return
     parent = Path(path).expanduser().parent
     if not parent.is_dir():
+        bad = next((q for q in (parent, *parent.parents) if q.exists() and not q.is_dir()), None)
+        if bad is not None:
+            raise CbmirError(f"{opt} {path}: {bad} is a file, not a folder; choose another path")
         raise CbmirError(f"{opt} {path}: folder {parent} does not exist; create it first or choose another path")
     if Path(path).is_dir():
         raise CbmirError(f"{opt} {path} is a directory; give a file path")
@@ -147,13 +150,55 @@ def _check_k(k: int, store=None, name: Optional[str] = None, split: str = "train
                              f"give --k between 1 and {n}")
 
 
+def _randinit_hint(store, name: str, random_init: bool) -> str:
+    """`` (a random-init collection exists: add --random-init)`` when collection ``name`` is missing but its
+    ``_randinit`` twin is stored (the name was resolved without ``--random-init``); else ``""``."""
+    if random_init:
+        return ""
+    have = set(store.list_collections())
+    return (" (a random-init collection exists: add --random-init)"
+            if name not in have and f"{name}_randinit" in have else "")
+
+
+def _stored_meta(store, name: str, random_init: bool = False):
+    """``store.meta(name)``, its "does not exist" error with :func:`_randinit_hint` added."""
+    try:
+        return store.meta(name)
+    except CbmirError as exc:
+        hint = _randinit_hint(store, name, random_init)
+        if not hint:
+            raise
+        raise CbmirError(f"{exc}{hint}") from None
+
+
+def _check_archive_unchanged(name: str, meta, dataset: str, size: int, arch: dict) -> None:
+    """``--dataset`` naming a user archive: refuse, as ``run``/``ingest`` do (:func:`ingest.job.check_fingerprint`),
+    when collection ``name`` was ingested from another archive of the same name or the archive changed since
+    (its source fingerprint: a file scan with ``stat``, no pixel decode). MedMNIST: nothing to check."""
+    import dataclasses
+
+    from ingest.job import check_fingerprint
+    from ingest.sources import infer_source_kind, open_source
+
+    if not (meta.extra or {}).get("source_fingerprint"):
+        return
+    if (arch.get("source") or infer_source_kind(dataset)).lower() == "medmnist":
+        return
+    src = open_source(dataset, size, **arch)
+    current = dataclasses.replace(meta, extra={**meta.extra, "source_fingerprint": src.fingerprint()})
+    check_fingerprint(name, meta, current, src)
+
+
 def _collection(dataset: str, size: int, model: str, backend: str, distance: str, aggregation: str,
                 arch: Optional[dict] = None, random_init: bool = False) -> str:
     from ingest.sources import dataset_identity
     from search.schema import collection_name
 
+    from ingest.extractors import get_spec
+
     _, ds_name, is_3d = dataset_identity(dataset, size, aggregation=aggregation, **(arch or {}))
     agg = aggregation if is_3d else "concat"
+    random_init = random_init and get_spec(model).weights_source != "none"  # hog has no weights to randomise
     return collection_name(ds_name, size, model.lower(), backend="numpy" if model == "hog" else backend,
                            distance=distance, aggregation=agg, random_init=random_init)
 
@@ -313,7 +358,8 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
     arch = _arch(source, name, dicom_mode=dicom_mode)
     name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
     with open_store(s) as store:
-        meta = store.meta(name)
+        meta = _stored_meta(store, name, random_init)
+        _check_archive_unchanged(name, meta, dataset, size, arch)
         _notes(check_evaluable(store, name))
         _check_k(k, store, name)
         ev = evaluate_collection(store, name, k=k, search_backend=search_backend)
@@ -395,13 +441,17 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
     if collection is None:
         if dataset is None or model is None:
             raise CbmirError("give --collection NAME, or --dataset with --size and --model")
-        collection = _collection(dataset, size, model, backend, s.distance, volume_aggregation,
-                                 _arch(source, name, dicom_mode=dicom_mode), random_init)
+        arch = _arch(source, name, dicom_mode=dicom_mode)
+        collection = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
     if exclude_self and image is not None:
         raise CbmirError("--exclude-self needs --query-index (a stored point has an id; an image file has none)")
     client = SearchClient(open_store(s))
     try:
-        meta = client.store.meta(collection)  # a missing collection: CbmirError naming it
+        if dataset is None:
+            meta = client.store.meta(collection)  # a missing collection: CbmirError naming it
+        else:  # resolved from --dataset: the archive must be the one ingested
+            meta = _stored_meta(client.store, collection, random_init)
+            _check_archive_unchanged(collection, meta, dataset, size, arch)
         _check_k(k, client.store, collection, database_split)
         if image is not None:
             from ingest.sources import load_query
@@ -451,11 +501,11 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
     if not str(output).endswith(".npz"):  # numpy.savez appends it: name (and check) the file it writes
         output = Path(f"{output}.npz")
     _check_output(output)
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation,
-                       _arch(source, name, dicom_mode=dicom_mode), random_init)
+    arch = _arch(source, name, dicom_mode=dicom_mode)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
     arrays = {}
     with open_store(s) as store:
-        store.meta(name)
+        _check_archive_unchanged(name, _stored_meta(store, name, random_init), dataset, size, arch)
         for split in ("train", "test"):
             idx, vec, pay = store.fetch(name, split)
             arrays[f"{split}_vectors"] = vec
@@ -483,7 +533,8 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
     source = open_source(dataset, size, data_dir=s.data_dir)
     with open_store(s) as store:
         rep = verify_collection(store, name, source)
-    typer.echo(rep.verdict())
+        hint = "" if rep.ok else _randinit_hint(store, name, random_init)
+    typer.echo(rep.verdict() + hint)
     raise typer.Exit(0 if rep.ok else 1)
 
 

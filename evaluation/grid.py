@@ -124,6 +124,8 @@ def _as_list(value, cast=str) -> list:
         return []
     if isinstance(value, str):
         value = [v for v in value.replace(";", ",").split(",")]
+    elif isinstance(value, (int, float)):  # a scalar (``sizes: 28``): a one-element list
+        value = [value]
     return [cast(v.strip()) if isinstance(v, str) else cast(v) for v in value if str(v).strip()]
 
 
@@ -296,7 +298,10 @@ def load_grid_file(path: str | os.PathLike) -> dict:
     except CbmirError:
         raise
     except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError
-        raise CbmirError(f"grid file {p} does not parse: {e}") from None
+        msg, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)  # YAML: problem and place
+        if msg and mark is not None:
+            msg = f"{msg} (at line {mark.line + 1}, column {mark.column + 1})"
+        raise CbmirError(f"grid file {p} does not parse: {' '.join(str(msg or e).split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -916,6 +916,9 @@ def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFram
     frames, seen = [], set()
     for p in paths:
         rp = Path(p)
+        if rp.is_dir():
+            raise CbmirError(f"--results {rp} is a directory; give the results CSV/Parquet file of `cbmir "
+                             f"benchmark` (e.g. {rp / 'results.csv'})")
         if not rp.is_file():
             raise CbmirError(f"results table {rp} does not exist; run `cbmir benchmark --results {rp}` first, "
                              "or omit --results for the published tables only")
@@ -981,7 +984,11 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     """
     out_dir = Path(output)
     fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fig_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # /proc, /sys, a read-only or unwritable folder
+        raise CbmirError(f"--output {out_dir}: cannot create the report folder there ({exc.strerror or exc}); "
+                         "choose a writable directory") from None
     out = ReportOutput(markdown=out_dir / "report.md")
     lines: list[str] = ["# cbmir retrieval report\n"]
     lines.append("Reproduction of Mahbod, Saeidi, Hatamikia, Woitek, *Evaluating pre-trained convolutional "

@@ -177,7 +177,17 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     # is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old
     # collection intact; re-running the same command resumes the staging collection
     # (a collection whose stored metadata is damaged counts as existing: --recreate replaces it)
-    target = staging_name(name) if recreate and _read_meta(store, name)[1] else name
+    old_meta, old_exists = _read_meta(store, name)
+    target = staging_name(name) if recreate and old_exists else name
+    if target != name and old_meta is not None:  # the swap replaces the whole collection
+        from ingest.base import SPLITS
+
+        lost = [sp for sp in SPLITS if sp not in splits and store.count(name, sp) > 0]
+        if lost:
+            raise CbmirError(
+                f"--recreate replaces the whole collection {name!r}, which also holds split(s) "
+                f"{', '.join(lost)}; give them too (--splits {','.join([*splits, *lost])}), or ingest "
+                "into another collection")
     if target != name:
         staged, exists = _read_meta(store, target)
         if exists and (staged is None or staged.differences(meta) or _fingerprint_changed(staged, meta)):
@@ -195,6 +205,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
         if n_present >= n:
             report.skipped.append(split)
             report.written[split] = 0
+            _mark_complete(store, target, meta, split)
             continue
         start = int(np.flatnonzero(~present)[0])
         t0 = time.perf_counter()
@@ -239,6 +250,8 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             report.rejected[split] = rejected
         report.seconds[split] = dt
         report.items_per_s[split] = written / dt if dt > 0 else float("nan")
+        if not rejected:
+            _mark_complete(store, target, meta, split)
         if getattr(embedder, "is_3d", False):  # 3D: 2D slices extracted per second (DESIGN.md §5)
             n_sl = written * int(getattr(embedder, "items_per_image", 1))
             report.extra.setdefault("slices", {})[split] = n_sl
@@ -255,6 +268,19 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     if target != name:
         store.replace_collection(target, name)
     return report
+
+
+def _mark_complete(store: VectorStore, name: str, meta: CollectionMeta, split: str) -> None:
+    """Record in the metadata (``extra["completed"][split]`` = points stored) that the ingest of
+    ``split`` ran to its end: fewer points than source rows are then files skipped as unreadable,
+    not an interrupted run (:func:`ingest.sources.check_evaluable`)."""
+    n = store.count(name, split)
+    done = dict((meta.extra or {}).get("completed") or {})
+    if done.get(split) == n:
+        return
+    done[split] = n
+    meta.extra = {**(meta.extra or {}), "completed": done}
+    store.write_meta(name, meta)
 
 
 def _read_meta(store: VectorStore, name: str) -> tuple[CollectionMeta | None, bool]:

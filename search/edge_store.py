@@ -163,6 +163,15 @@ class EdgeStore(VectorStore):
         tmp.write_text(meta.to_json())
         os.replace(tmp, d / "meta.json")  # metadata appears atomically, after the shard exists
 
+    def write_meta(self, name: str, meta: CollectionMeta) -> None:
+        self._lock(name)
+        d = self._dir(name)
+        if not (d / "meta.json").exists():
+            raise CbmirError(f"collection {name!r} does not exist in the embedded store {self.root}")
+        tmp = d / "meta.json.tmp"
+        tmp.write_text(meta.to_json())
+        os.replace(tmp, d / "meta.json")
+
     def read_meta(self, name: str) -> CollectionMeta | None:
         p = self._dir(name) / "meta.json"
         if not p.exists():

@@ -201,6 +201,10 @@ class ServerStore(VectorStore):
                              "(no cbmir metadata); choose another collection or delete it")
         return parse_meta(md[_META_KEY], name, f"on the {self._where()}")  # damaged: DamagedMetaError
 
+    def write_meta(self, name: str, meta: CollectionMeta) -> None:
+        self._call(f"update the metadata of {name!r}", self.client.update_collection, name,
+                   metadata={_META_KEY: meta.to_json()})
+
     def _upsert(self, name, ids, chunks, payloads) -> None:
         lists = {c: v.tolist() for c, v in chunks.items()}
 

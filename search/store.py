@@ -121,6 +121,10 @@ class VectorStore(ABC):
         """Metadata of collection ``name``, or None when it does not exist."""
 
     @abstractmethod
+    def write_meta(self, name: str, meta: CollectionMeta) -> None:
+        """Replace the stored metadata of the existing collection ``name`` (atomically)."""
+
+    @abstractmethod
     def _upsert(self, name: str, ids: list[int], chunks: dict[str, np.ndarray], payloads: list[dict]) -> None:
         """Upsert points: ``chunks`` maps vector name -> float32 ``(B, chunk_dim)``."""
 

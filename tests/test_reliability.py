@@ -1136,6 +1136,10 @@ def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_pa
     assert code == 0 and np.load(tmp_path / "v.npz")["train_vectors"].shape == (N_TRAIN, 2048)
     code, out, err = run_main("verify", *base, "--random-init", "--data-dir", data_dir)
     assert code == 0 and out.startswith("OK"), out + err
+    hog = ["-d", FLAG, "-m", "hog", "--store-path", store]                  # no weights: --random-init is moot
+    assert run_main("run", *hog, "--random-init", "--data-dir", data_dir)[0] == 0
+    code, out, err = run_main("evaluate", *hog, "--random-init")
+    assert code == 0 and NAME in out, err
 
 
 def test_missing_data_file_message_is_true(tmp_path, monkeypatch):

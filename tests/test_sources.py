@@ -908,6 +908,47 @@ def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and
             np.testing.assert_array_equal(s.fetch("arch_16_hog", "train")[1], f.fetch("arch_16_hog", "train")[1])
 
 
+def test_interrupted_archive_ingest_is_not_evaluated_but_skipped_files_are(tmp_path, interrupted):
+    """A non-strict archive may legitimately have fewer points than files (unreadable ones skipped);
+    an ingest stopped part-way is still refused, told apart by the split's completion record."""
+    from ingest.job import ingest
+    from search.edge_store import EdgeStore
+
+    a = _tiny_archive(tmp_path / "arch", n_train=4)
+    (a / "train" / "circle" / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    store = tmp_path / "store"
+    with EdgeStore(store) as s:
+        ingest(open_source(a, 16), _hog_embedder(16), s, splits=("train",), batch_size=2, progress=False)
+        with pytest.raises(KeyboardInterrupt):  # the test split: stopped after its first batch
+            ingest(interrupted(open_source(a, 16), 1), _hog_embedder(16), s, splits=("test",), batch_size=1,
+                   progress=False)
+        assert s.count("arch_16_hog", "test") == 1
+        with pytest.raises(CbmirError, match=r"incomplete \(test: 1 of 2 points stored\)"):
+            check_evaluable(s, "arch_16_hog")
+        assert s.meta("arch_16_hog").extra["completed"] == {"train": 7}
+        ingest(open_source(a, 16), _hog_embedder(16), s, progress=False)          # resumed to the end
+        assert s.meta("arch_16_hog").extra["completed"] == {"train": 7, "test": 2}
+        (note,) = check_evaluable(s, "arch_16_hog")                             # 7 of 8: one unreadable
+        assert "train: 7 of 8 files stored (unreadable files skipped at ingest)" in note
+        s.delete_points("arch_16_hog", [1 << 40 | 5])                           # a point lost afterwards
+        with pytest.raises(CbmirError, match="train: 6 of 8 points stored"):
+            check_evaluable(s, "arch_16_hog")
+
+
+def test_recreate_with_fewer_splits_than_the_collection_is_refused(tmp_path):
+    from search.edge_store import EdgeStore
+
+    a = _tiny_archive(tmp_path / "arch")
+    store = tmp_path / "store"
+    assert _ingest_cli(a, store).exit_code == 0
+    r = _ingest_cli(a, store, "--recreate", "--splits", "train")
+    assert isinstance(r.exception, CbmirError), r.output
+    assert "also holds split(s) test" in str(r.exception) and "--splits train,test" in str(r.exception)
+    with EdgeStore(store) as s:
+        assert s.count("arch_16_hog", "train") == 6 and s.count("arch_16_hog", "test") == 2
+        assert s.list_collections() == ["arch_16_hog"]
+
+
 def test_invalid_archive_options_refused_before_anything_is_written(tmp_path):
     """--fit / --dicom-mode values are checked when the source is opened: no collection is created, so
     the corrected command is not refused as 'another configuration'."""

@@ -231,8 +231,8 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
 
     Raises:
         CbmirError: fewer ``database_split`` / ``query_split`` points stored than the source has rows
-            (``split_sizes`` recorded at ingest) for a MedMNIST or ``--strict`` source: an unfinished
-            ingest; no ``database_split`` / ``query_split`` points (a user archive needs ``test/`` or
+            (``split_sizes`` recorded at ingest) for a MedMNIST or ``--strict`` source, or for a
+            non-strict archive whose split ingest did not run to its end: an unfinished ingest; no ``database_split`` / ``query_split`` points (a user archive needs ``test/`` or
             ``query/`` sub-folders, or a manifest ``split`` column); or the collection's metadata
             records 0 classes (an unlabelled archive).
     """
@@ -241,12 +241,20 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
     sizes = extra.get("split_sizes") or {}  # recorded at ingest (ingest.job.build_meta)
     short = {sp: (n, int(sizes[sp])) for sp, n in ((database_split, n_db), (query_split, n_q))
              if sp in sizes and n < int(sizes[sp])}
-    if short and not extra.get("rows_may_be_skipped"):
-        have = "; ".join(f"{sp}: {n} of {m} points stored" for sp, (n, m) in short.items())
+    # a non-strict archive may have fewer points than files (unreadable files skipped): accepted when
+    # the ingest of that split ran to its end with exactly this many points (``extra["completed"]``,
+    # ingest.job._mark_complete), or, for collections made before that was recorded, with a note
+    done = extra.get("completed")
+    unfinished = {sp: v for sp, v in short.items()
+                  if not extra.get("rows_may_be_skipped") or (done is not None and done.get(sp) != v[0])}
+    if unfinished:
+        have = "; ".join(f"{sp}: {n} of {m} points stored" + (" (never ingested)" if n == 0 else "")
+                         for sp, (n, m) in unfinished.items())
         raise CbmirError(
             f"collection {name!r} is incomplete ({have}): its ingest did not finish, so metrics would "
-            "cover only part of the split. Re-run the same `cbmir ingest` / `cbmir run` command to "
-            "embed the missing rows (it resumes), then evaluate; `cbmir verify` lists them.")
+            "cover only part of the data. Re-run the ingest with these splits (`cbmir run`, or `cbmir "
+            f"ingest --splits {','.join(unfinished)}`) to embed the missing rows (it resumes), then "
+            "evaluate; `cbmir verify` lists them.")
     if n_db == 0 or n_q == 0:
         raise CbmirError(
             f"collection {name!r} has {n_db} {database_split} (database) and {n_q} {query_split} (query) points; "
@@ -258,8 +266,10 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
             f"collection {name!r} holds an unlabelled archive (no classes), so relevance (same class) is "
             "undefined and evaluation is impossible. Give labels by class sub-folders or a manifest "
             "'label' column. Search still works: `cbmir search`.")
-    return [f"collection {name!r}: {sp}: {n} of {m} files stored (unreadable files skipped at ingest, or an "
-            "unfinished ingest: `cbmir verify` tells which)" for sp, (n, m) in short.items()]
+    return [f"collection {name!r}: {sp}: {n} of {m} files stored ("
+            + ("unreadable files skipped at ingest" if done is not None else
+               "unreadable files skipped at ingest, or an unfinished ingest: `cbmir verify` tells which")
+            + ")" for sp, (n, m) in short.items()]
 
 
 def load_query(path: str | Path, meta, *, intensity: str | None = None, window=None,
