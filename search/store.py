@@ -213,7 +213,8 @@ class VectorStore(ABC):
             raise CbmirError(
                 f"collection {name!r} already holds another configuration ({details}).\n"
                 f"  stored:    {existing.describe()}\n  requested: {meta.describe()}\n"
-                "Use another collection, or pass --recreate to delete it and ingest again.")
+                "Use another collection, or pass --recreate to replace it (the new one is built beside it and "
+                "swapped in when complete).")
         return existing
 
     def meta(self, name: str) -> CollectionMeta:
