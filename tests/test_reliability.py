@@ -504,7 +504,10 @@ def test_ctrl_c_mid_ingest_says_how_to_resume_and_rerun_resumes(tmp_path, data_d
     store, bs = tmp_path / "store", 8
     args = _cli_cmd("run", "-d", FLAG, "-s", SIZE, "-m", "hog", "--data-dir", data_dir,
                     "--store-path", store, "--batch-size", bs)
-    p = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT back to its default in the child: a shell runs background jobs (`cmd &`, as CI may run
+    # the suite) with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    p = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_progress(p, "train", N_TRAIN, at_least=40, timeout=240)
         p.send_signal(signal.SIGINT)
