@@ -1213,7 +1213,7 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
                 vals["lo"] = [lo.get((m, s), (np.nan, np.nan))[0] for m, s in zip(vals["Model"], vals["size"])]
                 vals["hi"] = [lo.get((m, s), (np.nan, np.nan))[1] for m, s in zip(vals["Model"], vals["size"])]
             paper_rows = []
-            for lab, pm in zip(g["label"], g["paper_model"]):
+            for lab, pm in dict.fromkeys(zip(g["label"], g["paper_model"])):  # once per model, not per size
                 if pm:
                     for r in pub[(pub["dataset"].str.lower() == str(d).lower()) & (pub["model"] == pm)].to_dict("records"):
                         paper_rows.append({"Model": lab, "size": int(r["size"]), "ACC@1": float(r["ACC@1"])})

@@ -154,6 +154,20 @@ def test_report_says_hog_missing_only_where_no_distance_ran_it(tmp_path):
     assert "BreastMNIST@28" not in md.split("## Baselines")[1].split("## Per-size")[0]  # HOG ran with both
 
 
+def test_report_figure_with_a_model_at_two_sizes_marks_each_paper_value_once(tmp_path):
+    """A model run at 28 and 64 on one study dataset: the figure's paper markers are one per size (they
+    were duplicated per run size, which broke the figure)."""
+    rows = [_row("adrenalmnist3d", 28, "densenet121", 72.0, random_init=True, is_3d=True),
+            _row("adrenalmnist3d", 64, "densenet121", 74.0, random_init=True, is_3d=True),
+            _row("adrenalmnist3d", 64, "hog", 74.2, is_3d=True)]
+    results = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(results, index=False)
+    out = build_report(results, tmp_path / "rep", tsne=False, n_boot=50)
+    assert [p.name for p in out.figures if "adrenal" in p.name] == ["acc1_adrenalmnist3d_cosine.png"]
+    t = out.tables["Table 5 ours cosine"]
+    assert len(t[t["Model"].str.contains("DenseNet121")]) == 1
+
+
 def test_published_only_report_reproduces_tables_3_and_4_and_the_disagreement(tmp_path):
     """`cbmir report` with no results: the study's Tables 3 and 4 recomputed, and the one disagreement."""
     from typer.testing import CliRunner
