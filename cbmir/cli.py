@@ -96,11 +96,16 @@ def _settings(data_dir=None, store_path=None, qdrant_url=None, device=None, batc
                          f"http://{s.qdrant_url}, or drop --qdrant-url to use the embedded store")
     if not s.qdrant_url:
         sp = Path(s.store_path).expanduser()
-        bad = next((q for q in (sp, *sp.parents) if q.exists() and not q.is_dir()), None)
+        bad = _file_on_path(sp)
         if bad is not None:
             raise CbmirError(f"--store-path / CBMIR_STORE_PATH {sp}: {bad} is a file, not a directory; give a "
                              "directory (it is created if missing)")
     return s
+
+
+def _file_on_path(p: Path) -> Optional[Path]:
+    """``p`` or the first of its parents that exists and is not a directory (blocks creating ``p``)."""
+    return next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
 
 
 def _check_search_backend(value: str) -> None:
@@ -121,7 +126,7 @@ def _check_output(path: Optional[Path], opt: str = "--output") -> None:
         return
     parent = Path(path).expanduser().parent
     if not parent.is_dir():
-        bad = next((q for q in (parent, *parent.parents) if q.exists() and not q.is_dir()), None)
+        bad = _file_on_path(parent)
         if bad is not None:
             raise CbmirError(f"{opt} {path}: {bad} is a file, not a folder; choose another path")
         raise CbmirError(f"{opt} {path}: folder {parent} does not exist; create it first or choose another path")
@@ -178,11 +183,9 @@ def _check_archive_unchanged(name: str, meta, dataset: str, size: int, arch: dic
     import dataclasses
 
     from ingest.job import check_fingerprint
-    from ingest.sources import infer_source_kind, open_source
+    from ingest.sources import open_source
 
-    if not (meta.extra or {}).get("source_fingerprint"):
-        return
-    if (arch.get("source") or infer_source_kind(dataset)).lower() == "medmnist":
+    if not (meta.extra or {}).get("source_fingerprint"):  # MedMNIST collections record none
         return
     src = open_source(dataset, size, **arch)
     current = dataclasses.replace(meta, extra={**meta.extra, "source_fingerprint": src.fingerprint()})
@@ -620,7 +623,7 @@ def report_cmd(
     if n_boot < 1:  # before any work (tables, figures, t-SNE)
         raise CbmirError(f"--n-boot {n_boot}: must be an integer >= 1 (bootstrap resamples, e.g. 2000)")
     op = Path(output).expanduser()
-    bad = next((q for q in (op, *op.parents) if q.exists() and not q.is_dir()), None)
+    bad = _file_on_path(op)
     if bad is not None:
         what = "is a file" if bad == op else f"is inside {bad}, which is a file"
         raise CbmirError(f"--output {output} {what}; give a directory (created if missing)")

@@ -409,7 +409,7 @@ def _load_outcomes(row: dict, results_dir: Path) -> tuple[np.ndarray, dict[str, 
     f = row.get("per_query_file")
     if not isinstance(f, str) or not f:
         return None
-    p = Path(f) if Path(f).is_absolute() else results_dir / f
+    p = _abs(f, results_dir)
     if not p.is_file():
         return None
     pq = load_per_query(p)

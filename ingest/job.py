@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from ingest.base import Batch, CbmirError, DatasetSource
+from ingest.base import SPLITS, Batch, CbmirError, DatasetSource
 from ingest.pipeline import BackgroundWriter, prefetch
 from search.schema import CollectionMeta, DamagedMetaError, collection_name, make_payload
 from search.store import VectorStore
@@ -86,8 +86,6 @@ def _source_extra(source: DatasetSource) -> dict:
     non-strict user archive skips unreadable files) and, for user archives, ``source_fingerprint``
     (per split, see :meth:`ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with
     the metadata."""
-    from ingest.base import SPLITS
-
     sizes = {}
     for sp in SPLITS:
         try:
@@ -179,16 +177,14 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     # (a collection whose stored metadata is damaged counts as existing: --recreate replaces it)
     old_meta, old_exists = _read_meta(store, name)
     target = staging_name(name) if recreate and old_exists else name
-    if target != name and old_meta is not None:  # the swap replaces the whole collection
-        from ingest.base import SPLITS
-
-        lost = [sp for sp in SPLITS if sp not in splits and store.count(name, sp) > 0]
+    if target != name:
+        # the swap replaces the whole collection: every split it holds must be rebuilt
+        lost = [] if old_meta is None else [sp for sp in SPLITS if sp not in splits and store.count(name, sp) > 0]
         if lost:
             raise CbmirError(
                 f"--recreate replaces the whole collection {name!r}, which also holds split(s) "
                 f"{', '.join(lost)}; give them too (--splits {','.join([*splits, *lost])}), or ingest "
                 "into another collection")
-    if target != name:
         staged, exists = _read_meta(store, target)
         if exists and (staged is None or staged.differences(meta) or _fingerprint_changed(staged, meta)):
             store.delete_collection(target)  # left by a --recreate of another configuration / source

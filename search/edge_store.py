@@ -56,6 +56,13 @@ def _split_filter(split: str | None):
     return qe.Filter(must=[qe.FieldCondition(key="split", match=qe.MatchValue(split))])
 
 
+def _write_meta_file(d: Path, meta: CollectionMeta) -> None:
+    """``d/meta.json`` replaced atomically (temporary file + ``os.replace``)."""
+    tmp = d / "meta.json.tmp"
+    tmp.write_text(meta.to_json())
+    os.replace(tmp, d / "meta.json")
+
+
 class EdgeStore(VectorStore):
     """Collections stored as Qdrant Edge shards under ``root`` (see module docstring).
 
@@ -159,18 +166,14 @@ class EdgeStore(VectorStore):
         sh.update(qe.UpdateOperation.create_field_index("split", qe.PayloadSchemaType.Keyword))
         sh.flush()
         self._shards[name] = sh
-        tmp = d / "meta.json.tmp"
-        tmp.write_text(meta.to_json())
-        os.replace(tmp, d / "meta.json")  # metadata appears atomically, after the shard exists
+        _write_meta_file(d, meta)  # metadata appears atomically, after the shard exists
 
     def write_meta(self, name: str, meta: CollectionMeta) -> None:
         self._lock(name)
         d = self._dir(name)
         if not (d / "meta.json").exists():
             raise CbmirError(f"collection {name!r} does not exist in the embedded store {self.root}")
-        tmp = d / "meta.json.tmp"
-        tmp.write_text(meta.to_json())
-        os.replace(tmp, d / "meta.json")
+        _write_meta_file(d, meta)
 
     def read_meta(self, name: str) -> CollectionMeta | None:
         p = self._dir(name) / "meta.json"

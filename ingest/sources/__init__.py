@@ -232,8 +232,9 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
     Raises:
         CbmirError: fewer ``database_split`` / ``query_split`` points stored than the source has rows
             (``split_sizes`` recorded at ingest) for a MedMNIST or ``--strict`` source, or for a
-            non-strict archive whose split ingest did not run to its end: an unfinished ingest; no ``database_split`` / ``query_split`` points (a user archive needs ``test/`` or
-            ``query/`` sub-folders, or a manifest ``split`` column); or the collection's metadata
+            non-strict archive whose split ingest did not run to its end: an unfinished ingest; no
+            ``database_split`` / ``query_split`` points (a user archive needs ``test/`` or ``query/``
+            sub-folders, or a manifest ``split`` column); or the collection's metadata
             records 0 classes (an unlabelled archive).
     """
     n_db, n_q = store.count(name, database_split), store.count(name, query_split)
