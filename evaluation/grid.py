@@ -401,11 +401,9 @@ def validate_grid(config: GridConfig) -> None:
     """
     from ingest.extractors import list_specs
     from ingest.medmnist_data import INFO, MEDMNIST_FLAGS, valid_sizes
-    from ingest.sources import _looks_like_path
+    from ingest.sources import looks_like_path
 
-    problems = []
-    if int(config.k) < 1:
-        problems.append(f"k must be an integer >= 1, got {config.k}")
+    problems = []  # k >= 1 is already enforced by GridConfig
     valid_models = [s.name for s in list_specs()]
     bad_models = [m for m in config.models if _spec_or_none(m) is None]
     if bad_models:
@@ -413,7 +411,7 @@ def validate_grid(config: GridConfig) -> None:
                         f"{', '.join(valid_models)})")
     bad_datasets, bad_sizes, too_small = [], [], []
     for dataset in config.datasets:
-        if _looks_like_path(dataset):
+        if looks_like_path(dataset):
             continue  # a user archive: opened (and checked) by its cell
         if dataset not in MEDMNIST_FLAGS:
             bad_datasets.append(dataset)

@@ -37,7 +37,9 @@ SOURCE_KINDS = ("medmnist", "folder", "manifest", "dicom", "nifti")
 _SCAN_LIMIT = 2000
 
 
-def _looks_like_path(dataset: str) -> bool:
+def looks_like_path(dataset: str) -> bool:
+    """True when ``dataset`` names a user archive by path (a separator, ``.``/``~`` start or a file
+    extension) rather than a MedMNIST flag."""
     return any(ch in dataset for ch in "/\\") or dataset.startswith((".", "~")) or bool(extension(dataset))
 
 
@@ -71,7 +73,7 @@ def infer_source_kind(dataset: str | Path) -> str:
                          f"({', '.join(SOURCE_KINDS[1:])})")
     if p.is_dir():
         return _infer_dir(p)
-    if _looks_like_path(str(dataset)):
+    if looks_like_path(str(dataset)):
         raise CbmirError(f"{dataset} does not exist (for a MedMNIST dataset give its flag, e.g. breastmnist)")
     return "medmnist"
 
@@ -313,5 +315,5 @@ def source_summary(source) -> str | None:
 
 
 __all__ = ["SOURCE_KINDS", "ArchiveSource", "IntensityRule", "PixelError", "Problem", "archive_name",
-           "check_evaluable", "dataset_identity", "infer_source_kind", "load_query", "open_source",
-           "source_summary"]
+           "check_evaluable", "dataset_identity", "infer_source_kind", "load_query", "looks_like_path",
+           "open_source", "source_summary"]
