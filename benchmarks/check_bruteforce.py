@@ -4,7 +4,7 @@ Inputs: the vectors read back from the store (``cbmir export ... -o vectors.npz`
 ``train_labels``, ``train_indices``, ``test_*``) and the result JSON of ``cbmir run/evaluate -o``
 (``per_query``: test rows, top-k database rows in rank order; ``metrics``)::
 
-    python -m benchmarks.check_bruteforce vectors.npz result.json [--distance cosine|euclidean]
+    python -m cbmir.benchmarks.check_bruteforce vectors.npz result.json [--distance cosine|euclidean]
 
 The brute force shares no code with cbmir: cosine = float64 L2-normalised dot products (zero
 vectors score 0), Euclidean = float64 ``sqrt(sum((q - x)^2))``; ranking by score, ties by lower
@@ -70,7 +70,7 @@ def metrics(y: np.ndarray, r: np.ndarray, k: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the check; returns the exit status (0: everything agrees)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.check_bruteforce", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cbmir.benchmarks.check_bruteforce", description=__doc__.split("\n")[0])
     p.add_argument("vectors", help="npz written by `cbmir export`")
     p.add_argument("result", help="JSON written by `cbmir run -o` / `cbmir evaluate -o` (with per_query)")
     p.add_argument("--distance", choices=("cosine", "euclidean"), default=None,

@@ -2,11 +2,11 @@
 
 The study ran its 2D extractor on one slice per call (3D database creation took 21-72 min per
 model on a TITAN V GPU, DESIGN.md §3); cbmir sends the slices of several volumes to the
-extractor in one call (:class:`ingest.volumes.VolumeEmbedder`, ``slice_batch`` slices per call,
+extractor in one call (:class:`cbmir.ingest.volumes.VolumeEmbedder`, ``slice_batch`` slices per call,
 DESIGN.md §5). This script measures both on the same real volumes in the same run::
 
-    python -m benchmarks.volume_batching                     # resnet50, random init, 4 AdrenalMNIST3D 28³ volumes
-    python -m benchmarks.volume_batching --model densenet121 --volumes 8 --size 64
+    python -m cbmir.benchmarks.volume_batching                     # resnet50, random init, 4 AdrenalMNIST3D 28³ volumes
+    python -m cbmir.benchmarks.volume_batching --model densenet121 --volumes 8 --size 64
 
 Weights are random (``--random-init``; no download): speed does not depend on the weight values.
 Output: slices, seconds and slices/s per mode, the speed-up ratio, and the largest difference
@@ -36,7 +36,7 @@ def measure(embedder, volumes: np.ndarray, repeats: int = 1) -> tuple[np.ndarray
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print a small table and return the numbers (dict)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.volume_batching", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cbmir.benchmarks.volume_batching", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet50", help="2D extractor (random init), e.g. resnet50, densenet121")
     p.add_argument("--dataset", default="adrenalmnist3d")
     p.add_argument("--size", type=int, default=28, help="volume side: 28 or 64")
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per mode (best is kept)")
     args = p.parse_args(argv)
 
-    from ingest.extractors import create_extractor
-    from ingest.medmnist_data import open_medmnist
-    from ingest.volumes import VolumeEmbedder
+    from cbmir.ingest.extractors import create_extractor
+    from cbmir.ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.volumes import VolumeEmbedder
 
     src = open_medmnist(args.dataset, args.size, args.data_dir)
     vols = next(src.iter_batches("train", args.volumes)).images

@@ -1,6 +1,6 @@
 """The ``cbmir`` console script: a thin layer over plain functions of ingest/, search/, evaluation/.
 
-Every user-facing error is a :class:`ingest.base.CbmirError`, printed as one ``error:`` line
+Every user-facing error is a :class:`cbmir.core.errors.CbmirError`, printed as one ``error:`` line
 (no traceback) with exit code 2.
 """
 
@@ -17,9 +17,8 @@ from typing import Optional
 import numpy as np
 import typer
 
-from cbmir.settings import get_settings
-from ingest.base import CbmirError
-
+from cbmir.core.settings import get_settings
+from cbmir.core.errors import CbmirError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Content-based medical image retrieval: ingest -> exact Qdrant search -> the study's metrics.")
 
@@ -37,7 +36,7 @@ DistanceOpt = typer.Option(None, "--distance", help="cosine (default) or euclide
 AggOpt = typer.Option("concat", "--volume-aggregation", help="3D: concat (the study) | mean | max")
 SearchBackendOpt = typer.Option("store", "--search-backend", help="store (the engine's exact queries) | blas "
                                 "(cross-check: blocked sgemm over the vectors read back from the store; same results)")
-# user archives (ingest/sources): see `ingest.sources` and README
+# user archives (ingest/sources): see `cbmir.ingest.sources` and README
 SourceOpt = typer.Option(None, "--source", help="medmnist | folder | manifest | dicom | nifti [inferred from --dataset]")
 NameOpt = typer.Option(None, "--name", help="user archive: dataset/collection name [folder or file stem]")
 StrictOpt = typer.Option(False, "--strict", help="user archive: fail on the first unreadable file [skip and list]")
@@ -54,7 +53,7 @@ FitOpt = typer.Option("stretch", "--fit", help="user archive 2D resize: stretch 
 
 def _arch(source=None, name=None, strict=False, intensity=None, window=None, slice_axis=None, dicom_mode="auto",
           fit="stretch") -> dict:
-    """User-archive options for :func:`ingest.sources.open_source` (MedMNIST ignores the defaults)."""
+    """User-archive options for :func:`cbmir.ingest.sources.open_source` (MedMNIST ignores the defaults)."""
     return dict(source=source, name=name, strict=strict, intensity=intensity, window=window, slice_axis=slice_axis,
                 dicom_mode=dicom_mode, fit=fit)
 
@@ -109,7 +108,7 @@ def _file_on_path(p: Path) -> Optional[Path]:
 
 
 def _check_search_backend(value: str) -> None:
-    from evaluation.evaluate import SEARCH_BACKENDS
+    from cbmir.evaluation.evaluate import SEARCH_BACKENDS
 
     if value not in SEARCH_BACKENDS:
         raise CbmirError(f"unknown --search-backend {value!r}; valid: {', '.join(SEARCH_BACKENDS)}")
@@ -177,13 +176,13 @@ def _stored_meta(store, name: str, random_init: bool = False):
 
 
 def _check_archive_unchanged(name: str, meta, dataset: str, size: int, arch: dict) -> None:
-    """``--dataset`` naming a user archive: refuse, as ``run``/``ingest`` do (:func:`ingest.job.check_fingerprint`),
+    """``--dataset`` naming a user archive: refuse, as ``run``/``ingest`` do (:func:`cbmir.ingest.job.check_fingerprint`),
     when collection ``name`` was ingested from another archive of the same name or the archive changed since
     (its source fingerprint: a file scan with ``stat``, no pixel decode). MedMNIST: nothing to check."""
     import dataclasses
 
-    from ingest.job import check_fingerprint
-    from ingest.sources import open_source
+    from cbmir.ingest.job import check_fingerprint
+    from cbmir.ingest.sources import open_source
 
     if not (meta.extra or {}).get("source_fingerprint"):  # MedMNIST collections record none
         return
@@ -194,10 +193,10 @@ def _check_archive_unchanged(name: str, meta, dataset: str, size: int, arch: dic
 
 def _collection(dataset: str, size: int, model: str, backend: str, distance: str, aggregation: str,
                 arch: Optional[dict] = None, random_init: bool = False) -> str:
-    from ingest.sources import dataset_identity
-    from search.schema import collection_name
+    from cbmir.ingest.sources import dataset_identity
+    from cbmir.search.schema import collection_name
 
-    from ingest.extractors import get_spec
+    from cbmir.ingest.extractors import get_spec
 
     _, ds_name, is_3d = dataset_identity(dataset, size, aggregation=aggregation, **(arch or {}))
     agg = aggregation if is_3d else "concat"
@@ -217,18 +216,18 @@ def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
 
 def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate, splits, aggregation,
                progress=True, arch: Optional[dict] = None):
-    from ingest.extractors import check_weights, get_spec
+    from cbmir.ingest.extractors import check_weights, get_spec
 
     if backend == "torch" and "torch" not in get_spec(model).backends:
         backend = None  # the default --backend does not apply to numpy-only models (hog)
     # fail fast (seconds): weights are checked before torch / TensorFlow / medmnist are imported
     # and before the dataset is opened; create_extractor loads them for real below
     check_weights(model.lower(), weights=weights, random_init=random_init, backend=backend)
-    from ingest.embedder import make_embedder
-    from ingest.extractors import create_extractor
-    from ingest.job import ingest
-    from ingest.sources import open_source, source_summary
-    from search.store import open_store
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.extractors import create_extractor
+    from cbmir.ingest.job import ingest
+    from cbmir.ingest.sources import open_source, source_summary
+    from cbmir.search.store import open_store
 
     source = open_source(dataset, size, data_dir=s.data_dir, download=True, **(arch or {}))
     if s.threads and backend == "torch":
@@ -351,9 +350,9 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
                  dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt,
                  random_init: bool = RandomInitReadOpt) -> None:
     """Query every test point against the train points of a collection; print the study's metrics."""
-    from evaluation.evaluate import evaluate_collection
-    from ingest.sources import check_evaluable
-    from search.store import open_store
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.ingest.sources import check_evaluable
+    from cbmir.search.store import open_store
 
     s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
     _check_k(k)
@@ -384,8 +383,8 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
             slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
             fit: str = FitOpt, search_backend: str = SearchBackendOpt) -> None:
     """Ingest (train = database, test = queries), then evaluate: the study's protocol in one command."""
-    from evaluation.evaluate import evaluate_collection
-    from ingest.sources import check_evaluable
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.ingest.sources import check_evaluable
 
     s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance, threads)
     _check_k(k)  # before the ingest (minutes), not after it
@@ -427,15 +426,14 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                fit: str = FitOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Top-k database images for a stored point (``--query-index``) or a file (``--image``: any image format,
     DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as ingest)."""
-    from search.client import SearchClient
-    from search.store import open_store
+    from cbmir.client import SearchClient
+    from cbmir.search.store import open_store
 
     s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
     _check_k(k)
     if (query_index is None) == (image is None):
         raise CbmirError("give exactly one of --query-index N or --image PATH")
-    from ingest.base import SPLITS
-
+    from cbmir.core.splits import SPLITS
     for opt, sp in (("--query-split", query_split), ("--database-split", database_split)):
         if sp not in SPLITS:
             raise CbmirError(f"unknown {opt} {sp!r}; valid: {', '.join(SPLITS)}")
@@ -457,7 +455,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
             _check_archive_unchanged(collection, meta, dataset, size, arch)
         _check_k(k, client.store, collection, database_split)
         if image is not None:
-            from ingest.sources import load_query
+            from cbmir.ingest.sources import load_query
 
             if not Path(image).expanduser().exists():
                 raise CbmirError(f"--image {image}: file not found; give an existing image / volume file")
@@ -498,7 +496,7 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                dicom_mode: str = DicomModeOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Write a collection's vectors read back from the store: ``train_vectors`` (N, D) float32,
     ``train_labels`` (N,), ``test_vectors``, ``test_labels``, rows in split order."""
-    from search.store import open_store
+    from cbmir.search.store import open_store
 
     s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
     if not str(output).endswith(".npz"):  # numpy.savez appends it: name (and check) the file it writes
@@ -525,10 +523,10 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                qdrant_url: Optional[str] = UrlOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Check a collection against its source: counts per split, duplicate ids, labels, dims, non-finite
     vectors. Prints one line, ``OK ...`` (exit 0) or ``FAIL: <problems>`` (exit 1)."""
-    from evaluation.verify import verify_collection
-    from ingest.extractors import get_spec
-    from ingest.sources import open_source
-    from search.store import open_store
+    from cbmir.evaluation.verify import verify_collection
+    from cbmir.ingest.extractors import get_spec
+    from cbmir.ingest.sources import open_source
+    from cbmir.search.store import open_store
 
     s = _settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, distance=distance)
     get_spec(model)  # unknown model: CbmirError listing the valid ones
@@ -544,7 +542,7 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 @app.command("models")
 def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List the extractor registry: name, family, dim, backends, input policy, weights source, licence."""
-    from ingest.extractors import list_specs, weights_available
+    from cbmir.ingest.extractors import list_specs, weights_available
 
     rows = [{"name": sp.name, "family": sp.family, "dim": sp.dim, "backends": list(sp.backends),
              "input_policy": sp.input_policy, "weights_source": sp.weights_source, "licence": sp.licence,
@@ -588,7 +586,7 @@ def benchmark_cmd(
         threads: Optional[int] = ThreadsOpt,
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress")) -> None:
     """Run a grid of datasets x sizes x models (x backends x distances); resumable, one tidy results CSV."""
-    from evaluation.grid import config_from_cli, parse_list, run_grid
+    from cbmir.evaluation.grid import config_from_cli, parse_list, run_grid
 
     cfg = config_from_cli(
         config, datasets=parse_list(datasets), models=parse_list(models), sizes=parse_list(sizes),
@@ -618,7 +616,7 @@ def report_cmd(
         tsne: bool = typer.Option(True, "--tsne/--no-tsne", help="draw the t-SNE figure (Figure 11)"),
         n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples for CIs and paired tests")) -> None:
     """Markdown report with PNG figures: the study's Tables S1-S4, 3-7 and Figures 3-11, ours beside the paper's."""
-    from evaluation.report import build_report
+    from cbmir.evaluation.report import build_report
 
     if n_boot < 1:  # before any work (tables, figures, t-SNE)
         raise CbmirError(f"--n-boot {n_boot}: must be an integer >= 1 (bootstrap resamples, e.g. 2000)")
@@ -643,7 +641,7 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down siz
               output: Optional[Path] = typer.Option(None, "--output", "-o", help="write all figures as JSON"),
               keep: bool = typer.Option(False, "--keep", help="keep the synthetic files")) -> None:
     """Speed and memory at the study's largest scale (PathMNIST-sized), each beside its reference."""
-    from evaluation.bench import run_bench
+    from cbmir.evaluation.bench import run_bench
 
     run_bench(quick=quick, work_dir=work_dir, sections=[x.strip() for x in only.split(",")] if only else None,
               extract=extract, json_out=output, keep=keep)

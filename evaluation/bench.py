@@ -6,11 +6,11 @@ the machine hits both alike; it prints wall-clock and CPU seconds:
 
 1. **search** - evaluation of a PathMNIST-sized case (7,180 queries x 89,996 database x 1,024 dims,
    float32 synthetic vectors in an embedded Qdrant Edge collection) through
-   :func:`evaluation.evaluate.evaluate_collection` end to end (reading points back, exact batched
+   :func:`cbmir.evaluation.evaluate.evaluate_collection` end to end (reading points back, exact batched
    search, metrics), against the engine's raw batched exact queries on the same shard (``qdrant_edge``
    ``query_batch``, ``exact=True``, the same split filter and batch size, vectors passed as arrays),
    run batch by batch beside the store's own (:class:`RawAlongside`).
-2. **blas** - the ``--search-backend blas`` path (:func:`search.blas.exact_topk` over the vectors read
+2. **blas** - the ``--search-backend blas`` path (:func:`cbmir.search.blas.exact_topk` over the vectors read
    back from the store) against faiss ``IndexFlatIP`` search on the same arrays, query chunk by
    query chunk (<= 2,048); results are compared with the store's.
 3. **ingest** - a 224 px split of PathMNIST's shape (89,996 x 224 x 224 x 3 uint8, 13.5 GB; the file
@@ -137,7 +137,7 @@ def build_synthetic_collection(store, name: str, n_db: int, n_q: int, dim: int, 
                                seed: int = 0, chunk: int = 2048) -> None:
     """Upsert ``n_db`` train and ``n_q`` test float32 vectors (clustered Gaussians, ``n_classes``
     labels) into a new cosine collection ``name`` of ``store`` (recreated if present)."""
-    from search.schema import CollectionMeta, make_payload
+    from cbmir.search.schema import CollectionMeta, make_payload
 
     meta = CollectionMeta(dataset="pathmnist", size=224, model="synthetic", backend="numpy", dim=dim,
                           weights="none", preprocessing="synthetic clustered Gaussian vectors (bench)")
@@ -174,7 +174,7 @@ def raw_edge_queries(store, name: str, queries: np.ndarray, k: int, batch_size: 
 
 
 class RawAlongside:
-    """Stand-in for an :class:`search.edge_store.EdgeStore` given to ``evaluate_collection``: every
+    """Stand-in for an :class:`cbmir.search.edge_store.EdgeStore` given to ``evaluate_collection``: every
     batched ``search`` is paired with the raw engine's ``query_batch`` on the same query vectors, run
     right before it (``raw_first``) or right after it, alternating batch by batch, and timed apart
     (``raw_wall`` / ``raw_cpu`` seconds, ``raw_ids`` per batch). Pairing at batch level keeps the two
@@ -223,9 +223,9 @@ def study_loop(queries: np.ndarray, database: np.ndarray, k: int) -> np.ndarray:
 
 def bench_search(cfg: dict, work: Path, results: dict, *, k: int = 5, batch_size: int = 256) -> None:
     """Sections 1 (store vs raw Edge), 2 (BLAS vs faiss) and 4 (study loop)."""
-    from evaluation.evaluate import evaluate_collection
-    from search.blas import BlasIndex
-    from search.edge_store import EdgeStore
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.search.blas import BlasIndex
+    from cbmir.search.edge_store import EdgeStore
 
     n_db, n_q, dim, reps = cfg["n_db"], cfg["n_q"], cfg["dim"], cfg["reps"]
     _say(f"\n== 1. search: {n_q:,} queries x {n_db:,} database x {dim:,} dims, float32, k={k}, "
@@ -367,15 +367,14 @@ class Tiny32CNN:
     preprocessing, the job and the store rather than a large model.
     ``extract(uint8 (B, H, W, 3)) -> float32 (B, 128)`` (to 32 x 32: nearest-neighbour subsampling
     when the side is a multiple of 32, e.g. every 7th pixel at 224 px, else bicubic; ImageNet
-    mean/std; inference mode); an :class:`ingest.base.Extractor` for the ingest job.
+    mean/std; inference mode); an :class:`cbmir.ingest.base.Extractor` for the ingest job.
     """
 
     def __init__(self, batch_size: int = 256) -> None:
         import torch
         from torch import nn
 
-        from ingest.base import ExtractorSpec
-
+        from cbmir.ingest.base import ExtractorSpec
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.model = nn.Sequential(
@@ -388,7 +387,7 @@ class Tiny32CNN:
     def extract(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from ingest.transforms import normalize, resize_batch
+        from cbmir.ingest.transforms import normalize, resize_batch
 
         out = np.empty((len(images), 128), dtype=np.float32)
         with torch.inference_mode():
@@ -421,10 +420,10 @@ def _ingest_child(args: dict) -> None:
     torch.set_num_threads(max(1, int(args.get("threads") or torch.get_num_threads())))
     from medmnist import INFO
 
-    from ingest.embedder import ImageEmbedder
-    from ingest.job import ingest
-    from ingest.medmnist_data import file_md5, open_medmnist
-    from search.edge_store import EdgeStore
+    from cbmir.ingest.embedder import ImageEmbedder
+    from cbmir.ingest.job import ingest
+    from cbmir.ingest.medmnist_data import file_md5, open_medmnist
+    from cbmir.search.edge_store import EdgeStore
 
     def peak() -> float:
         """Peak RSS of this process so far, GB: ``VmHWM`` of /proc/self/status (Linux). Not ``ru_maxrss``:
@@ -483,7 +482,7 @@ def bench_ingest(cfg: dict, work: Path, results: dict, *, batch_size: int = 256)
     dt = time.perf_counter() - t0
     _say(f"wrote {path.name}: {size / GB:.2f} GB in {dt:.1f} s ({size / GB / dt:.2f} GB/s), bounded memory")
     args = {"data_dir": str(data_dir), "store": str(work / "ingest_store"), "n": n, "batch_size": batch_size}
-    cmd = [sys.executable, "-m", "evaluation.bench", "--ingest-child", json.dumps(args)]
+    cmd = [sys.executable, "-m", "cbmir.evaluation.bench", "--ingest-child", json.dumps(args)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
@@ -532,7 +531,7 @@ def bench_ingest(cfg: dict, work: Path, results: dict, *, batch_size: int = 256)
 # ----------------------------------------------------------------------------- 5. extraction
 def bench_extract(quick: bool, results: dict, *, device: str = "auto") -> None:
     """Section 5: images/s of each registered ImageNet CNN at 32 and 224 px (random-init weights)."""
-    from ingest.extractors import create_extractor, list_specs
+    from cbmir.ingest.extractors import create_extractor, list_specs
 
     names = [s.name for s in list_specs("imagenet-cnn")]
     _say(f"\n== 5. extraction throughput (random-init weights, inference mode, device {device}) ==")
@@ -618,7 +617,7 @@ def run_bench(*, quick: bool = False, work_dir: str | os.PathLike | None = None,
 
 
 def main(argv=None) -> None:
-    """``python -m evaluation.bench [--quick] ...`` (same as ``cbmir bench``)."""
+    """``python -m cbmir.evaluation.bench [--quick] ...`` (same as ``cbmir bench``)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,7 +1,7 @@
 """The evaluation run: every query (test) point against the database (train) points, through the store.
 
 Implements the study's protocol (DESIGN.md §1): zero-shot, train split = database, test split =
-queries, top-k by exact search, metrics of :mod:`evaluation.metrics`.
+queries, top-k by exact search, metrics of :mod:`cbmir.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from evaluation.metrics import per_query_metrics, retrieval_metrics
-from ingest.base import CbmirError
-from search.store import VectorStore
+from cbmir.evaluation.metrics import per_query_metrics, retrieval_metrics
+from cbmir.core.errors import CbmirError
+from cbmir.search.store import VectorStore
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Evaluation:
             ``latency_p95_ms`` (single-query latency over a sample; NaN when ``latency_sample=0``),
             ``fetch_s`` (reading points back: payloads, query vectors, and for the ``blas`` backend the
             database vectors).
-        search_backend: ``store`` (the engine's exact queries) or ``blas`` (:mod:`search.blas`).
+        search_backend: ``store`` (the engine's exact queries) or ``blas`` (:mod:`cbmir.search.blas`).
         majority_class_rate: ACC@1 of always answering the majority class of the database, computed on
             the queries — the floor any model should beat.
     """
@@ -65,7 +65,7 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
         batch_size: queries per batched exact search call.
         latency_sample: queries timed one by one afterwards for the latency percentiles (0: none).
         search_backend: ``store`` (the engine's exact batched queries) or ``blas`` (the cross-check:
-            :mod:`search.blas`, blocked sgemm over the vectors read back from the store; same results).
+            :mod:`cbmir.search.blas`, blocked sgemm over the vectors read back from the store; same results).
 
     Raises:
         CbmirError: the collection is missing, a split is empty, or an unknown ``search_backend``.
@@ -76,7 +76,7 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
     t0 = time.perf_counter()
     blas_index = None
     if search_backend == "blas":
-        from search.blas import BlasIndex
+        from cbmir.search.blas import BlasIndex
 
         blas_index = BlasIndex.from_store(store, name, database_split)
         db_idx, db_pay = blas_index.indices, blas_index.payloads

@@ -2,7 +2,7 @@
 
 Every *cell* of the grid is one run of the study's protocol (DESIGN.md §1): ingest the train split
 (database) and the test split (queries) of one dataset at one size with one extractor into one
-collection, then query every test image against the database (:func:`evaluation.evaluate.evaluate_collection`).
+collection, then query every test image against the database (:func:`cbmir.evaluation.evaluate.evaluate_collection`).
 
 Results go to **one tidy table** (``--results``, default ``results/results.csv``; Parquet for a ``.parquet`` path), one row per
 cell, keyed by :data:`KEY` = ``(dataset, size, model, backend, distance, random_init)``. The table
@@ -72,8 +72,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ingest.base import Batch, CbmirError
+from cbmir.core.errors import CbmirError
+from cbmir.core.splits import CODE_SPLITS, SPLIT_CODES
 
+from cbmir.ingest.base import Batch
 __all__ = [
     "KEY",
     "COLUMNS",
@@ -95,7 +97,7 @@ __all__ = [
 #: Columns that identify a cell (one row per key in the results table).
 KEY: tuple[str, ...] = ("dataset", "size", "model", "backend", "distance", "random_init")
 
-#: Metric columns (percent), as in :data:`evaluation.reference.METRICS`.
+#: Metric columns (percent), as in :data:`cbmir.evaluation.reference.METRICS`.
 METRIC_COLUMNS: tuple[str, ...] = ("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5")
 
 #: Every column of the results table, in order (see the module docstring for units).
@@ -336,7 +338,7 @@ class Cell:
 
 def _spec_or_none(model: str):
     try:
-        from ingest.extractors import get_spec
+        from cbmir.ingest.extractors import get_spec
 
         return get_spec(model)
     except CbmirError:
@@ -399,9 +401,9 @@ def validate_grid(config: GridConfig) -> None:
     Raises:
         CbmirError: one line naming every bad entry and the valid choices.
     """
-    from ingest.extractors import list_specs
-    from ingest.medmnist_data import INFO, MEDMNIST_FLAGS, valid_sizes
-    from ingest.sources import looks_like_path
+    from cbmir.ingest.extractors import list_specs
+    from cbmir.ingest.medmnist_data import INFO, MEDMNIST_FLAGS, valid_sizes
+    from cbmir.ingest.sources import looks_like_path
 
     problems = []  # k >= 1 is already enforced by GridConfig
     valid_models = [s.name for s in list_specs()]
@@ -613,7 +615,7 @@ def per_query_outcomes(per_query: Mapping[str, Any], k: int | None = None) -> di
         values in [0, 1] (named like the results table's metric columns, whose values are the
         means of these arrays times 100).
     """
-    from evaluation.metrics import per_query_metrics
+    from cbmir.evaluation.metrics import per_query_metrics
 
     k = int(per_query["k"] if k is None else k)
     pq = per_query_metrics(np.asarray(per_query["query_labels"]), np.asarray(per_query["topk_labels"]), k)
@@ -660,8 +662,7 @@ class _FeatureCache:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
-_CODE_SPLIT = {v: k for k, v in _SPLIT_CODE.items()}
+_SPLIT_CODE, _CODE_SPLIT = SPLIT_CODES, CODE_SPLITS
 
 
 class _RecordingSource:
@@ -796,14 +797,14 @@ def _write_log(path: Path, log: dict) -> None:
 
 # ----------------------------------------------------------------------------- one cell
 def _collection_for(cell: Cell, aggregation: str, is_3d: bool) -> str:
-    from search.schema import collection_name
+    from cbmir.search.schema import collection_name
 
     return collection_name(cell.dataset, cell.size, cell.model, backend=cell.backend, distance=cell.distance,
                            aggregation=aggregation if is_3d else "concat", random_init=cell.random_init)
 
 
 def _settings_for(config: GridConfig):
-    from cbmir.settings import get_settings
+    from cbmir.core.settings import get_settings
 
     return get_settings(data_dir=config.data_dir, store_path=config.store_path, qdrant_url=config.qdrant_url,
                         device=config.device, batch_size=config.batch_size)
@@ -835,7 +836,7 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
         ingest_log: ``{"<store>|<collection>": {...}}`` timings of earlier ingests; updated in place.
         twins: cells still to run that share this cell's features (other distance); when given,
             this cell records its features in the feature cache for them.
-        settings: :class:`cbmir.settings.Settings` (default: from ``config``).
+        settings: :class:`cbmir.core.settings.Settings` (default: from ``config``).
 
     Returns:
         The row dict with ``status == "ok"``.
@@ -843,12 +844,12 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
     Raises:
         CbmirError or any exception of the pipeline: the caller records the failure.
     """
-    from evaluation.evaluate import evaluate_collection
-    from ingest.embedder import make_embedder
-    from ingest.extractors import create_extractor, get_spec
-    from ingest.job import ingest
-    from ingest.medmnist_data import open_medmnist
-    from search.store import open_store
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.extractors import create_extractor, get_spec
+    from cbmir.ingest.job import ingest
+    from cbmir.ingest.medmnist_data import open_medmnist
+    from cbmir.search.store import open_store
 
     s = settings or _settings_for(config)
     t_cell = time.perf_counter()

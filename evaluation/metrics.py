@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.base import CbmirError
-
-
+from cbmir.core.errors import CbmirError
 def _check(query_labels: np.ndarray, retrieved_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(query_labels).reshape(-1)
     r = np.asarray(retrieved_labels)

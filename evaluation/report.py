@@ -8,14 +8,14 @@ follows Mahbod et al. (2025), *Engineering Applications of Artificial Intelligen
   with the paper's value beside ours and the difference (ours - paper, percentage points);
 * Tables 3 and 4 — per-model averages over the 2D and the 3D datasets: ours, the paper's over the
   same (dataset, size) cells, and the paper's full tables recomputed from the supplementary rows,
-  with the printed values that disagree (:func:`evaluation.reference.table_disagreements`);
-* Table 5 — size robustness: range of ACC@1 across sizes (:func:`evaluation.reference.size_robustness`);
+  with the printed values that disagree (:func:`cbmir.evaluation.reference.table_disagreements`);
+* Table 5 — size robustness: range of ACC@1 across sizes (:func:`cbmir.evaluation.reference.size_robustness`);
 * Tables 6 and 7 — database creation time, and test time split into query extraction and search;
 * Figures 3-10 — ACC@1 per model grouped by image size, one figure per dataset; Figure 11 — t-SNE of
   the database features of one collection, coloured by class;
 * beyond the study: 95% percentile-bootstrap CIs of every metric, paired comparisons of models on
   the same dataset / size (paired bootstrap of the difference; McNemar for ACC@1, Holm-adjusted per
-  dataset and size), cosine vs Euclidean where both were run (:mod:`evaluation.stats`).
+  dataset and size), cosine vs Euclidean where both were run (:mod:`cbmir.evaluation.stats`).
 
 Rules every report follows (DESIGN.md §3): rows of random-weight runs are labelled ``RANDOM-INIT``
 everywhere; ``hog`` is labelled "handcrafted baseline"; each dataset shows its majority-class rate
@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from evaluation.reference import (
+from cbmir.evaluation.reference import (
     DATASETS_2D,
     DATASETS_3D,
     METRICS,
@@ -49,8 +49,7 @@ from evaluation.reference import (
     size_robustness,
     table_disagreements,
 )
-from ingest.base import CbmirError
-
+from cbmir.core.errors import CbmirError
 __all__ = [
     "ReportOutput",
     "build_report",
@@ -178,7 +177,7 @@ def _dataset_order(flag: str) -> tuple:
 
 # ----------------------------------------------------------------------------- results
 def prepare_results(df: pd.DataFrame) -> pd.DataFrame:
-    """Add display columns to a results table (:mod:`evaluation.grid`): ``label`` (row label),
+    """Add display columns to a results table (:mod:`cbmir.evaluation.grid`): ``label`` (row label),
     ``dataset_name`` (display name), ``paper_model`` (or None) and ``kind`` (``2d``/``3d``).
 
     Accepts any table with at least ``dataset, size, model`` and the metric columns; missing
@@ -190,7 +189,7 @@ def prepare_results(df: pd.DataFrame) -> pd.DataFrame:
     for c, v in defaults.items():
         if c not in df.columns:
             df[c] = v
-    from evaluation.grid import _to_bool
+    from cbmir.evaluation.grid import _to_bool
 
     df["random_init"] = df["random_init"].map(_to_bool)
     df["size"] = df["size"].astype(int)
@@ -362,7 +361,7 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         database creation s, items/s, note``; table7: ``Dataset, size, Model, distance, query extraction s, search s,
         test s, search share %, search ms/query, latency p50 ms, latency p95 ms``.
     """
-    from evaluation.grid import _to_bool
+    from cbmir.evaluation.grid import _to_bool
 
     rows = _sort_rows(_ok(df))
     cols6 = ["Dataset", "size", "Model", "threads", "model load s", "database creation s", "items/s", "note"]
@@ -404,7 +403,7 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 # ----------------------------------------------------------------------------- statistics
 def _load_outcomes(row: dict, results_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    from evaluation.grid import load_per_query, per_query_outcomes
+    from cbmir.evaluation.grid import load_per_query, per_query_outcomes
 
     f = row.get("per_query_file")
     if not isinstance(f, str) or not f:
@@ -427,7 +426,7 @@ def ci_table(df: pd.DataFrame, results_dir: Path, n_boot: int = 2000, seed: int 
         Long format: ``dataset, size, model, label, distance, random_init, metric, n, value, lo, hi,
         check`` (percent).
     """
-    from evaluation.stats import bootstrap_ci
+    from cbmir.evaluation.stats import bootstrap_ci
 
     out = []
     for r in _sort_rows(_ok(df)).to_dict("records"):
@@ -483,7 +482,7 @@ def tie_diagnostics(df: pd.DataFrame, results_dir: Path, threshold: float = 10.0
         f = r.get("per_query_file")
         if not isinstance(f, str) or not f or not _abs(f, results_dir).is_file():
             continue
-        from evaluation.grid import load_per_query
+        from cbmir.evaluation.grid import load_per_query
 
         sc = np.asarray(load_per_query(_abs(f, results_dir))["topk_scores"], dtype=np.float64)
         tol = 1e-6 * np.maximum(1.0, np.abs(sc[:, :1]))
@@ -514,15 +513,15 @@ def paired_table(df: pd.DataFrame, results_dir: Path, n_boot: int = 2000, seed: 
 
     For each pair (A, B) with per-query files over the same queries: ACC@1 and mAP@5 differences
     (A - B, percentage points) with paired-bootstrap 95% CIs and p-values
-    (:func:`evaluation.stats.paired_bootstrap`), and McNemar's test on ACC@1
-    (:func:`evaluation.stats.mcnemar`; ``b01`` = A wrong & B right, ``b10`` = A right & B wrong)
+    (:func:`cbmir.evaluation.stats.paired_bootstrap`), and McNemar's test on ACC@1
+    (:func:`cbmir.evaluation.stats.mcnemar`; ``b01`` = A wrong & B right, ``b10`` = A right & B wrong)
     with Holm-adjusted p-values over the pairs of the same dataset / size / distance.
 
     Returns:
         Columns ``Dataset, size, distance, A, B, n, ΔACC@1, ΔACC@1 lo, ΔACC@1 hi, p boot ACC@1,
         b01, b10, p McNemar, p McNemar (Holm), method, ΔmAP@5, ΔmAP@5 lo, ΔmAP@5 hi, p boot mAP@5``.
     """
-    from evaluation.stats import mcnemar, paired_bootstrap
+    from cbmir.evaluation.stats import mcnemar, paired_bootstrap
 
     cols = ["Dataset", "size", "distance", "A", "B", "n", "ΔACC@1", "ΔACC@1 lo", "ΔACC@1 hi", "p boot ACC@1",
             "b01", "b10", "p McNemar", "p McNemar (Holm)", "method", "ΔmAP@5", "ΔmAP@5 lo", "ΔmAP@5 hi",
@@ -564,8 +563,8 @@ def distance_table(df: pd.DataFrame, results_dir: Path, n_boot: int = 2000, seed
         ``ΔACC@1`` (cosine - euclidean, pp), its paired-bootstrap CI, ``p McNemar`` and
         ``identical top-k`` (fraction of queries whose top-k database rows are the same, in order).
     """
-    from evaluation.grid import load_per_query
-    from evaluation.stats import mcnemar, paired_bootstrap
+    from cbmir.evaluation.grid import load_per_query
+    from cbmir.evaluation.stats import mcnemar, paired_bootstrap
 
     rows = _sort_rows(_ok(df))
     cols = ["Dataset", "size", "Model", *[f"{m} {d}" for m in METRICS for d in ("cosine", "euclidean")],
@@ -796,7 +795,7 @@ def _published_section(lines: list[str], out: ReportOutput) -> None:
     lines.append("Per-model means of the study's supplementary rows (`evaluation/data/paper_results.csv`): "
                  "Table 3 over the six 2D datasets x four sizes, Table 4 over the two 3D datasets x two sizes. "
                  "A `printed` column gives the value printed in the paper's table where it is transcribed "
-                 "(`evaluation.reference.PRINTED_TABLE_VALUES`).\n")
+                 "(`cbmir.evaluation.reference.PRINTED_TABLE_VALUES`).\n")
     for table, kind in (("Table 3", "2d"), ("Table 4", "3d")):
         avg = published_averages(kind).reset_index()
         avg = avg.rename(columns={"model": "Model", "n_rows": "n rows"})
@@ -838,7 +837,7 @@ def _published_figures(fig_dir: Path, out: ReportOutput) -> list[tuple[str, Path
 
 
 def _open_store_for(row: dict, store_path, qdrant_url):
-    from search.store import open_store
+    from cbmir.search.store import open_store
 
     if qdrant_url:
         return open_store(qdrant_url=qdrant_url)
@@ -900,9 +899,9 @@ def _tsne_section(df: pd.DataFrame, fig_dir: Path, out: ReportOutput, *, store_p
 def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, list[str]]:
     """One results table from several (e.g. grids run in parallel or on different machines).
 
-    Each table is read with :func:`evaluation.grid.read_results`; relative ``per_query_file`` paths are
+    Each table is read with :func:`cbmir.evaluation.grid.read_results`; relative ``per_query_file`` paths are
     made absolute against their own table's folder; a table given twice (same resolved path) is read
-    once. Where two tables hold the same cell (:data:`evaluation.grid.KEY`), an ``ok`` row wins over
+    once. Where two tables hold the same cell (:data:`cbmir.evaluation.grid.KEY`), an ``ok`` row wins over
     one of another status (``failed``); among rows of the same status the later table's row wins.
 
     Returns:
@@ -911,7 +910,7 @@ def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFram
     Raises:
         CbmirError: a path is missing or not a results table (names the path).
     """
-    from evaluation.grid import KEY, read_results
+    from cbmir.evaluation.grid import KEY, read_results
 
     frames, seen = [], set()
     for p in paths:
@@ -966,7 +965,7 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     """Write the report (``<output>/report.md``, ``<output>/figures/*.png``, statistics CSVs).
 
     Args:
-        results: results CSV of :func:`evaluation.grid.run_grid`, a list of them (merged by
+        results: results CSV of :func:`cbmir.evaluation.grid.run_grid`, a list of them (merged by
             :func:`read_results_tables`), or None for the published tables only.
         output: output directory (created).
         store_path / qdrant_url: store holding the t-SNE collection (default: each row's ``store``).
@@ -1151,7 +1150,7 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
         ci.to_csv(out_dir / "stats_ci.csv", index=False)
         worst = float(ci["check"].max())
         lines.append(f"### 95% bootstrap confidence intervals ({n_boot} resamples of the queries, percentile "
-                     "interval; `evaluation.stats.bootstrap_ci`)\n")
+                     "interval; `cbmir.evaluation.stats.bootstrap_ci`)\n")
         lines.append(f"Every metric was recomputed from the saved per-query top-k labels; largest difference "
                      f"to the table: {worst:.2g} pp.\n")
         bad = ci[ci["check"] > 1e-6]
@@ -1184,7 +1183,7 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
             pt.to_csv(out_dir / "stats_paired.csv", index=False)
         lines.append("### Paired comparisons of models (same dataset, size, distance and queries)\n")
         lines.append("Δ = A - B in percentage points with the paired-bootstrap 95% CI and p-value "
-                     "(`evaluation.stats.paired_bootstrap`); McNemar's test on ACC@1 (`b01`: A wrong, B right; "
+                     "(`cbmir.evaluation.stats.paired_bootstrap`); McNemar's test on ACC@1 (`b01`: A wrong, B right; "
                      "`b10`: A right, B wrong; exact binomial below 25 discordant pairs, else chi-square with "
                      "continuity correction) and its Holm adjustment over the pairs of one dataset/size/distance.\n")
         p_fmt = {c: _fmt_p for c in ("p boot ACC@1", "p McNemar", "p McNemar (Holm)", "p boot mAP@5")}

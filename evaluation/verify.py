@@ -11,11 +11,11 @@ collection is exactly what its source file says it should be:
   (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
 * every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,
   and, for cosine collections, is unit-length or all zero (the store's zero-vector rule,
-  :meth:`search.store.VectorStore._prepare`); all-zero vectors are counted and reported, not failed.
+  :meth:`cbmir.search.store.VectorStore._prepare`); all-zero vectors are counted and reported, not failed.
 
 Splits checked: ``train`` and ``test`` (the study's database and queries) and any other split
 that has points. The collection is read page by page (at most 1,024 points and
-:data:`search.store.MAX_VALUES_PER_CALL` vector values at a time), so memory stays bounded for any
+:data:`cbmir.search.store.MAX_VALUES_PER_CALL` vector values at a time), so memory stays bounded for any
 collection size, 3D volumes included.
 """
 
@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ingest.base import CbmirError, DatasetSource
-from search.schema import SPLIT_CODES, split_and_index
-from search.store import MAX_VALUES_PER_CALL, VectorStore, rows_per_call
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import DatasetSource
+from cbmir.search.schema import SPLIT_CODES, split_and_index
+from cbmir.search.store import MAX_VALUES_PER_CALL, VectorStore, rows_per_call
 
 #: Largest deviation of a stored cosine vector's L2 norm from 1 accepted (float32 rounding).
 NORM_TOLERANCE = 1e-3
@@ -93,9 +95,9 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         store: an open vector store (any engine).
         name: collection name.
         source: the dataset the collection was built from (e.g.
-            :func:`ingest.medmnist_data.open_medmnist`); its labels are the reference.
+            :func:`cbmir.ingest.medmnist_data.open_medmnist`); its labels are the reference.
         splits: splits to check; default ``train``, ``test`` and any other split with points.
-        page: points read per request (default :func:`search.store.rows_per_call` of the dim).
+        page: points read per request (default :func:`cbmir.search.store.rows_per_call` of the dim).
 
     Returns:
         :class:`VerifyReport`; never raises for a problem of the collection itself (a missing
@@ -202,7 +204,7 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
 
 
 def verify_or_raise(store: VectorStore, name: str, source: DatasetSource, **kwargs) -> VerifyReport:
-    """:func:`verify_collection`, raising :class:`~ingest.base.CbmirError` with the verdict on failure."""
+    """:func:`verify_collection`, raising :class:`~cbmir.core.errors.CbmirError` with the verdict on failure."""
     rep = verify_collection(store, name, source, **kwargs)
     if not rep.ok:
         raise CbmirError(rep.verdict())

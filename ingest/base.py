@@ -2,7 +2,7 @@
 
 A *dataset source* streams :class:`Batch` objects of uint8 images with their labels;
 an *extractor* turns a batch of images into float32 embeddings. The ingest job
-(:mod:`ingest.job`) only talks to these two interfaces.
+(:mod:`cbmir.ingest.job`) only talks to these two interfaces.
 """
 
 from __future__ import annotations
@@ -11,16 +11,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
-
-SPLITS = ("train", "val", "test")
-
-
-class CbmirError(Exception):
-    """An error with a message meant for the user (printed without a traceback by the CLI).
-
-    The message names the input at fault and how to fix it.
-    """
-
 
 @dataclass
 class Batch:

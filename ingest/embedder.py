@@ -1,22 +1,24 @@
 """From dataset items to one embedding per point.
 
 2D images go through the extractor directly (grayscale replicated to RGB first). 3D volumes
-are handled by :mod:`ingest.volumes` (slice-wise features, DESIGN.md §1). :func:`make_embedder`
+are handled by :mod:`cbmir.ingest.volumes` (slice-wise features, DESIGN.md §1). :func:`make_embedder`
 picks the right one for a dataset, so the ingest job never branches on model or modality.
 
 Embedders take exactly what dataset sources yield — uint8, ``(B, size, size, 1|3)`` for 2D,
-``(B, D, size, size)`` for 3D — and refuse anything else with a :class:`~ingest.base.CbmirError`
+``(B, D, size, size)`` for 3D — and refuse anything else with a :class:`~cbmir.core.errors.CbmirError`
 naming the shape and dtype received. Arrays from elsewhere (a query image in memory: 16-bit,
 float, RGBA, odd-sized, one image instead of a batch) go through :func:`prepare_images` first,
-which applies the pixel rules of :mod:`ingest.sources.pixels` (the rules user archives use).
+which applies the pixel rules of :mod:`cbmir.ingest.sources.pixels` (the rules user archives use).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ingest.base import CbmirError, Extractor
-from ingest.transforms import to_rgb
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import Extractor
+from cbmir.ingest.transforms import to_rgb
 
 
 class ImageEmbedder:
@@ -38,7 +40,7 @@ class ImageEmbedder:
                 :func:`prepare_images` converts such arrays by the documented rules.
         """
         images = np.asarray(images)
-        hint = " (convert with ingest.embedder.prepare_images, which applies the pixel rules)"
+        hint = " (convert with cbmir.ingest.embedder.prepare_images, which applies the pixel rules)"
         if images.ndim != 4:
             raise CbmirError(f"2D images must have shape (B, H, W, C); got {images.shape} "
                              f"(a 3D volume given to a 2D collection?){hint}")
@@ -69,7 +71,7 @@ def make_embedder(extractor: Extractor, *, size: int, is_3d: bool, aggregation: 
     """
     if not is_3d:
         return ImageEmbedder(extractor, size)
-    from ingest.volumes import VolumeEmbedder  # noqa: PLC0415 (3D support is its own module)
+    from cbmir.ingest.volumes import VolumeEmbedder  # noqa: PLC0415 (3D support is its own module)
 
     return VolumeEmbedder(extractor, size=size, aggregation=aggregation)
 
@@ -77,7 +79,7 @@ def make_embedder(extractor: Extractor, *, size: int, is_3d: bool, aggregation: 
 def _alpha_to_unit(alpha: np.ndarray) -> np.ndarray:
     """An alpha channel -> float64 in [0, 1]: uint8 / 255, other integers / their type's maximum,
     bool as 0 / 1, floats as given (must lie in [0, 1])."""
-    from ingest.sources.pixels import PixelError
+    from cbmir.ingest.sources.pixels import PixelError
 
     if alpha.dtype.kind == "b":
         return alpha.astype(np.float64)
@@ -91,7 +93,7 @@ def _alpha_to_unit(alpha: np.ndarray) -> np.ndarray:
 
 def _image_to_uint8(img: np.ndarray, size: int, fit: str) -> np.ndarray:
     """One 2D image ``(H, W, C)``, C in 1..4, any numeric dtype -> uint8 ``(size, size, 3)``."""
-    from ingest.sources.pixels import IntensityRule, as_rgb, fit_to_size, scale_to_uint8
+    from cbmir.ingest.sources.pixels import IntensityRule, as_rgb, fit_to_size, scale_to_uint8
 
     c = img.shape[-1]
     colour, alpha = (img[..., :-1], img[..., -1]) if c in (2, 4) else (img, None)
@@ -104,7 +106,7 @@ def _image_to_uint8(img: np.ndarray, size: int, fit: str) -> np.ndarray:
 def prepare_images(images, *, size: int, is_3d: bool, fit: str = "stretch") -> np.ndarray:
     """Turn in-memory query images into what the embedder of a collection takes.
 
-    Rules (the same as for user archives, :mod:`ingest.sources.pixels`):
+    Rules (the same as for user archives, :mod:`cbmir.ingest.sources.pixels`):
 
     * **Layout.** 2D collection: ``(H, W)`` grey, ``(H, W, C)`` one image or ``(B, H, W, C)`` a
       batch, with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA). 3D collection: ``(D, H, W)``
@@ -118,7 +120,7 @@ def prepare_images(images, *, size: int, is_3d: bool, fit: str = "stretch") -> n
       alpha / 255, other integers / their type's maximum, floats must be in [0, 1]).
     * **Size.** 2D: resized to ``size x size`` (``fit``: ``stretch`` — aspect not kept — ``pad`` or
       ``crop``; bicubic, antialiased), grey replicated to RGB. 3D: resized to ``size x size x size``
-      (cubic spline along depth, bicubic per slice; :func:`ingest.sources.pixels.resize_volume`).
+      (cubic spline along depth, bicubic per slice; :func:`cbmir.ingest.sources.pixels.resize_volume`).
 
     Args:
         images: numpy array (or array-like) as above.
@@ -131,9 +133,9 @@ def prepare_images(images, *, size: int, is_3d: bool, fit: str = "stretch") -> n
 
     Raises:
         CbmirError: refused layout (naming the shape and what was expected), empty or non-numeric
-            array, NaN / inf pixels (:class:`ingest.sources.pixels.PixelError`).
+            array, NaN / inf pixels (:class:`cbmir.ingest.sources.pixels.PixelError`).
     """
-    from ingest.sources.pixels import IntensityRule, resize_volume, scale_to_uint8
+    from cbmir.ingest.sources.pixels import IntensityRule, resize_volume, scale_to_uint8
 
     x = np.asarray(images)
     if x.dtype.kind not in "buif":

@@ -4,19 +4,19 @@ Re-running the same job is safe: point ids are deterministic (split, row), so an
 overwrites; a split whose points are all stored is skipped; an interrupted split (a killed job, a
 deleted point, a row refused earlier) is completed by embedding exactly its missing rows, read from
 the first missing row on. Every batch is one upsert; upserts run in a background thread while the
-next batch is embedded (:mod:`ingest.pipeline`), at most one pending, and all are acknowledged before
+next batch is embedded (:mod:`cbmir.ingest.pipeline`), at most one pending, and all are acknowledged before
 a split is reported done (errors of either stage propagate), so a job killed at any moment loses at
 most the two batches in flight, which the re-run embeds again.
 
 Vector rules (applied per row, reported in :class:`IngestReport` and by ``cbmir ingest``):
 
 * **NaN / inf** features are never stored. The run stores every finite row, keeps going to the end
-  of all splits, then raises :class:`~ingest.base.CbmirError` with the count and rows refused; the
+  of all splits, then raises :class:`~cbmir.core.errors.CbmirError` with the count and rows refused; the
   collection is incomplete (``cbmir verify`` fails) until a re-run with a fixed extractor or input
   embeds them.
 * **All-zero** features (HOG of a constant image, a dead CNN activation) are stored as zeros and
   listed in ``IngestReport.zero_vectors``; with cosine distance their similarity to anything is 0
-  (see :meth:`search.store.VectorStore._prepare`), on every engine.
+  (see :meth:`cbmir.search.store.VectorStore._prepare`), on every engine.
 """
 
 from __future__ import annotations
@@ -27,10 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from ingest.base import SPLITS, Batch, CbmirError, DatasetSource
-from ingest.pipeline import BackgroundWriter, prefetch
-from search.schema import CollectionMeta, DamagedMetaError, collection_name, make_payload
-from search.store import VectorStore
+from cbmir.core.splits import SPLITS
+
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import Batch, DatasetSource
+from cbmir.ingest.pipeline import BackgroundWriter, prefetch
+from cbmir.search.schema import CollectionMeta, DamagedMetaError, collection_name, make_payload
+from cbmir.search.store import VectorStore
 
 #: Suffix of the staging collection in which ``--recreate`` builds the new points (:func:`ingest`).
 STAGING_SUFFIX = "__recreate"
@@ -82,9 +86,9 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
 
 def _source_extra(source: DatasetSource) -> dict:
     """``n_classes``, ``split_sizes`` (rows per split of the source, so that evaluating an unfinished
-    collection is refused: :func:`ingest.sources.check_evaluable`), ``rows_may_be_skipped`` (a
+    collection is refused: :func:`cbmir.ingest.sources.check_evaluable`), ``rows_may_be_skipped`` (a
     non-strict user archive skips unreadable files) and, for user archives, ``source_fingerprint``
-    (per split, see :meth:`ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with
+    (per split, see :meth:`cbmir.ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with
     the metadata."""
     sizes = {}
     for sp in SPLITS:
@@ -132,7 +136,7 @@ def _first_missing(store: VectorStore, name: str, split: str, n: int) -> int:
 
 
 def _subset(batch, keep: np.ndarray):
-    """The rows ``keep`` (bool mask) of a :class:`~ingest.base.Batch`."""
+    """The rows ``keep`` (bool mask) of a :class:`~cbmir.ingest.base.Batch`."""
     if keep.all():
         return batch
     sel = np.flatnonzero(keep)
@@ -147,14 +151,14 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     """Embed ``splits`` of ``source`` and upsert them into the collection of (dataset, size, model).
 
     Args:
-        source: the dataset (see :class:`ingest.base.DatasetSource`).
-        embedder: :func:`ingest.embedder.make_embedder` result.
+        source: the dataset (see :class:`cbmir.ingest.base.DatasetSource`).
+        embedder: :func:`cbmir.ingest.embedder.make_embedder` result.
         store: the vector store.
         splits: splits to ingest; the study uses ``train`` as database and ``test`` as queries.
         batch_size: items per extraction batch.
         recreate: replace an existing collection (of any configuration or source). The new points
             are built in the staging collection :func:`staging_name` and swapped in
-            (:meth:`search.store.VectorStore.replace_collection`) only once every split is complete;
+            (:meth:`cbmir.search.store.VectorStore.replace_collection`) only once every split is complete;
             until then the old collection is untouched, and re-running resumes the staging one.
 
     Returns:
@@ -211,7 +215,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
         bar = tqdm(total=n, initial=n_present, desc=f"{name} [{split}]", unit="img", disable=not progress,
                    leave=False)
         # pipelined: the reader runs ahead in a thread, the upsert of batch i runs in another while
-        # batch i+1 is embedded; leaving the block waits for the upserts handed over (ingest.pipeline)
+        # batch i+1 is embedded; leaving the block waits for the upserts handed over (cbmir.ingest.pipeline)
         with prefetch(source.iter_batches(split, batch_size, start=start), depth=2) as batches, \
                 BackgroundWriter(max_pending=1) as writer:
             for batch in batches:
@@ -269,7 +273,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
 def _mark_complete(store: VectorStore, name: str, meta: CollectionMeta, split: str) -> None:
     """Record in the metadata (``extra["completed"][split]`` = points stored) that the ingest of
     ``split`` ran to its end: fewer points than source rows are then files skipped as unreadable,
-    not an interrupted run (:func:`ingest.sources.check_evaluable`)."""
+    not an interrupted run (:func:`cbmir.ingest.sources.check_evaluable`)."""
     n = store.count(name, split)
     done = dict((meta.extra or {}).get("completed") or {})
     if done.get(split) == n:

@@ -11,7 +11,7 @@ grayscale or ``(N, s, s, 3)`` RGB, 3D ``(N, s, s, s)`` depth first) and ``{train
 Every file is MD5-verified before use (streamed hashing; the verified result is cached in
 memory per ``(path, mtime, size)``), its array names, dtypes and shapes are checked against
 ``INFO`` from the ``.npy`` headers alone, and arrays are read with ``allow_pickle=False``.
-Images are streamed from the zip member batch by batch (:mod:`ingest.npz_stream`): peak memory is
+Images are streamed from the zip member batch by batch (:mod:`cbmir.ingest.npz_stream`): peak memory is
 one batch, whatever the file size; no split's image array is ever held whole.
 """
 
@@ -33,8 +33,11 @@ from typing import Iterator
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ingest.base import SPLITS, Batch, CbmirError
+from cbmir.core.splits import SPLITS
 
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import Batch
 def _import_medmnist():
     """``import medmnist`` without losing a Ctrl-C: its ``__init__`` wraps its slow imports (torch,
     scipy; seconds) in a bare ``except:``, which would swallow the KeyboardInterrupt. In the main
@@ -257,7 +260,7 @@ class MedMNISTSource:
         self._n = {s: int(info["n_samples"][s]) for s in SPLITS}
         self._labels: dict[str, np.ndarray] = {}
         self._cached_split: str | None = None  # split whose image member is open for streaming
-        self._reader = None  # ingest.npz_stream.NpyMemberReader of that member
+        self._reader = None  # cbmir.ingest.npz_stream.NpyMemberReader of that member
 
         if not self.path.is_file():
             self._fetch_or_fail(download)
@@ -297,7 +300,7 @@ class MedMNISTSource:
         """Stream ``split`` from row ``start`` in batches of at most ``batch_size`` items.
 
         Yields:
-            :class:`~ingest.base.Batch` with ``images`` uint8 ``(B, H, W, C)`` (C = 1 for
+            :class:`~cbmir.ingest.base.Batch` with ``images`` uint8 ``(B, H, W, C)`` (C = 1 for
             grayscale, 3 for RGB) or ``(B, D, H, W)`` for 3D; read-only views, copy to modify.
             ``image_ids`` are ``<flag>_<size>/<split>/<row>``. ChestMNIST batches carry
             ``extra_payload=[{"findings": [...]}]`` (indices of positive findings).
@@ -336,13 +339,13 @@ class MedMNISTSource:
     def _read_images(self, split: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of ``<split>_images`` (the one place that touches pixels).
 
-        Streams the rows from the zip member (:class:`ingest.npz_stream.NpyMemberReader`): only
+        Streams the rows from the zip member (:class:`cbmir.ingest.npz_stream.NpyMemberReader`): only
         the requested rows are read (stored members: one seek; deflated members, as the official
         files: sequential decompression with a cursor, so consecutive batches never decompress
         twice). Memory is one batch, whatever the split's size (PathMNIST 224 px: 13.5 GB).
         Switching split closes the previous member. Returns a read-only uint8 array.
         """
-        from ingest.npz_stream import NpyMemberReader
+        from cbmir.ingest.npz_stream import NpyMemberReader
 
         if self._cached_split != split or self._reader is None:
             if self._reader is not None:

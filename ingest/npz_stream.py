@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ingest.base import CbmirError
-
+from cbmir.core.errors import CbmirError
 #: zip local file header: signature, versions, flags, method, time, date, crc, sizes, name / extra lengths.
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_SIG = b"PK\x03\x04"

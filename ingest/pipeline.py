@@ -1,6 +1,6 @@
 """Overlap the ingest stages: read batch i+1 and upsert batch i-1 while batch i is embedded.
 
-Two small thread helpers used by :func:`ingest.job.ingest`:
+Two small thread helpers used by :func:`cbmir.ingest.job.ingest`:
 
 * :func:`prefetch` runs an iterator (the dataset reader: zip decompression, file decoding) in a
   background thread, ``depth`` items ahead of the consumer;

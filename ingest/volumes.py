@@ -6,9 +6,9 @@ study turns it into one vector with any 2D extractor:
 1. :func:`zoom_depth` - cubic spline zoom along depth only to ``t`` slices
    (``scipy.ndimage.zoom(volume, (t / D, 1, 1), order=3)``; identity when ``D == t``);
 2. :func:`resize_slices` - every depth slice resized to ``t x t`` (bicubic, a = -0.5 as PIL,
-   :func:`ingest.transforms.resize_batch`; identity when already ``t x t``);
+   :func:`cbmir.ingest.transforms.resize_batch`; identity when already ``t x t``);
 3. :func:`volumes_to_slices` - the ``B x t`` slices flattened, in slice order, to a channels-last
-   batch, grayscale replicated to 3 channels (:func:`ingest.transforms.to_rgb`);
+   batch, grayscale replicated to 3 channels (:func:`cbmir.ingest.transforms.to_rgb`);
 4. the extractor's own 2D preprocessing and model (inside ``extractor.extract``), called on
    large batches of slices of several volumes (:func:`extract_slices`), never one slice per call;
    slice vectors stay raw (:func:`raw_slice_extractor`), as the study concatenated them;
@@ -24,7 +24,7 @@ PIL's float bicubic rounded - PIL's 8-bit path, which rounds between its two pas
 grey level away), so each step can be tested alone.
 
 Vectors above Qdrant's 65,535-dim limit are stored as several named chunks by the store
-(:func:`search.schema.chunk_layout`); search stays exact (see :mod:`search.store`).
+(:func:`cbmir.search.schema.chunk_layout`); search stays exact (see :mod:`cbmir.search.store`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import functools
 
 import numpy as np
 
-from ingest.base import CbmirError, Extractor
+from cbmir.core.errors import CbmirError
 
+from cbmir.ingest.base import Extractor
 AGGREGATIONS = ("concat", "mean", "max")
 #: Smallest input side of the ImageNet CNNs; 28 px inputs are upsampled to it (DESIGN.md §1).
 CNN_MIN_SIDE = 32
@@ -55,7 +56,7 @@ def slice_side(extractor: Extractor, size: int) -> int:
     ``min_side`` (int) take precedence; otherwise the ``imagenet-cnn`` family means ``min_side = 32``.
 
     Args:
-        extractor: a 2D :class:`~ingest.base.Extractor`.
+        extractor: a 2D :class:`~cbmir.ingest.base.Extractor`.
         size: volume side ``s`` in voxels (28 or 64 for MedMNIST 3D).
 
     Returns:
@@ -162,11 +163,11 @@ def zoom_depth(volumes: np.ndarray, t: int) -> np.ndarray:
 def resize_slices(volumes: np.ndarray, t: int) -> np.ndarray:
     """Every depth slice resized to ``t x t`` (bicubic): uint8 ``(B, D, H, W)`` -> uint8 ``(B, D, t, t)``.
 
-    Uses :func:`ingest.transforms.resize_batch` (PIL-equivalent bicubic, a = -0.5, antialiased when
+    Uses :func:`cbmir.ingest.transforms.resize_batch` (PIL-equivalent bicubic, a = -0.5, antialiased when
     downscaling; result rounded and clipped like PIL on uint8) on all ``B x D`` slices at once.
     Returns the input unchanged when ``H == W == t``.
     """
-    from ingest.transforms import resize_batch
+    from cbmir.ingest.transforms import resize_batch
 
     volumes = np.asarray(volumes)
     b, d, h, w = volumes.shape
@@ -193,9 +194,9 @@ def volumes_to_slices(volumes: np.ndarray) -> np.ndarray:
     """Flatten volumes to a batch of RGB slices in (volume, slice) order.
 
     uint8 ``(B, D, H, W)`` -> uint8 ``(B * D, H, W, 3)``; row ``i * D + j`` is slice ``j`` of volume
-    ``i``; the grayscale value is replicated to 3 channels (:func:`ingest.transforms.to_rgb`).
+    ``i``; the grayscale value is replicated to 3 channels (:func:`cbmir.ingest.transforms.to_rgb`).
     """
-    from ingest.transforms import to_rgb
+    from cbmir.ingest.transforms import to_rgb
 
     b, d, h, w = volumes.shape
     return to_rgb(np.ascontiguousarray(volumes).reshape(b * d, h, w, 1))
@@ -254,7 +255,7 @@ class VolumeEmbedder:
     """Embeds uint8 volumes ``(B, D, H, W)`` with a 2D extractor, slice by slice (DESIGN.md §1).
 
     Args:
-        extractor: any 2D :class:`~ingest.base.Extractor`.
+        extractor: any 2D :class:`~cbmir.ingest.base.Extractor`.
         size: volume side ``s`` of the dataset (28 or 64).
         aggregation: ``concat`` (default, the study), ``mean`` or ``max``.
         slice_batch: slices per ``extractor.extract`` call (default 1,024: the slices of many volumes

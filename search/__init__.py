@@ -2,6 +2,6 @@
 and exact top-k retrieval by vector, by image and by stored point.
 """
 
-from search.store import SearchResult, VectorStore, open_store
+from cbmir.search.store import SearchResult, VectorStore, open_store
 
 __all__ = ["SearchResult", "VectorStore", "open_store"]

@@ -1,6 +1,6 @@
 """Exact top-k by blocked matrix multiplication: the BLAS cross-check path (``--search-backend blas``).
 
-The vectors are read back from the store (:meth:`search.store.VectorStore.fetch`), so this path
+The vectors are read back from the store (:meth:`cbmir.search.store.VectorStore.fetch`), so this path
 checks the engine's answers with an independent computation over the *same stored vectors*, and is
 the "blocked BLAS matmul + top-k" yardstick of DESIGN.md §5.
 
@@ -33,7 +33,7 @@ Algorithm (exact, memory bounded by the block size, never ``queries x database``
 
 Returned scores are float32: cosine similarity, or the Euclidean distance ``|q - x|`` (not
 squared), as the stores return them. Zero vectors under cosine score 0 against everything (the
-store's zero-vector rule, :meth:`search.store.VectorStore._prepare`).
+store's zero-vector rule, :meth:`cbmir.search.store.VectorStore._prepare`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ingest.base import CbmirError
-from search.schema import point_id
-from search.store import SearchResult, VectorStore, _as_matrix, _l2_normalise
+from cbmir.core.errors import CbmirError
+from cbmir.search.schema import point_id
+from cbmir.search.store import SearchResult, VectorStore, _as_matrix, _l2_normalise
 
 _U32 = 2.0 ** -24
 _U64 = 2.0 ** -53
@@ -389,7 +389,7 @@ class BlasIndex:
 
     def search(self, queries: np.ndarray, k: int, **kw) -> SearchResult:
         """Exact top-``k`` for float32 queries ``(Q, dim)``; same result layout and tie rule as
-        :meth:`search.store.VectorStore.search` (keyword arguments go to :func:`exact_topk`)."""
+        :meth:`cbmir.search.store.VectorStore.search` (keyword arguments go to :func:`exact_topk`)."""
         rows, scores = exact_topk(queries, self.vectors, k, distance=self.distance,
                                   normalised=self.distance == "cosine", database_norms=self.norms, **kw)
         indices = self.indices[rows]

@@ -13,7 +13,7 @@ become approximate (DESIGN.md §4).
 opaque WAL error (``Can't init WAL: Kind(WouldBlock)``). cbmir takes an advisory exclusive lock
 first (``fcntl.flock`` on ``<store_path>/.locks/<collection>.lock``, non-blocking) whenever it opens,
 creates or deletes a collection, holds it until :meth:`EdgeStore.close`, and writes the holder's
-PID, host and start time into the file; a second process gets a :class:`~ingest.base.CbmirError`
+PID, host and start time into the file; a second process gets a :class:`~cbmir.core.errors.CbmirError`
 naming the collection, the lock file and the holder. The kernel drops the lock when the holder
 exits, even on SIGKILL, so a stale lock file never blocks anyone. The lock files live outside the
 collection directory so that deleting / recreating a collection keeps them. Reading metadata
@@ -38,9 +38,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import qdrant_edge as qe
 
-from ingest.base import CbmirError
-from search.schema import CollectionMeta, parse_meta
-from search.store import VectorStore, engine_distance
+from cbmir.core.errors import CbmirError
+from cbmir.search.schema import CollectionMeta, parse_meta
+from cbmir.search.store import VectorStore, engine_distance
 
 try:  # advisory locks (POSIX); elsewhere Edge's own WAL lock is the only guard
     import fcntl

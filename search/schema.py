@@ -12,10 +12,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ingest.base import CbmirError
-
-SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
-_CODE_SPLITS = {v: k for k, v in SPLIT_CODES.items()}
+from cbmir.core.errors import CbmirError
+from cbmir.core.splits import CODE_SPLITS as _CODE_SPLITS
+from cbmir.core.splits import SPLIT_CODES
 _INDEX_BITS = 40
 #: Qdrant servers reject dense vectors above this many dimensions (documented limit).
 MAX_VECTOR_DIM = 65_535
@@ -172,7 +171,7 @@ class CollectionMeta:
 class DamagedMetaError(CbmirError):
     """A collection's stored metadata exists but cannot be read (bad JSON, missing keys, wrong types).
 
-    ``--recreate`` treats such a collection as existing and replaces it (:func:`ingest.job.ingest`).
+    ``--recreate`` treats such a collection as existing and replaces it (:func:`cbmir.ingest.job.ingest`).
     """
 
 

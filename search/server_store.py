@@ -1,6 +1,6 @@
 """Qdrant server engine through ``qdrant-client`` (URL + API key), same interface as the embedded one.
 
-Collection metadata (:class:`search.schema.CollectionMeta`) is kept in the collection's own
+Collection metadata (:class:`cbmir.search.schema.CollectionMeta`) is kept in the collection's own
 ``metadata`` field. ``ServerStore(location=":memory:")`` or ``ServerStore(path=...)`` uses
 qdrant-client's local mode, which speaks the same client API as a server; the tests use it to
 exercise this code path without a server (local mode is ~0.5 s per query at 90k points, so it
@@ -11,11 +11,11 @@ failures — connection refused / reset, timeouts (``httpx.TransportError``, wra
 in ``ResponseHandlingException``), HTTP 408, 429 (honouring ``Retry-After``), 500, 502, 503 and
 504 — with exponential backoff (``retry_base_s`` doubling up to ``retry_max_delay_s``, ±25 %
 jitter) for at most ``retry_total_s`` seconds per call, then raises one
-:class:`~ingest.base.CbmirError` naming the server, the operation, the attempts and the last
+:class:`~cbmir.core.errors.CbmirError` naming the server, the operation, the attempts and the last
 error. HTTP 401 / 403 are not retried: the message says the API key is missing or wrong (the key
-itself is never printed). Any other HTTP error becomes a :class:`~ingest.base.CbmirError` with the
+itself is never printed). Any other HTTP error becomes a :class:`~cbmir.core.errors.CbmirError` with the
 server's answer. Re-sending is safe: upserts use deterministic point ids
-(:func:`search.schema.point_id`), so a batch whose first attempt did reach the server overwrites
+(:func:`cbmir.search.schema.point_id`), so a batch whose first attempt did reach the server overwrites
 itself; a collection creation answered 409 after a lost reply counts as done.
 """
 
@@ -36,9 +36,9 @@ try:
 except ImportError:  # pragma: no cover - older qdrant-client
     ResourceExhaustedResponse = None  # type: ignore[assignment]
 
-from ingest.base import CbmirError
-from search.schema import CollectionMeta, parse_meta
-from search.store import VectorStore, engine_distance
+from cbmir.core.errors import CbmirError
+from cbmir.search.schema import CollectionMeta, parse_meta
+from cbmir.search.store import VectorStore, engine_distance
 
 _DIST = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT, "euclidean": models.Distance.EUCLID}
 _META_KEY = "cbmir"

@@ -4,8 +4,8 @@
 layout for vectors above Qdrant's 65,535-dim limit, exact top-k with deterministic ties — and
 delegates a handful of primitives to an engine:
 
-* :class:`search.edge_store.EdgeStore` — Qdrant Edge, the Qdrant engine in-process (default);
-* :class:`search.server_store.ServerStore` — a Qdrant server through qdrant-client (also
+* :class:`cbmir.search.edge_store.EdgeStore` — Qdrant Edge, the Qdrant engine in-process (default);
+* :class:`cbmir.search.server_store.ServerStore` — a Qdrant server through qdrant-client (also
   qdrant-client's local mode, which speaks the same client API and stands in for a server in tests).
 
 Both answer every query with ``exact=True`` (never HNSW), so rankings equal brute force.
@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ingest.base import CbmirError
-from search.schema import CollectionMeta, point_id, split_and_index
+from cbmir.core.errors import CbmirError
+from cbmir.search.schema import CollectionMeta, point_id, split_and_index
 
 #: Extra candidates fetched beyond k so that similarity ties at rank k are resolved exactly.
 TIE_MARGIN = 8
@@ -161,12 +161,12 @@ class VectorStore(ABC):
     def replace_collection(self, staging: str, name: str) -> None:
         """Make ``name`` hold the points and metadata of ``staging``, then remove ``staging``.
 
-        Used by ``--recreate`` (:func:`ingest.job.ingest`): the new points are built in ``staging``
+        Used by ``--recreate`` (:func:`cbmir.ingest.job.ingest`): the new points are built in ``staging``
         while the old collection stays intact, so a run that fails or is interrupted part-way never
         loses it. This default (a Qdrant server, which has no rename) deletes ``name``, creates it with
         ``staging``'s metadata, copies every point (vectors and payload) page by page and deletes
         ``staging`` last, so an interrupted copy is redone by re-running the same command; engines
-        that can rename do so (:meth:`search.edge_store.EdgeStore.replace_collection`).
+        that can rename do so (:meth:`cbmir.search.edge_store.EdgeStore.replace_collection`).
 
         Raises:
             CbmirError: ``staging`` does not exist.
@@ -238,7 +238,7 @@ class VectorStore(ABC):
         normalising vectors of squared norm below float32 epsilon (norm < 3.5e-4) and both engines
         overflow to a zero vector above about 1.8e19 per entry, while qdrant-client's local mode
         normalises everything — the engines would disagree. The ingest job reports the rows of
-        zero vectors (:class:`ingest.job.IngestReport`); NaN/inf rows are refused by
+        zero vectors (:class:`cbmir.ingest.job.IngestReport`); NaN/inf rows are refused by
         :func:`_as_matrix`.
         """
         x = _as_matrix(vectors, meta.dim, what)
@@ -252,7 +252,7 @@ class VectorStore(ABC):
 
         Args:
             vectors: float32 ``(B, dim)``; NaN/inf rows are refused (CbmirError), nothing written.
-            payloads: one dict per row (see :func:`search.schema.make_payload`).
+            payloads: one dict per row (see :func:`cbmir.search.schema.make_payload`).
         """
         meta = self.meta(name)
         x = self._prepare(meta, vectors, f"vectors for {name!r}")
@@ -550,11 +550,11 @@ def open_store(settings=None, *, store_path=None, qdrant_url=None, api_key=None)
         if api_key is None and settings.qdrant_api_key is not None:
             api_key = settings.qdrant_api_key.get_secret_value()
     if qdrant_url:
-        from search.server_store import ServerStore
+        from cbmir.search.server_store import ServerStore
 
         timeout = getattr(settings, "qdrant_timeout_s", 60.0) if settings is not None else 60.0
         retry = getattr(settings, "qdrant_retry_s", 120.0) if settings is not None else 120.0
         return ServerStore(url=qdrant_url, api_key=api_key, timeout=timeout, retry_total_s=retry)
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     return EdgeStore(store_path or ".cbmir/store")

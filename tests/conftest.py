@@ -27,11 +27,11 @@ def data_dir() -> Path:
 def store(request, tmp_path):
     """A fresh store on each engine: Qdrant Edge, and qdrant-client local mode (the server code path)."""
     if request.param == "edge":
-        from search.edge_store import EdgeStore
+        from cbmir.search.edge_store import EdgeStore
 
         s = EdgeStore(tmp_path / "store")
     else:
-        from search.server_store import ServerStore
+        from cbmir.search.server_store import ServerStore
 
         s = ServerStore(location=":memory:")
     yield s

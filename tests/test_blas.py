@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest.base import CbmirError
-from search.blas import BlasIndex, blas_search, exact_topk
+from cbmir.core.errors import CbmirError
+from cbmir.search.blas import BlasIndex, blas_search, exact_topk
 
 
 def _naive(q: np.ndarray, x: np.ndarray, k: int, distance: str):
@@ -93,9 +93,9 @@ def test_k_clipped_and_errors():
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_equals_edge_store_search(tmp_path, distance):
-    from evaluation.evaluate import evaluate_collection
-    from search.edge_store import EdgeStore
-    from search.schema import CollectionMeta, make_payload
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import CollectionMeta, make_payload
 
     rng = np.random.default_rng(11)
     n, nq, d = 2500, 120, 48

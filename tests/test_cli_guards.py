@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.base import CbmirError
+from cbmir.core.errors import CbmirError
 from test_reliability import _one_error, run_main
 from test_sources import _ingest_cli, _tiny_archive
 
@@ -40,7 +40,7 @@ def test_dataset_read_commands_refuse_another_or_changed_archive(tmp_path):
 
 
 def test_missing_collection_names_the_random_init_one(tmp_path):
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
@@ -77,7 +77,7 @@ def test_report_results_directory_and_output_under_a_file(tmp_path):
 
 
 def test_grid_scalars_are_one_element_lists():
-    from evaluation.grid import GridConfig
+    from cbmir.evaluation.grid import GridConfig
 
     cfg = GridConfig.from_mapping({"sizes": 28, "models": "hog", "datasets": "breastmnist",
                                    "distances": "euclidean", "backends": "torch"})
@@ -87,7 +87,7 @@ def test_grid_scalars_are_one_element_lists():
 
 @pytest.mark.parametrize("fname,text", [("g.yaml", ": : :\n"), ("g.toml", "a = = \n")])
 def test_broken_grid_file_is_one_line_naming_it(tmp_path, fname, text):
-    from evaluation.grid import load_grid_file
+    from cbmir.evaluation.grid import load_grid_file
 
     p = tmp_path / fname
     p.write_text(text)

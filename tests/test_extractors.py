@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.base import CbmirError, ExtractorSpec
-from ingest.extractors import (
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import ExtractorSpec
+from cbmir.ingest.extractors import (
     create_extractor,
     get_spec,
     list_specs,
@@ -21,7 +23,7 @@ from ingest.extractors import (
     timm_cnn,
     weights,
 )
-from ingest.transforms import to_rgb
+from cbmir.ingest.transforms import to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("CBMIR_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "medmnist"))
@@ -303,7 +305,7 @@ def _retrieval_metrics(db: np.ndarray, q: np.ndarray, ydb: np.ndarray, yq: np.nd
 def test_hog_reproduces_design_sanity_reference(file, gray, expected, monkeypatch):
     """Gray datasets: either conversion. RetinaMNIST (RGB): the reference row was measured with
     the channel-mean gray conversion (the registered default)."""
-    from ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.medmnist_data import open_medmnist
 
     _real(file)
     monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))

@@ -29,9 +29,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ingest.base import CbmirError
-from ingest.extractors import create_extractor, get_spec, list_specs, weights_available
-from ingest.extractors.foundation import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, preprocess_of
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.extractors import create_extractor, get_spec, list_specs, weights_available
+from cbmir.ingest.extractors.foundation import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, preprocess_of
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_DIMS = {"vgg19": 512, "resnet50": 2048, "densenet121": 1024, "efficientnetv2m": 1280,
@@ -346,7 +346,7 @@ def test_gated_denied_error_names_the_access_step(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError
 
-    from ingest.extractors import foundation
+    from cbmir.ingest.extractors import foundation
 
     def denied(*a, **k):
         raise GatedRepoError("gated", response=httpx.Response(401, request=httpx.Request("GET", "https://x")))
@@ -395,8 +395,8 @@ def test_medclip_backbone_equals_hf_swin():
     """MedCLIP's backbone is HF SwinModel; our timm Swin-T + key conversion gives the same
     pooler_output -> projection -> L2 norm for the same weights (legacy and v5 key names)."""
     transformers = pytest.importorskip("transformers")
-    from ingest.extractors.foundation import materialize
-    from ingest.extractors.medclip import _make_medclip, convert_medclip
+    from cbmir.ingest.extractors.foundation import materialize
+    from cbmir.ingest.extractors.medclip import _make_medclip, convert_medclip
 
     torch.manual_seed(1)
     hf = transformers.SwinModel(transformers.SwinConfig()).eval()  # defaults = swin-tiny-patch4-window7-224
@@ -423,8 +423,8 @@ def test_conch_tower_equals_conch_package():
     from conch.open_clip_custom import CoCa
     from conch.open_clip_custom.factory import CFG_DIR
 
-    from ingest.extractors.conch import _make_conch, convert_conch
-    from ingest.extractors.foundation import materialize
+    from cbmir.ingest.extractors.conch import _make_conch, convert_conch
+    from cbmir.ingest.extractors.foundation import materialize
 
     cfg = json.loads((CFG_DIR / "conch_ViT-B-16.json").read_text())
     cfg.pop("custom_text", None)

@@ -1,4 +1,4 @@
-"""Tests of the benchmark grid (evaluation.grid) and the report (evaluation.report).
+"""Tests of the benchmark grid (cbmir.evaluation.grid) and the report (cbmir.evaluation.report).
 
 Hand-computed expectations for the report's tables; the grid on a tiny real case (BreastMNIST 28 px
 with HOG); the Euclidean ranking against numpy brute force over unnormalised vectors.
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation import grid as grid_mod
-from evaluation.grid import (
+from cbmir.evaluation import grid as grid_mod
+from cbmir.evaluation.grid import (
     COLUMNS,
     GridConfig,
     config_from_cli,
@@ -25,7 +25,7 @@ from evaluation.grid import (
     read_results,
     run_grid,
 )
-from evaluation.report import (
+from cbmir.evaluation.report import (
     average_table,
     build_report,
     per_size_table,
@@ -34,10 +34,8 @@ from evaluation.report import (
     row_label,
     timing_tables,
 )
-from ingest.base import Batch, CbmirError
-
-
-
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.base import Batch
 def _paper_rows():
     text = (importlib.resources.files("evaluation") / "data" / "paper_results.csv").read_text(encoding="utf-8")
     return {(r["dataset"], int(r["size"]), r["model"]): r for r in csv.DictReader(io.StringIO(text))}
@@ -383,11 +381,11 @@ def test_grid_reruns_finished_cells_recorded_with_another_k(tmp_path):
 
 
 def test_interrupted_cell_resumes_and_complete_collection_is_reused(data_dir, tmp_path, interrupted):
-    from ingest.extractors import create_extractor
-    from ingest.embedder import make_embedder
-    from ingest.job import ingest
-    from ingest.medmnist_data import open_medmnist
-    from search.store import open_store
+    from cbmir.ingest.extractors import create_extractor
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.job import ingest
+    from cbmir.ingest.medmnist_data import open_medmnist
+    from cbmir.search.store import open_store
 
     store_path = tmp_path / "store"
     source = open_medmnist("breastmnist", 28, data_dir)
@@ -432,7 +430,7 @@ def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_pa
 
 
 def test_results_table_as_parquet_reads_back_equal_and_reports(tiny_grid, tmp_path):
-    from evaluation.grid import write_results
+    from cbmir.evaluation.grid import write_results
 
     cfg, _, _ = tiny_grid
     csv_df = read_results(cfg.results)
@@ -477,7 +475,7 @@ def test_report_merges_tables_from_different_folders(tiny_grid, tmp_path):
     assert "per-query files disagree with the results table for BreastMNIST@28 HOG" in res.output  # 12.5 edited
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Results tables: " in md and "b.csv" in md
-    from evaluation.report import read_results_tables
+    from cbmir.evaluation.report import read_results_tables
 
     merged, notes = read_results_tables([tmp_path / "a.csv", other / "b.csv"])
     assert len(merged) == 2 and len(notes) == 1
@@ -488,7 +486,7 @@ def test_report_merges_tables_from_different_folders(tiny_grid, tmp_path):
 
 
 def test_merged_tables_prefer_ok_rows_and_read_a_repeated_table_once(tmp_path, monkeypatch):
-    from evaluation.report import read_results_tables
+    from cbmir.evaluation.report import read_results_tables
 
     x_ok = _row("breastmnist", 28, "hog", 80.0)
     x_failed = dict(_row("breastmnist", 28, "hog", float("nan")), status="failed", error="boom")
@@ -579,9 +577,9 @@ def _brute_euclidean(db, q, k):
 
 @pytest.mark.parametrize("dim", [48, 70_000])  # one vector; two chunks above Qdrant's 65,535 dims
 def test_euclidean_ranking_equals_numpy_brute_force_on_unnormalised_vectors(tmp_path, dim):
-    from evaluation.evaluate import evaluate_collection
-    from ingest.job import ingest
-    from search.store import open_store
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.ingest.job import ingest
+    from cbmir.search.store import open_store
 
     rng = np.random.default_rng(dim)
     n_db, n_q = (120, 15) if dim < 1000 else (40, 6)
@@ -610,7 +608,7 @@ def test_euclidean_ranking_equals_numpy_brute_force_on_unnormalised_vectors(tmp_
 
 
 def test_tie_diagnostics_flags_collapsed_features(tmp_path):
-    from evaluation.report import tie_diagnostics
+    from cbmir.evaluation.report import tie_diagnostics
 
     scores = np.tile(np.array([0.9, 0.8, 0.7, 0.6, 0.5], dtype=np.float32), (10, 1))
     scores[:6] = 1.0  # 6 of 10 queries: all five scores tie (collapsed features)

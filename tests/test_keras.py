@@ -21,10 +21,10 @@ tf = pytest.importorskip("tensorflow")
 
 from PIL import Image  # noqa: E402
 
-from ingest.base import CbmirError  # noqa: E402
-from ingest.extractors import create_extractor, get_spec  # noqa: E402
-from ingest.extractors import keras_cnn  # noqa: E402
-from ingest.transforms import resize_batch  # noqa: E402
+from cbmir.core.errors import CbmirError  # noqa: E402
+from cbmir.ingest.extractors import create_extractor, get_spec  # noqa: E402
+from cbmir.ingest.extractors import keras_cnn  # noqa: E402
+from cbmir.ingest.transforms import resize_batch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(  # Keras-internal np.array(tensor) under NumPy 2
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -131,7 +131,7 @@ def test_offline_imagenet_weights_error_is_fast_and_clear(tmp_path, monkeypatch)
 
 
 def test_keras_and_torch_are_distinct(monkeypatch):
-    from search.schema import collection_name
+    from cbmir.search.schema import collection_name
 
     assert collection_name("breastmnist", 28, "resnet50", backend="keras") == "breastmnist_28_resnet50_keras"
     assert collection_name("breastmnist", 28, "resnet50", backend="torch") == "breastmnist_28_resnet50"

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from medmnist import INFO
 
-from ingest import medmnist_data as md
-from ingest.base import SPLITS, CbmirError, DatasetSource
-from ingest.medmnist_data import MedMNISTSource, open_medmnist
+from cbmir.ingest import medmnist_data as md
+from cbmir.core.splits import SPLITS
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.base import DatasetSource
+from cbmir.ingest.medmnist_data import MedMNISTSource, open_medmnist
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("CBMIR_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "medmnist"))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evaluation.metrics import (average_precision_at_k, hit_at_k, majority_vote_at_k,
+from cbmir.evaluation.metrics import (average_precision_at_k, hit_at_k, majority_vote_at_k,
                                 retrieval_metrics)
 
 # DESIGN.md §2 worked examples, k = 5
@@ -60,7 +60,6 @@ def test_random_against_plain_python():
 
 
 def test_shape_mismatch_is_clear():
-    from ingest.base import CbmirError
-
+    from cbmir.core.errors import CbmirError
     with pytest.raises(CbmirError, match="n_queries=3"):
         retrieval_metrics(Y, R[:2], 5)

@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.volumes import VolumeEmbedder
+from cbmir.ingest.volumes import VolumeEmbedder
 
 
 @pytest.fixture(scope="module")
 def resnet50_random():
-    from ingest.extractors import create_extractor
+    from cbmir.ingest.extractors import create_extractor
 
     return create_extractor("resnet50", random_init=True, device="cpu", batch_size=128)
 
 
 def test_random_init_resnet50_gives_distinct_vectors_for_distinct_adrenal_volumes(data_dir, resnet50_random):
-    from ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.medmnist_data import open_medmnist
 
     vols = next(open_medmnist("adrenalmnist3d", 28, data_dir).iter_batches("train", 8)).images
     flat = vols.reshape(len(vols), -1)
@@ -51,7 +51,7 @@ def test_random_init_resnet50_sees_the_whole_slice(resnet50_random):
 
 
 def test_random_init_is_reproducible_and_labelled(resnet50_random):
-    from ingest.extractors import create_extractor
+    from cbmir.ingest.extractors import create_extractor
 
     again = create_extractor("resnet50", random_init=True, device="cpu")
     for (n1, p1), (n2, p2) in zip(resnet50_random.model.state_dict().items(), again.model.state_dict().items()):

@@ -1,4 +1,4 @@
-"""Tests of evaluation.reference: the published table and the tables derived from it."""
+"""Tests of cbmir.evaluation.reference: the published table and the tables derived from it."""
 
 import csv
 import importlib.resources
@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evaluation.reference import (
+from cbmir.evaluation.reference import (
     DATASETS_2D,
     DATASETS_3D,
     METRICS,

@@ -28,8 +28,9 @@ import httpx
 import numpy as np
 import pytest
 
-from ingest.base import Batch, CbmirError
+from cbmir.core.errors import CbmirError
 
+from cbmir.ingest.base import Batch
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 FLAG, SIZE, N_TRAIN, N_TEST = "breastmnist", 28, 546, 156
@@ -78,8 +79,8 @@ def _no_collections(store: Path) -> bool:
 
 
 def _hog_embedder(size: int = SIZE):
-    from ingest.embedder import make_embedder
-    from ingest.extractors import create_extractor
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.extractors import create_extractor
 
     return make_embedder(create_extractor("hog"), size=size, is_3d=False)
 
@@ -113,7 +114,7 @@ class SubsetSource:
 
 @pytest.fixture(scope="module")
 def breast(data_dir):
-    from ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.medmnist_data import open_medmnist
 
     return open_medmnist(FLAG, SIZE, data_dir)
 
@@ -121,8 +122,8 @@ def breast(data_dir):
 @pytest.fixture(scope="module")
 def clean_store(tmp_path_factory, breast):
     """A clean, complete ``breastmnist_28_hog`` Qdrant Edge store (closed; copy it to change it)."""
-    from ingest.job import ingest
-    from search.edge_store import EdgeStore
+    from cbmir.ingest.job import ingest
+    from cbmir.search.edge_store import EdgeStore
 
     root = tmp_path_factory.mktemp("clean") / "store"
     with EdgeStore(root) as s:
@@ -259,7 +260,7 @@ def test_reader_structural_checks(tmp_path, data_dir, case, mutate, words):
     """Structural damage a valid archive can carry, with the MD5 check bypassed (``verify=False``,
     the documented custom-file path): one CbmirError naming the file and the problem. With the
     default ``verify=True`` the MD5 check refuses the same file first."""
-    from ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.medmnist_data import open_medmnist
 
     path = _rewrite_npz(data_dir / "breastmnist.npz", tmp_path / "breastmnist.npz", mutate)
     with pytest.raises(CbmirError) as ei:
@@ -291,9 +292,9 @@ class NaNEmbedder:
 def test_zero_feature_vectors_stored_reported_and_same_on_both_engines(tmp_path, breast):
     """All-zero images give all-zero HOG vectors: stored as zeros, listed in the report, cosine
     similarity 0 with everything, identical rankings on Qdrant Edge and qdrant-client."""
-    from ingest.job import ingest
-    from search.edge_store import EdgeStore
-    from search.server_store import ServerStore
+    from cbmir.ingest.job import ingest
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.server_store import ServerStore
 
     blank = np.zeros((SIZE, SIZE, 1), np.uint8)
     src = SubsetSource(breast, {"train": 60, "test": 20},
@@ -323,7 +324,7 @@ def test_zero_feature_vectors_stored_reported_and_same_on_both_engines(tmp_path,
 
 
 def test_zero_vectors_reported_by_the_cli(tmp_path, breast, monkeypatch):
-    import ingest.sources as sources
+    import cbmir.ingest.sources as sources
 
     blank = np.zeros((SIZE, SIZE, 1), np.uint8)
     src = SubsetSource(breast, {"train": 40, "test": 10}, {("train", 7): blank, ("train", 30): blank})
@@ -337,8 +338,8 @@ def test_zero_vectors_reported_by_the_cli(tmp_path, breast, monkeypatch):
 def test_nan_features_refused_listed_and_filled_by_rerun(tmp_path, breast, store):
     """NaN rows are never stored: every finite row is stored, the run fails naming count and rows;
     re-running with a working extractor embeds exactly those rows."""
-    from evaluation.verify import verify_collection
-    from ingest.job import ingest
+    from cbmir.evaluation.verify import verify_collection
+    from cbmir.ingest.job import ingest
 
     poison = np.full((SIZE, SIZE, 1), 123, np.uint8)
     src = SubsetSource(breast, {"train": 50, "test": 12}, {("train", 3): poison, ("train", 40): poison,
@@ -364,7 +365,7 @@ def test_nan_features_refused_listed_and_filled_by_rerun(tmp_path, breast, store
 
 # ============================================================================ 3. pixel conversions (in-memory)
 def test_prepare_images_rules():
-    from ingest.embedder import prepare_images
+    from cbmir.ingest.embedder import prepare_images
 
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, (28, 28), dtype=np.uint8)
@@ -416,9 +417,9 @@ def test_embedder_refuses_what_it_cannot_take():
 def test_search_by_image_converts_in_memory_images(tmp_path, clean_store, breast):
     """A real test image queried as uint8 (H, W), (H, W, 1), opaque RGBA and odd-sized gives the
     documented conversions; the unconverted uint8 query ranks exactly like its stored point."""
-    from search.client import SearchClient
-    from search.edge_store import EdgeStore
-    from search.schema import CollectionMeta
+    from cbmir.client import SearchClient
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import CollectionMeta
 
     root = _copy_store(clean_store, tmp_path / "s")
     img = np.asarray(next(breast.iter_batches("test", 1, start=4)).images[0, ..., 0])  # (28, 28) uint8
@@ -463,7 +464,7 @@ def test_sigkill_mid_ingest_then_rerun_completes_exactly(tmp_path, data_dir, cle
     replays its WAL on the next load (every acknowledged point kept); re-running the same command
     embeds only the missing rows; final counts equal the split sizes, no duplicates, vectors and
     payloads equal a clean run's."""
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     store, bs = tmp_path / "store", 2
     args = _cli_cmd("ingest", "-d", FLAG, "-s", SIZE, "-m", "hog", "--data-dir", data_dir,
@@ -499,7 +500,7 @@ def test_sigkill_mid_ingest_then_rerun_completes_exactly(tmp_path, data_dir, cle
 def test_ctrl_c_mid_ingest_says_how_to_resume_and_rerun_resumes(tmp_path, data_dir):
     """SIGINT (Ctrl-C) to a running `cbmir run`: exit 130, one line saying to re-run, no traceback;
     the points acknowledged so far are kept and the same command resumes from them."""
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     store, bs = tmp_path / "store", 8
     args = _cli_cmd("run", "-d", FLAG, "-s", SIZE, "-m", "hog", "--data-dir", data_dir,
@@ -534,8 +535,8 @@ def test_ctrl_c_mid_ingest_says_how_to_resume_and_rerun_resumes(tmp_path, data_d
 def test_collection_interrupted_while_being_created_is_recreated(tmp_path):
     """A kill between shard creation and meta.json (or during a delete) leaves a shard without
     metadata: the collection reads as absent and the next create replaces the leftover."""
-    from search.edge_store import EdgeStore
-    from search.schema import CollectionMeta
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import CollectionMeta
 
     meta = CollectionMeta(dataset=FLAG, size=SIZE, model="hog", backend="numpy", dim=4)
     with EdgeStore(tmp_path) as s:
@@ -550,13 +551,13 @@ def test_collection_interrupted_while_being_created_is_recreated(tmp_path):
 
 # ============================================================================ 5. second process, same store
 def test_second_process_is_told_the_store_is_in_use(tmp_path, clean_store, data_dir):
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     root = _copy_store(clean_store, tmp_path / "s")
     holder = EdgeStore(root)
     n0 = holder.count(NAME, "train")  # opens the shard: lock held
     _, v0, _ = holder.fetch(NAME, "test")
-    code = ("import sys\nfrom ingest.base import CbmirError\nfrom search.edge_store import EdgeStore\n"
+    code = ("import sys\nfrom cbmir.core.errors import CbmirError\nfrom cbmir.search.edge_store import EdgeStore\n"
             "try:\n    EdgeStore(sys.argv[1]).count(sys.argv[2])\nexcept CbmirError as e:\n"
             "    print(e, file=sys.stderr); sys.exit(3)\n")
     r = subprocess.run([PY, "-c", code, str(root), NAME], cwd=REPO, env=_env(), capture_output=True, text=True,
@@ -578,7 +579,7 @@ def test_second_process_is_told_the_store_is_in_use(tmp_path, clean_store, data_
 
 # ============================================================================ 6. server unreachable / slow / restarting
 def test_server_503_then_ok_is_retried():
-    from search.server_store import ServerStore
+    from cbmir.search.server_store import ServerStore
 
     fake = FakeQdrant(_exists_false(status_first=503, n_bad=2))
     try:
@@ -590,7 +591,7 @@ def test_server_503_then_ok_is_retried():
 
 
 def test_server_timeout_is_retried():
-    from search.server_store import ServerStore
+    from cbmir.search.server_store import ServerStore
 
     fake = FakeQdrant(_exists_false(n_bad=1, delay_first=2.5))  # first answer comes after the 1 s timeout
     try:
@@ -601,7 +602,7 @@ def test_server_timeout_is_retried():
 
 
 def test_server_always_failing_gives_clear_error_in_bounded_time():
-    from search.server_store import ServerStore
+    from cbmir.search.server_store import ServerStore
 
     fake = FakeQdrant(lambda h, n: (503, {"status": {"error": "restarting"}}, 0.0))
     try:
@@ -617,8 +618,8 @@ def test_server_always_failing_gives_clear_error_in_bounded_time():
 
 
 def test_server_unreachable_cli_clear_error_bounded_time(tmp_path, monkeypatch):
-    from cbmir.settings import get_settings
-    from search.store import open_store
+    from cbmir.core.settings import get_settings
+    from cbmir.search.store import open_store
 
     url = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("CBMIR_QDRANT_RETRY_S", "1.5")
@@ -639,9 +640,9 @@ def test_partial_batches_resent_idempotently(breast):
     from httpx import ReadTimeout
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-    from evaluation.verify import verify_collection
-    from ingest.job import ingest
-    from search.server_store import ServerStore
+    from cbmir.evaluation.verify import verify_collection
+    from cbmir.ingest.job import ingest
+    from cbmir.search.server_store import ServerStore
 
     src = SubsetSource(breast, {"train": 64, "test": 16})
     flaky = ServerStore(location=":memory:", retry_base_s=0.001)
@@ -673,8 +674,8 @@ def test_partial_batches_resent_idempotently(breast):
 
 # ============================================================================ 7. collection of another configuration
 def test_existing_collection_of_another_configuration_refused_then_recreate(tmp_path, data_dir):
-    from search.edge_store import EdgeStore
-    from search.schema import CollectionMeta, make_payload
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import CollectionMeta, make_payload
 
     root = tmp_path / "s"
     old = CollectionMeta(dataset=FLAG, size=SIZE, model="hog", backend="numpy", dim=8,
@@ -701,7 +702,7 @@ def test_existing_collection_of_another_configuration_refused_then_recreate(tmp_
 
 
 def test_ensure_collection_refuses_other_distance_on_both_engines(store):
-    from search.schema import CollectionMeta
+    from cbmir.search.schema import CollectionMeta
 
     a = CollectionMeta(dataset="d", size=28, model="m", backend="torch", dim=4)
     store.ensure_collection("c", a)
@@ -713,7 +714,7 @@ def test_ensure_collection_refuses_other_distance_on_both_engines(store):
 
 def test_replace_collection_on_both_engines(store):
     """``name`` ends with the staging collection's metadata and points; the staging one is gone."""
-    from search.schema import CollectionMeta, make_payload
+    from cbmir.search.schema import CollectionMeta, make_payload
 
     def fill(name, meta, vecs):
         store.ensure_collection(name, meta)
@@ -758,7 +759,7 @@ def test_unknown_dataset_model_size_listed(tmp_path, data_dir, args, words):
 
 
 def test_unknown_dataset_lists_valid_datasets(tmp_path, data_dir):
-    from ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.medmnist_data import open_medmnist
 
     with pytest.raises(CbmirError, match="valid datasets: .*breastmnist.*adrenalmnist3d"):
         open_medmnist("nosuchmnist", 28, data_dir)
@@ -776,8 +777,8 @@ class Evil:
 
 
 def test_pickled_object_npz_refused(tmp_path):
-    from ingest.medmnist_data import open_medmnist
-    from ingest.sources.pixels import PixelError, load_npy
+    from cbmir.ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.sources.pixels import PixelError, load_npy
 
     marker = tmp_path / "pwned"
     obj = np.empty(1, dtype=object)
@@ -796,7 +797,7 @@ def test_pickled_object_npz_refused(tmp_path):
 def test_torch_checkpoint_with_pickled_object_refused(tmp_path):
     import torch
 
-    from ingest.extractors.weights import load_state_dict_file
+    from cbmir.ingest.extractors.weights import load_state_dict_file
 
     marker = tmp_path / "pwned"
     path = tmp_path / "weights.pth"
@@ -824,7 +825,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_decompression_bomb_refused_by_search_cli(tmp_path, clean_store):
-    from ingest.sources.pixels import PixelError, load_image
+    from cbmir.ingest.sources.pixels import PixelError, load_image
 
     bomb = _png_header_only(tmp_path / "bomb.png", 30_000, 30_000)  # 900 M pixels claimed, 100 bytes on disk
     t0 = time.monotonic()
@@ -844,8 +845,8 @@ KEY = "s3cr3t-Key-that-must-not-leak"
 
 @pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")  # qdrant-client's own advice
 def test_api_key_from_env_is_secret_and_401_is_clear(tmp_path, monkeypatch, caplog):
-    from cbmir.settings import get_settings
-    from search.store import open_store
+    from cbmir.core.settings import get_settings
+    from cbmir.search.store import open_store
 
     fake = FakeQdrant(lambda h, n: (401, {"status": {"error": "Unauthorized"}}, 0.0))
     try:
@@ -888,8 +889,8 @@ def test_verify_ok_on_fresh_collection(tmp_path, clean_store, data_dir):
 def test_verify_fails_on_deleted_point_and_altered_label(tmp_path, clean_store, data_dir):
     import qdrant_edge as qe
 
-    from search.edge_store import EdgeStore
-    from search.schema import point_id
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import point_id
 
     root = _copy_store(clean_store, tmp_path / "s")
     with EdgeStore(root) as s:
@@ -911,10 +912,10 @@ def test_verify_fails_on_deleted_point_and_altered_label(tmp_path, clean_store, 
 def test_verify_on_the_server_engine(breast):
     """The same checks through qdrant-client (server code path): OK, then a deleted point and an
     altered label (payload overwrite through the client) are named."""
-    from evaluation.verify import verify_collection
-    from ingest.job import ingest
-    from search.schema import point_id
-    from search.server_store import ServerStore
+    from cbmir.evaluation.verify import verify_collection
+    from cbmir.ingest.job import ingest
+    from cbmir.search.schema import point_id
+    from cbmir.search.server_store import ServerStore
 
     src = SubsetSource(breast, {"train": 40, "test": 10})
     s = ServerStore(location=":memory:")
@@ -1049,7 +1050,7 @@ def test_threads_option_and_env_set_torch_threads_before_extraction(tmp_path, da
     """--threads N (or CBMIR_THREADS) is in force when the extractor is built."""
     import torch
 
-    import ingest.extractors as ex
+    import cbmir.ingest.extractors as ex
 
     seen = []
 
@@ -1099,8 +1100,8 @@ def test_k_checked_before_ingest_and_against_database_size(tmp_path, data_dir, c
 def test_evaluating_an_unfinished_collection_is_refused(tmp_path, clean_store):
     """A collection whose ingest did not finish (rows missing) is not evaluated on part of a split:
     one error naming the counts and the re-run; nothing is written to --output."""
-    from search.edge_store import EdgeStore
-    from search.schema import point_id
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import point_id
 
     root = _copy_store(clean_store, tmp_path / "s")
     with EdgeStore(root) as s:
@@ -1122,7 +1123,7 @@ def test_evaluating_an_unfinished_collection_is_refused(tmp_path, clean_store):
 def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_path, data_dir):
     """`run --random-init` and `benchmark --random-init` write the same `_randinit` collection (never the
     pretrained model's name); evaluate / export / verify find it with --random-init."""
-    from evaluation.grid import Cell, _collection_for
+    from cbmir.evaluation.grid import Cell, _collection_for
 
     store = tmp_path / "s"
     base = ["-d", FLAG, "-m", "resnet50", "--store-path", store]
@@ -1147,7 +1148,7 @@ def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_pa
 
 def test_missing_data_file_message_is_true(tmp_path, monkeypatch):
     """`cbmir run` has no --download: the message says where to put which file, not to pass it."""
-    import ingest.medmnist_data as md
+    import cbmir.ingest.medmnist_data as md
 
     monkeypatch.setattr(md, "_reachable", lambda url, timeout=3.0: (False, "probe failed"))
     line = _one_error(*run_main("run", "-d", FLAG, "-s", "64", "-m", "hog", "--data-dir", tmp_path,

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.base import CbmirError
-from ingest.sources import (
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.sources import (
     check_evaluable,
     dataset_identity,
     infer_source_kind,
     load_query,
     open_source,
 )
-from ingest.sources.archive import archive_name
-from ingest.sources.pixels import (
+from cbmir.ingest.sources.archive import archive_name
+from cbmir.ingest.sources.pixels import (
     IntensityRule,
     PixelError,
     fit_to_size,
@@ -55,14 +55,14 @@ def _all_items(src, split="train"):
 
 
 def _edge(tmp_path):
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     return EdgeStore(tmp_path / "store")
 
 
 def _hog_embedder(size, is_3d=False):
-    from ingest.embedder import make_embedder
-    from ingest.extractors import create_extractor
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.extractors import create_extractor
 
     return make_embedder(create_extractor("hog"), size=size, is_3d=is_3d)
 
@@ -226,8 +226,8 @@ def nifti_file(tmp_path_factory):
 # ============================================================================= must-show 1
 def test_breastmnist_folder_gives_the_npz_metrics(tmp_path, breast_folder, data_dir):
     """PNG folder written from breastmnist.npz == the npz path: same labels, same top-k, same metrics (hog)."""
-    from evaluation.evaluate import evaluate_collection
-    from ingest.job import ingest
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.ingest.job import ingest
 
     store = _edge(tmp_path)
     try:
@@ -259,8 +259,8 @@ def test_breastmnist_folder_gives_the_npz_metrics(tmp_path, breast_folder, data_
 def test_16bit_and_float_images_embed_like_their_8bit_versions(depth_pairs):
     """Same pixels after the stated rule -> cosine >= 0.999 with hog and a random-init CNN; a naive
     16-bit -> 8-bit clip (the silent failure the rule prevents) falls well below."""
-    from ingest.embedder import make_embedder
-    from ingest.extractors import create_extractor
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.extractors import create_extractor
 
     root, x8 = depth_pairs
     src = open_source(root, 28, source="folder")
@@ -544,8 +544,8 @@ def test_dicom_series_as_volumes(dicom_archive, tmp_path):
 
 def test_dicom_and_nifti_ingest_as_3d_points(dicom_archive, nifti_file, tmp_path):
     """DICOM series and NIfTI volumes -> 3D points: concatenated slice vectors, slice count and tags in payload."""
-    from ingest.extractors.hog import hog_dim
-    from ingest.job import ingest
+    from cbmir.ingest.extractors.hog import hog_dim
+    from cbmir.ingest.job import ingest
 
     store = _edge(tmp_path)
     try:
@@ -590,7 +590,7 @@ def test_dicom_2d_monochrome1_and_modes(tmp_path):
 
 # ============================================================================= NIfTI / npy
 def test_nifti_slice_axis_and_orientation(nifti_file, tmp_path):
-    from ingest.sources.nifti import read_volume
+    from cbmir.ingest.sources.nifti import read_volume
 
     path, data = nifti_file
     vol, info = read_volume(path)                                        # RAS+: x flipped back, axis 2 sliced
@@ -666,8 +666,8 @@ def _cli(*args):
 
 def test_reingest_is_idempotent(mixed_archive, tmp_path):
     """Point ids come from the archive: re-ingesting (fresh source, even after losing points) never duplicates."""
-    from ingest.job import ingest
-    from search.schema import point_id
+    from cbmir.ingest.job import ingest
+    from cbmir.search.schema import point_id
 
     store = _edge(tmp_path)
     try:
@@ -789,7 +789,7 @@ def test_other_archive_of_the_same_name_is_refused_not_reused(tmp_path):
 
 
 def test_added_file_is_refused_not_mixed_into_a_resume(tmp_path):
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
@@ -824,7 +824,7 @@ def test_file_rewritten_in_place_is_refused_and_fails_verify(tmp_path):
 
 def test_collection_without_fingerprint_still_resumes(tmp_path):
     """Collections built before fingerprints (no ``source_fingerprint``) keep working."""
-    from ingest.job import ingest
+    from cbmir.ingest.job import ingest
 
     a = _tiny_archive(tmp_path / "arch")
     store = _edge(tmp_path)
@@ -841,7 +841,7 @@ def test_collection_without_fingerprint_still_resumes(tmp_path):
 
 
 def test_recreate_keeps_the_old_collection_when_the_new_input_fails(tmp_path):
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
@@ -858,8 +858,8 @@ def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and
     staging collection, the old collection is intact; once fixed, the same command swaps the new
     collection in (the fixed file changed the fingerprint, so the staging rows are rebuilt). An
     interrupted --recreate resumes the staging collection: only its missing rows are embedded."""
-    from search.edge_store import EdgeStore
-    from ingest.job import staging_name
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.ingest.job import staging_name
 
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
@@ -891,7 +891,7 @@ def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and
     with EdgeStore(store) as s, EdgeStore(fresh) as f:
         np.testing.assert_array_equal(s.fetch("arch_16_hog", "train")[1], f.fetch("arch_16_hog", "train")[1])
 
-    from ingest.job import ingest
+    from cbmir.ingest.job import ingest
 
     with EdgeStore(store) as s:
         before = s.fetch("arch_16_hog", "train")[1]
@@ -911,8 +911,8 @@ def test_recreate_failing_after_points_were_written_keeps_the_old_collection_and
 def test_interrupted_archive_ingest_is_not_evaluated_but_skipped_files_are(tmp_path, interrupted):
     """A non-strict archive may legitimately have fewer points than files (unreadable ones skipped);
     an ingest stopped part-way is still refused, told apart by the split's completion record."""
-    from ingest.job import ingest
-    from search.edge_store import EdgeStore
+    from cbmir.ingest.job import ingest
+    from cbmir.search.edge_store import EdgeStore
 
     a = _tiny_archive(tmp_path / "arch", n_train=4)
     (a / "train" / "circle" / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
@@ -936,7 +936,7 @@ def test_interrupted_archive_ingest_is_not_evaluated_but_skipped_files_are(tmp_p
 
 
 def test_recreate_with_fewer_splits_than_the_collection_is_refused(tmp_path):
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
@@ -952,7 +952,7 @@ def test_recreate_with_fewer_splits_than_the_collection_is_refused(tmp_path):
 def test_invalid_archive_options_refused_before_anything_is_written(tmp_path):
     """--fit / --dicom-mode values are checked when the source is opened: no collection is created, so
     the corrected command is not refused as 'another configuration'."""
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
@@ -972,7 +972,7 @@ def test_invalid_archive_options_refused_before_anything_is_written(tmp_path):
 
 
 def test_verify_accepts_files_skipped_as_unreadable(tmp_path):
-    from search.edge_store import EdgeStore
+    from cbmir.search.edge_store import EdgeStore
 
     a = _tiny_archive(tmp_path / "arch")
     (a / "train" / "circle" / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)

@@ -1,4 +1,4 @@
-"""Tests of evaluation.stats: bootstrap intervals, paired bootstrap, McNemar."""
+"""Tests of cbmir.evaluation.stats: bootstrap intervals, paired bootstrap, McNemar."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
-from evaluation.stats import MCNEMAR_EXACT_BELOW, bootstrap_ci, mcnemar, paired_bootstrap
+from cbmir.evaluation.stats import MCNEMAR_EXACT_BELOW, bootstrap_ci, mcnemar, paired_bootstrap
 
 
 # --------------------------------------------------------------------------- #
@@ -66,7 +66,7 @@ def test_smaller_alpha_gives_wider_interval():
 def test_blocked_resampling_path(monkeypatch):
     # Force many small blocks: the blocked code path must still give a proper
     # interval (the mean of all resamples is close to the sample mean).
-    import evaluation.stats as st
+    import cbmir.evaluation.stats as st
 
     monkeypatch.setattr(st, "_MAX_BLOCK_ELEMENTS", 1000)
     values = (np.random.default_rng(11).random(600) < 0.4).astype(float)

@@ -4,8 +4,8 @@ metadata checks, chunked layout for vectors above 65,535 dims."""
 import numpy as np
 import pytest
 
-from ingest.base import CbmirError
-from search.schema import CollectionMeta, chunk_layout, collection_name, make_payload, point_id, split_and_index
+from cbmir.core.errors import CbmirError
+from cbmir.search.schema import CollectionMeta, chunk_layout, collection_name, make_payload, point_id, split_and_index
 
 
 def brute_force_cosine(q, db, k):

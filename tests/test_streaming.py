@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest.base import Batch, CbmirError, ExtractorSpec
-from ingest.npz_stream import NpyMemberReader
-from ingest.pipeline import BackgroundWriter, prefetch
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import Batch, ExtractorSpec
+from cbmir.ingest.npz_stream import NpyMemberReader
+from cbmir.ingest.pipeline import BackgroundWriter, prefetch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +65,8 @@ def test_medmnist_reader_streams_synthetic_file(tmp_path, monkeypatch, compresse
     """The MedMNIST reader on a file written by the benchmark's incremental npz writer."""
     from medmnist import INFO
 
-    from evaluation.bench import write_synthetic_medmnist_npz
-    from ingest.medmnist_data import open_medmnist
+    from cbmir.evaluation.bench import write_synthetic_medmnist_npz
+    from cbmir.ingest.medmnist_data import open_medmnist
 
     n = {"train": 70, "val": 3, "test": 9}
     write_synthetic_medmnist_npz(tmp_path / "pathmnist_64.npz", n, (64, 64, 3), chunk_rows=16,
@@ -89,7 +91,7 @@ import json, resource, sys, zipfile
 import numpy as np
 from numpy.lib import format as fmt
 sys.path.insert(0, {str(ROOT)!r})
-from ingest.npz_stream import NpyMemberReader
+from cbmir.ingest.npz_stream import NpyMemberReader
 p = {str(p)!r}
 row = np.arange(224 * 224 * 3, dtype=np.uint64).astype(np.uint8).reshape(224, 224, 3)
 n = 2700  # 406 MB
@@ -216,8 +218,8 @@ class _Embedder:
 
 
 def test_pipelined_ingest_is_complete_resumable_and_propagates(tmp_path):
-    from ingest.job import ingest
-    from search.edge_store import EdgeStore
+    from cbmir.ingest.job import ingest
+    from cbmir.search.edge_store import EdgeStore
 
     store = EdgeStore(tmp_path / "s")
     try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ingest.transforms import normalize, resize_batch, to_rgb, to_unit_float
+from cbmir.ingest.transforms import normalize, resize_batch, to_rgb, to_unit_float
 
 rng = np.random.default_rng(7)
 

@@ -1,7 +1,7 @@
 """3D volumes (issue 4): slice-wise features and exact search beyond Qdrant's 65,535-dim limit.
 
 * the study's volume preprocessing against an independent scipy zoom + PIL bicubic resize;
-* slice order, batching and aggregation of :class:`ingest.volumes.VolumeEmbedder`;
+* slice order, batching and aggregation of :class:`cbmir.ingest.volumes.VolumeEmbedder`;
 * 131,072-dim vectors (3 named chunks) on both engines give the numpy brute-force cosine ranking;
 * end-to-end ingest + evaluation of real AdrenalMNIST3D volumes with HOG equals brute force.
 """
@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from ingest.base import Batch, CbmirError, ExtractorSpec
-from ingest.embedder import make_embedder
-from ingest.volumes import (
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import Batch, ExtractorSpec
+from cbmir.ingest.embedder import make_embedder
+from cbmir.ingest.volumes import (
     VolumeEmbedder,
     aggregate,
     preprocess_volumes,
@@ -24,7 +26,7 @@ from ingest.volumes import (
     slice_side,
     zoom_depth,
 )
-from search.schema import MAX_VECTOR_DIM, CollectionMeta, make_payload
+from cbmir.search.schema import MAX_VECTOR_DIM, CollectionMeta, make_payload
 
 rng = np.random.default_rng(4)
 
@@ -156,8 +158,8 @@ def test_slice_order_batching_and_concat_equals_per_slice_extraction():
 
 
 def test_hog_concat_equals_per_slice_hog(data_dir):
-    from ingest.extractors import create_extractor
-    from ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.extractors import create_extractor
+    from cbmir.ingest.medmnist_data import open_medmnist
 
     vols = next(open_medmnist("adrenalmnist3d", 28, data_dir).iter_batches("train", 2)).images
     emb = make_embedder(create_extractor("hog"), size=28, is_3d=True)
@@ -167,7 +169,7 @@ def test_hog_concat_equals_per_slice_hog(data_dir):
     # concatenated it; normalising each slice gives AdrenalMNIST3D 28 ACC@1 69.13 instead of 71.14)
     from skimage.feature import hog
 
-    from ingest.extractors.hog import HOG_PARAMS
+    from cbmir.ingest.extractors.hog import HOG_PARAMS
 
     per = np.stack([np.concatenate([hog(vols[i, j] / 255.0, feature_vector=True, **HOG_PARAMS)
                                     for j in range(28)]) for i in range(2)])
@@ -177,7 +179,7 @@ def test_hog_concat_equals_per_slice_hog(data_dir):
 
 
 def test_cnn_at_28_uses_32_slices_of_32px_and_65536_dims():
-    from ingest.extractors import create_extractor
+    from cbmir.ingest.extractors import create_extractor
 
     ex = create_extractor("resnet50", random_init=True, device="cpu", batch_size=64)
     emb = VolumeEmbedder(ex, size=28)
@@ -235,8 +237,8 @@ def test_per_slice_l2_normalisation_is_switched_off_on_a_copy():
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 @pytest.mark.parametrize("engine", ["edge", "client"])
 def test_131072_dim_search_equals_brute_force(engine, distance, tmp_path):
-    from search.edge_store import EdgeStore
-    from search.server_store import ServerStore
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.server_store import ServerStore
 
     dim, n, nq, k = 131_072, 40, 5, 5
     meta = CollectionMeta(dataset="syn3d", size=64, model="m", backend="numpy", dim=dim, distance=distance,
@@ -277,8 +279,8 @@ def test_131072_dim_search_equals_brute_force(engine, distance, tmp_path):
 def test_near_ties_below_float32_resolution_are_ranked_exactly(engine, tmp_path):
     """Random-init CNN volumes give nearly identical vectors (cosines 1 - 1e-8 apart, many exact
     duplicates): the engines' float32 scores cannot order them, the float64 re-rank must."""
-    from search.edge_store import EdgeStore
-    from search.server_store import ServerStore
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.server_store import ServerStore
 
     dim, n, k = 70_000, 30, 8
     base = rng.standard_normal(dim)
@@ -307,7 +309,7 @@ def test_server_requests_stay_under_qdrant_request_size_limit():
     query batches of 131,072-dim vectors are split so that each JSON request stays well below it."""
     from qdrant_client import models
 
-    from search.server_store import ServerStore
+    from cbmir.search.server_store import ServerStore
 
     dim, n, nq = 131_072, 12, 30
     db = rng.standard_normal((n, dim)).astype(np.float32)
@@ -365,12 +367,12 @@ class SubsetSource:
 
 
 def test_end_to_end_adrenal3d_hog_equals_brute_force(data_dir, tmp_path):
-    from evaluation.evaluate import evaluate_collection
-    from evaluation.metrics import retrieval_metrics
-    from ingest.extractors import create_extractor
-    from ingest.job import ingest
-    from ingest.medmnist_data import open_medmnist
-    from search.edge_store import EdgeStore
+    from cbmir.evaluation.evaluate import evaluate_collection
+    from cbmir.evaluation.metrics import retrieval_metrics
+    from cbmir.ingest.extractors import create_extractor
+    from cbmir.ingest.job import ingest
+    from cbmir.ingest.medmnist_data import open_medmnist
+    from cbmir.search.edge_store import EdgeStore
 
     src = SubsetSource(open_medmnist("adrenalmnist3d", 28, data_dir), {"train": 120, "test": 40})
     emb = make_embedder(create_extractor("hog"), size=28, is_3d=True)

@@ -5,15 +5,14 @@ Checks local caches only - no network, no model construction, no TensorFlow impo
 * Hugging Face hub entries (timm CNNs, BiomedCLIP, OpenCLIP, CONCH, UNI, DINOv2, UNI2-h): one of
   the entry's checkpoint files in the HF cache (``huggingface_hub.try_to_load_from_cache``;
   open_clip and timm download ``hf-hub:`` weights into the same cache);
-* MedCLIP: ``pytorch_model.bin`` in one of :func:`ingest.extractors.medclip.default_dirs`;
+* MedCLIP: ``pytorch_model.bin`` in one of :func:`cbmir.ingest.extractors.medclip.default_dirs`;
 * Keras backend: the application's ``*_notop.h5`` in the Keras cache;
 * weights-free entries (``hog``): always True.
 """
 
 from __future__ import annotations
 
-from ingest.base import ExtractorSpec
-
+from cbmir.ingest.base import ExtractorSpec
 _DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -41,12 +40,12 @@ def weights_available(spec: ExtractorSpec, backend: str | None = None) -> bool:
     if source == "none":
         return True
     if backend == "keras":
-        from ingest.extractors.keras_cnn import KERAS_APPS, keras_cache_file
+        from cbmir.ingest.extractors.keras_cnn import KERAS_APPS, keras_cache_file
 
         app = spec.options.get("keras_app")
         return app in KERAS_APPS and keras_cache_file(app).is_file()
     if spec.builder == "medclip":
-        from ingest.extractors.medclip import find_local_weights
+        from cbmir.ingest.extractors.medclip import find_local_weights
 
         return find_local_weights() is not None
     repo = spec.options.get("hub_id")

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ingest.base import CbmirError, ExtractorSpec
-from ingest.extractors.foundation import ARCHS, OPENAI_MEAN, OPENAI_STD, Arch, _pre
-from ingest.extractors.registry import register
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import ExtractorSpec
+from cbmir.ingest.extractors.foundation import ARCHS, OPENAI_MEAN, OPENAI_STD, Arch, _pre
+from cbmir.ingest.extractors.registry import register
 
 IMAGE_SIZE = 448
 _KEEP = ("trunk.", "attn_pool_contrast.", "ln_contrast.")

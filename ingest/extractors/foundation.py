@@ -1,8 +1,8 @@
 """Foundation-model feature extractors (PyTorch): BiomedCLIP, OpenCLIP ViT-g-14, UNI, and the
 newer DINOv2 ViT-L/14 and UNI2-h. MedCLIP and CONCH have their own modules
-(:mod:`ingest.extractors.medclip`, :mod:`ingest.extractors.conch`) built on the pieces here.
+(:mod:`cbmir.ingest.extractors.medclip`, :mod:`cbmir.ingest.extractors.conch`) built on the pieces here.
 
-Every model is one :class:`~ingest.base.ExtractorSpec` entry (builder ``foundation``). Its
+Every model is one :class:`~cbmir.ingest.base.ExtractorSpec` entry (builder ``foundation``). Its
 ``options`` hold the data that make it paper-faithful:
 
 * ``arch`` - how to build the image tower (a key of :data:`ARCHS`): ``timm_vit`` (a timm ViT
@@ -21,7 +21,7 @@ Weights: ``weights=None`` -> the hub (``HF_TOKEN`` is used for gated repos; file
 local HF cache when the hub is unreachable); ``weights=PATH`` -> a local state-dict file
 (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) or a directory holding one of ``hub_files``,
 with either the original checkpoint's key names or the tower's own (a state dict saved from a
-cbmir extractor's ``model``). Any failure is one :class:`~ingest.base.CbmirError` naming the
+cbmir extractor's ``model``). Any failure is one :class:`~cbmir.core.errors.CbmirError` naming the
 model, the access step and ``--weights``, raised before the model is built (seconds).
 
 Speed: ``torch.inference_mode``, bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32
@@ -41,9 +41,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
-from ingest.extractors.registry import register, register_builder, register_weights_check
-from ingest.extractors.weights import (
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import ExtractorSpec, uint8_image_batch
+from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
+from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
     SEED,  # noqa: F401 - re-exported (documented here before it moved to weights)
     check_state_dict,
@@ -261,7 +263,7 @@ def fetch_pretrained(spec: ExtractorSpec) -> tuple[Path, str]:
     Raises:
         CbmirError: (from :func:`weights_error`) hub unreachable and nothing cached, access
             denied (gated repo: 401/403), or no candidate file in the repo. Offline it is raised
-            within ~3 s (an HTTP probe of the hub, :func:`~ingest.extractors.weights.hub_reachable`,
+            within ~3 s (an HTTP probe of the hub, :func:`~cbmir.ingest.extractors.weights.hub_reachable`,
             then ``huggingface_hub`` offline mode: no retries).
     """
     from huggingface_hub import hf_hub_download
@@ -364,7 +366,7 @@ def materialize(make: Callable[[], object], sd: Mapping, source: str):
 
 # ============================================================================ extractor
 class FoundationExtractor:
-    """An image tower + its published preprocessing (an :class:`~ingest.base.Extractor`).
+    """An image tower + its published preprocessing (an :class:`~cbmir.ingest.base.Extractor`).
 
     Args:
         spec: the registry entry.
@@ -384,7 +386,7 @@ class FoundationExtractor:
                  *, device="auto", batch_size: int = 64, architecture: str = "") -> None:
         import torch
 
-        from ingest.extractors.timm_cnn import resolve_device
+        from cbmir.ingest.extractors.timm_cnn import resolve_device
 
         self.spec = spec
         self.preprocess = preprocess
@@ -549,7 +551,7 @@ def build_tower(spec: ExtractorSpec, locate_weights: Callable[[], tuple], *, ran
     Raises:
         CbmirError: bad device, or as ``locate_weights`` / :func:`_load`.
     """
-    from ingest.extractors.timm_cnn import resolve_device
+    from cbmir.ingest.extractors.timm_cnn import resolve_device
 
     resolve_device(device)
     arch = ARCHS[spec.options["arch"]]
@@ -577,7 +579,7 @@ def _load(make, arch: Arch, opts: dict, sd: Mapping, source: str):
 
 
 def check_foundation_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:
-    """Weights check of builder ``foundation`` (:func:`~ingest.extractors.registry.check_weights`):
+    """Weights check of builder ``foundation`` (:func:`~cbmir.ingest.extractors.registry.check_weights`):
     ``--weights`` resolves to a checkpoint file, or :func:`fetch_pretrained` obtains the hub
     checkpoint (download, HF cache; fast offline). No torch / timm / open_clip import.
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
-from ingest.extractors.registry import register, register_builder
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import ExtractorSpec, uint8_image_batch
+from cbmir.ingest.extractors.registry import register, register_builder
 
 HOG_PARAMS = {
     "orientations": 9,
@@ -53,7 +55,7 @@ HOG = register(
 
 
 class HogExtractor:
-    """HOG baseline (a :class:`~ingest.base.Extractor`); L2-normalised float32 vectors.
+    """HOG baseline (a :class:`~cbmir.ingest.base.Extractor`); L2-normalised float32 vectors.
 
     ``extract`` takes uint8 ``(B, H, W, 3)`` RGB (also ``(B, H, W, 1)`` or ``(B, H, W)``
     grayscale) and returns float32 ``(B, dim_for(H, W))``. RGB goes to gray on [0, 1] with
@@ -62,7 +64,7 @@ class HogExtractor:
     either conversion of the replicated image). Each HOG vector is divided by its L2 norm; an
     all-zero vector (a constant image) stays all zero, so cosine similarity treats it as similar
     to nothing (score 0). Setting :attr:`l2_normalize` to ``False`` returns skimage's raw HOG
-    vectors (what :func:`ingest.volumes.raw_slice_extractor` does for 3D slices).
+    vectors (what :func:`cbmir.ingest.volumes.raw_slice_extractor` does for 3D slices).
 
     Raises:
         CbmirError: ``spec.options["gray"]`` not in :data:`GRAY_MODES`.

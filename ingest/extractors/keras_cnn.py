@@ -1,7 +1,7 @@
 """Keras / TensorFlow backend of the four ImageNet CNNs, as the study computed them.
 
 ``--backend keras`` for ``vgg19``, ``resnet50``, ``densenet121``, ``efficientnetv2m`` (the
-entries of :mod:`ingest.extractors.timm_cnn`, whose ``options["keras_app"]`` names the
+entries of :mod:`cbmir.ingest.extractors.timm_cnn`, whose ``options["keras_app"]`` names the
 application). Source: ``tf.keras.applications`` (Keras 3, TensorFlow 2.21) and the study's
 method (Mahbod et al. 2025, §2.2): ``Application(include_top=False, weights="imagenet",
 pooling="avg")`` - the last convolutional block, global average pooled: 512 / 2048 / 1024 /
@@ -13,14 +13,14 @@ pooling="avg")`` - the last convolutional block, global average pooled: 512 / 20
   ``Rescaling`` layer, ``include_preprocessing=True``).
 
 Input: the image at its own size; sides < 32 px (MedMNIST 28) are upsampled to 32 x 32 with the
-same bicubic resize as the torch backend (:func:`ingest.transforms.resize_batch`); grayscale
+same bicubic resize as the torch backend (:func:`cbmir.ingest.transforms.resize_batch`); grayscale
 replicated to RGB. The network is built once with ``input_shape=(None, None, 3)`` and serves
 every size.
 
 Weights: ``weights=None`` -> Keras' ``imagenet`` weights (``*_notop.h5``), from the Keras cache
 (``$KERAS_HOME/models`` or ``~/.keras/models``) or downloaded from
 ``storage.googleapis.com``; when that host is unreachable and nothing is cached, a
-:class:`~ingest.base.CbmirError` names the model, the file and ``--weights PATH`` (a Keras
+:class:`~cbmir.core.errors.CbmirError` names the model, the file and ``--weights PATH`` (a Keras
 ``.weights.h5`` file saved with ``model.save_weights``, or the ``*_notop.h5`` file itself),
 within ~2 s. ``random_init=True`` -> ``weights=None`` after ``keras.utils.set_random_seed(0)``
 (identical random weights in every process).
@@ -43,9 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
-from ingest.extractors.registry import register_builder, register_weights_check
-from ingest.extractors.weights import RANDOM_INIT, file_identity, http_reachable, model_identity
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import ExtractorSpec, uint8_image_batch
+from cbmir.ingest.extractors.registry import register_builder, register_weights_check
+from cbmir.ingest.extractors.weights import RANDOM_INIT, file_identity, http_reachable, model_identity
 
 MIN_SIDE = 32
 KERAS_WEIGHTS_HOST = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -143,7 +145,7 @@ def keras_cache_file(keras_app: str) -> Path:
 def check_keras_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:
     """Weights check of builder ``imagenet_cnn`` on keras (no TensorFlow import): the
     ``--weights`` file exists, or Keras' ``imagenet`` notop file is in the Keras cache, or its
-    download host answers (:func:`~ingest.extractors.weights.http_reachable`, ~2 s at most).
+    download host answers (:func:`~cbmir.ingest.extractors.weights.http_reachable`, ~2 s at most).
 
     Raises:
         CbmirError: no Keras application for ``spec``, no such ``--weights`` file, or the
@@ -254,7 +256,7 @@ class KerasCNNExtractor:
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(B, H, W, 1|3)`` -> float32 ``(B, H', W', 3)`` model input: gray -> RGB, sides
         < 32 upsampled to 32 (bicubic), then the application's ``preprocess_input``."""
-        from ingest.transforms import resize_batch, to_rgb
+        from cbmir.ingest.transforms import resize_batch, to_rgb
 
         x = np.array(to_rgb(np.asarray(images)), dtype=np.float32)  # fresh copy: preprocess_input
         h, w = x.shape[1:3]                                          # works in place

@@ -39,8 +39,10 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from ingest.base import CbmirError, ExtractorSpec
-from ingest.extractors.foundation import (
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import ExtractorSpec
+from cbmir.ingest.extractors.foundation import (
     ARCHS,
     Arch,
     FoundationExtractor,
@@ -48,8 +50,8 @@ from ingest.extractors.foundation import (
     build_tower,
     resolve_weights_path,
 )
-from ingest.extractors.registry import register, register_builder, register_weights_check
-from ingest.extractors.weights import file_identity
+from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
+from cbmir.ingest.extractors.weights import file_identity
 
 IMG_MEAN = 0.5862785803043838
 IMG_STD = 0.27950088968644304
@@ -235,7 +237,7 @@ def medclip_weights_path(spec: ExtractorSpec, weights=None, **_ignored) -> Path:
         CbmirError: ``weights`` missing / without a checkpoint, or no weights given and none in
             :func:`default_dirs` (the message says where to get them).
     """
-    from ingest.extractors.foundation import weights_error
+    from cbmir.ingest.extractors.foundation import weights_error
 
     path = resolve_weights_path(spec, weights) if weights is not None else find_local_weights()
     if path is None:

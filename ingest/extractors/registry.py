@@ -1,6 +1,6 @@
 """Extractor registry: model entries (data) and builders (construction), one factory.
 
-Modelled on timm / open_clip (DESIGN.md §7): every model is one :class:`~ingest.base.ExtractorSpec`
+Modelled on timm / open_clip (DESIGN.md §7): every model is one :class:`~cbmir.ingest.base.ExtractorSpec`
 entry in :data:`_SPECS`; the code that builds a family of models is one *builder* function in
 :data:`_BUILDERS`, found by ``(spec.builder, backend)``. :func:`create_extractor` is the only
 factory and holds no model-specific code.
@@ -20,13 +20,14 @@ import pkgutil
 import threading
 from typing import Callable
 
-from ingest.base import CbmirError, Extractor, ExtractorSpec
+from cbmir.core.errors import CbmirError
 
+from cbmir.ingest.base import Extractor, ExtractorSpec
 Builder = Callable[..., Extractor]
 """``builder(spec, *, weights, random_init, device, batch_size, backend) -> Extractor``."""
 
 WeightsCheck = Callable[..., None]
-"""``check(spec, *, weights) -> None``: raise :class:`~ingest.base.CbmirError` when the weights
+"""``check(spec, *, weights) -> None``: raise :class:`~cbmir.core.errors.CbmirError` when the weights
 cannot be obtained; must not import torch / TensorFlow (see :func:`check_weights`)."""
 
 _SPECS: dict[str, ExtractorSpec] = {}
@@ -89,14 +90,14 @@ def _register_fn(table: dict, what: str, name: str, fn, backend, replace: bool):
 
 
 def _ensure_loaded() -> None:
-    """Import every public module of ``ingest.extractors`` once, so they register themselves."""
+    """Import every public module of ``cbmir.ingest.extractors`` once, so they register themselves."""
     global _LOADED
     if _LOADED:
         return
     with _LOAD_LOCK:
         if _LOADED:
             return
-        package = importlib.import_module("ingest.extractors")
+        package = importlib.import_module("cbmir.ingest.extractors")
         for mod in pkgutil.iter_modules(package.__path__):
             if mod.name.startswith("_") or mod.name in _SKIP_MODULES:
                 continue
@@ -193,7 +194,7 @@ def create_extractor(
             it, else the model's only / first backend.
 
     Returns:
-        An :class:`~ingest.base.Extractor`: ``extract(uint8 (B, H, W, 3)) -> float32 (B, dim)``.
+        An :class:`~cbmir.ingest.base.Extractor`: ``extract(uint8 (B, H, W, 3)) -> float32 (B, dim)``.
 
     Raises:
         CbmirError: unknown name or backend, no builder installed for the backend, both

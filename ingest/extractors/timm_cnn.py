@@ -7,7 +7,7 @@ equivalent of Keras ``include_top=False, pooling="avg"``: 512 / 2048 / 1024 / 12
 classifier head (and VGG's fc6/fc7 ``pre_logits``, which would give 4,096 dims) are removed.
 
 Input policy: each image at its own size; images smaller than 32 px (MedMNIST 28 px) are
-upsampled to 32 x 32 (bicubic, PIL-equivalent, :func:`ingest.transforms.resize_batch`);
+upsampled to 32 x 32 (bicubic, PIL-equivalent, :func:`cbmir.ingest.transforms.resize_batch`);
 grayscale is replicated to RGB; values / 255, then the weights' own mean / std
 (timm ``pretrained_cfg``: ImageNet mean/std for the torchvision ports, 0.5 / 0.5 for the
 EfficientNetV2 TF port, matching Keras' built-in ``[-1, 1]`` rescaling).
@@ -34,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError, ExtractorSpec, uint8_image_batch
-from ingest.extractors.registry import register, register_builder, register_weights_check
-from ingest.extractors.weights import (
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import ExtractorSpec, uint8_image_batch
+from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
+from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
     fetch_hub_file,
     file_identity,
@@ -271,7 +273,7 @@ class TimmCNNExtractor:
         """
         import torch
 
-        from ingest.transforms import normalize, resize_batch, to_rgb
+        from cbmir.ingest.transforms import normalize, resize_batch, to_rgb
 
         images = uint8_image_batch(images, self.spec.name)
         h, w = images.shape[1:3]
@@ -319,7 +321,7 @@ def build_timm_cnn(spec: ExtractorSpec, *, weights=None, random_init=False, devi
 
 def check_timm_cnn_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:
     """Weights check of builder ``imagenet_cnn`` on torch: the ``--weights`` file exists, or
-    :func:`~ingest.extractors.weights.fetch_hub_file` obtains the timm hub checkpoint (download,
+    :func:`~cbmir.ingest.extractors.weights.fetch_hub_file` obtains the timm hub checkpoint (download,
     HF cache; fast offline). No torch / timm import.
 
     Raises:

@@ -24,8 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from ingest.base import CbmirError
-
+from cbmir.core.errors import CbmirError
 RANDOM_INIT = "random-init"
 """Weights identity of randomly initialised models (tests and smoke runs only)."""
 SEED = 0
@@ -52,7 +51,7 @@ def model_identity(spec, *, backend: str, architecture: str, weights_id: str) ->
     ``random_init`` (``weights_id`` is :data:`RANDOM_INIT`); callers add ``preprocessing`` etc.
 
     Args:
-        spec: the extractor's :class:`~ingest.base.ExtractorSpec`.
+        spec: the extractor's :class:`~cbmir.ingest.base.ExtractorSpec`.
         backend: ``torch`` or ``keras``.
         architecture: description of the network.
         weights_id: ``hf-hub:<repo>``, ``sha256:<hex>``, ``random-init`` ...

@@ -1,29 +1,29 @@
-"""Dataset sources: MedMNIST and users' own archives behind one :class:`ingest.base.DatasetSource`.
+"""Dataset sources: MedMNIST and users' own archives behind one :class:`cbmir.ingest.base.DatasetSource`.
 
 =============  ========================================================  =====================================
 kind           what ``--dataset`` points at                               reader
 =============  ========================================================  =====================================
-``medmnist``   a MedMNIST flag (``breastmnist``)                           :mod:`ingest.medmnist_data`
-``folder``     a folder: ``[train|test/]<class>/*.png|jpg|tif...``         :class:`~ingest.sources.folder.FolderSource`
-``manifest``   a ``.csv`` / ``.tsv`` / ``.parquet`` with ``path`` ...        :class:`~ingest.sources.manifest.ManifestSource`
-``dicom``      a folder of DICOM files (series -> volumes)                 :class:`~ingest.sources.dicom.DicomSource`
-``nifti``      a ``.nii`` / ``.nii.gz`` / ``.npy`` volume, or a folder      :class:`~ingest.sources.nifti.NiftiSource`
+``medmnist``   a MedMNIST flag (``breastmnist``)                           :mod:`cbmir.ingest.medmnist_data`
+``folder``     a folder: ``[train|test/]<class>/*.png|jpg|tif...``         :class:`~cbmir.ingest.sources.folder.FolderSource`
+``manifest``   a ``.csv`` / ``.tsv`` / ``.parquet`` with ``path`` ...        :class:`~cbmir.ingest.sources.manifest.ManifestSource`
+``dicom``      a folder of DICOM files (series -> volumes)                 :class:`~cbmir.ingest.sources.dicom.DicomSource`
+``nifti``      a ``.nii`` / ``.nii.gz`` / ``.npy`` volume, or a folder      :class:`~cbmir.ingest.sources.nifti.NiftiSource`
 =============  ========================================================  =====================================
 
 :func:`open_source` is the one entry point (the CLI's ``--source``); when ``source`` is omitted
 the kind is inferred by :func:`infer_source_kind`. Pixel rules shared by every user archive:
-:mod:`ingest.sources.pixels`; folder layout, stable row ids, labels and the run summary:
-:mod:`ingest.sources.archive`.
+:mod:`cbmir.ingest.sources.pixels`; folder layout, stable row ids, labels and the run summary:
+:mod:`cbmir.ingest.sources.archive`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ingest.base import CbmirError
-from ingest.sources.archive import ArchiveSource, Problem, archive_name
-from ingest.sources.dicom import MODES as DICOM_MODES
-from ingest.sources.pixels import (
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.sources.archive import ArchiveSource, Problem, archive_name
+from cbmir.ingest.sources.dicom import MODES as DICOM_MODES
+from cbmir.ingest.sources.pixels import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VOXELS,
     FITS,
@@ -63,7 +63,7 @@ def infer_source_kind(dataset: str | Path) -> str:
             return "manifest"
         if ext in (".nii", ".nii.gz", ".npy"):
             return "nifti"
-        from ingest.sources.dicom import looks_like_dicom
+        from cbmir.ingest.sources.dicom import looks_like_dicom
 
         if looks_like_dicom(p):
             return "dicom"
@@ -81,8 +81,8 @@ def infer_source_kind(dataset: str | Path) -> str:
 def _infer_dir(root: Path) -> str:
     import numpy as np
 
-    from ingest.sources.archive import _walk_files
-    from ingest.sources.dicom import looks_like_dicom
+    from cbmir.ingest.sources.archive import _walk_files
+    from cbmir.ingest.sources.dicom import looks_like_dicom
 
     counts = {"nifti": 0, "dicom": 0, "folder": 0}
     for i, f in enumerate(_walk_files(root)):
@@ -117,7 +117,7 @@ def open_source(dataset: str | Path, size: int = 28, *, source: str | None = Non
                 window=None, slice_axis: int | None = None, dicom_mode: str = "auto", fit: str = "stretch",
                 class_folders: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                 max_voxels: int = DEFAULT_MAX_VOXELS, **kwargs):
-    """Open any dataset as a :class:`ingest.base.DatasetSource`.
+    """Open any dataset as a :class:`cbmir.ingest.base.DatasetSource`.
 
     Args:
         dataset: a MedMNIST flag, or the path of a user archive (folder, manifest, DICOM folder,
@@ -128,17 +128,17 @@ def open_source(dataset: str | Path, size: int = 28, *, source: str | None = Non
         name: dataset / collection name of a user archive (default: the folder or file stem).
         data_dir, download: MedMNIST only (folder of the npz files; fetch when missing and reachable).
         strict: stop at the first unreadable file instead of skipping and listing it.
-        intensity: ``auto`` | ``minmax`` | ``window`` | ``range`` (:mod:`ingest.sources.pixels`).
+        intensity: ``auto`` | ``minmax`` | ``window`` | ``range`` (:mod:`cbmir.ingest.sources.pixels`).
         window: ``"C,W"`` or ``(center, width)``; implies ``intensity="window"``.
-        slice_axis: volumes: voxel axis to slice along (:mod:`ingest.sources.nifti`).
-        dicom_mode: ``auto`` | ``2d`` | ``3d`` (:mod:`ingest.sources.dicom`).
+        slice_axis: volumes: voxel axis to slice along (:mod:`cbmir.ingest.sources.nifti`).
+        dicom_mode: ``auto`` | ``2d`` | ``3d`` (:mod:`cbmir.ingest.sources.dicom`).
         fit: 2D resize: ``stretch`` | ``pad`` | ``crop``.
         class_folders: ``False``: sub-folders are not classes (unlabelled archive).
         max_pixels, max_voxels: decode limits per image / per volume.
         **kwargs: passed to the reader (e.g. ``path_column``, ``key_column``, ``tags``).
 
     Returns:
-        :class:`ingest.medmnist_data.MedMNISTSource` or an :class:`~ingest.sources.archive.ArchiveSource`.
+        :class:`cbmir.ingest.medmnist_data.MedMNISTSource` or an :class:`~cbmir.ingest.sources.archive.ArchiveSource`.
 
     Raises:
         CbmirError: unknown source kind, MedMNIST-only or archive-only options in the wrong place,
@@ -159,27 +159,27 @@ def open_source(dataset: str | Path, size: int = 28, *, source: str | None = Non
         if any(v is not None for v in (name, intensity, window, slice_axis)) or kwargs or fit != "stretch":
             raise CbmirError("--name, --intensity, --window, --slice-axis and --fit apply to user archives, "
                              "not to MedMNIST datasets")
-        from ingest.medmnist_data import open_medmnist
+        from cbmir.ingest.medmnist_data import open_medmnist
 
         return open_medmnist(str(dataset).lower(), size, data_dir, download=download)
     rule = IntensityRule.from_options(intensity, window)
     common = dict(name=name, rule=rule, strict=strict)
     if kind == "folder":
-        from ingest.sources.folder import FolderSource
+        from cbmir.ingest.sources.folder import FolderSource
 
         return FolderSource(dataset, size, max_pixels=max_pixels, fit=fit, class_folders=class_folders,
                             **common, **kwargs)
     if kind == "manifest":
-        from ingest.sources.manifest import ManifestSource
+        from cbmir.ingest.sources.manifest import ManifestSource
 
         return ManifestSource(dataset, size, max_pixels=max_pixels, max_voxels=max_voxels, fit=fit,
                               slice_axis=slice_axis, **common, **kwargs)
     if kind == "dicom":
-        from ingest.sources.dicom import DicomSource
+        from cbmir.ingest.sources.dicom import DicomSource
 
         return DicomSource(dataset, size, mode=dicom_mode, max_pixels=max_pixels, max_voxels=max_voxels, fit=fit,
                            class_folders=class_folders, **common, **kwargs)
-    from ingest.sources.nifti import NiftiSource
+    from cbmir.ingest.sources.nifti import NiftiSource
 
     return NiftiSource(dataset, size, max_voxels=max_voxels, slice_axis=slice_axis, class_folders=class_folders,
                        **common, **kwargs)
@@ -192,7 +192,7 @@ def dataset_identity(dataset: str | Path, size: int = 28, *, source: str | None 
     ``is_3d`` is None when it was not needed and not determined (a ``dicom`` / ``manifest`` archive
     with ``concat`` aggregation, whose collection name is the same for 2D and 3D).
 
-    MedMNIST: the lower-case flag and its 3D-ness. User archives: :func:`~ingest.sources.archive.archive_name`;
+    MedMNIST: the lower-case flag and its 3D-ness. User archives: :func:`~cbmir.ingest.sources.archive.archive_name`;
     ``is_3d`` matters for the name only with a non-``concat`` volume aggregation, so the archive is
     scanned (headers only) only then, and only when its kind does not settle it (``nifti`` is 3D,
     ``folder`` 2D; ``dicom`` and ``manifest`` are opened).
@@ -204,7 +204,7 @@ def dataset_identity(dataset: str | Path, size: int = 28, *, source: str | None 
     if kind not in SOURCE_KINDS:
         raise CbmirError(f"unknown source {source!r}; valid: {', '.join(SOURCE_KINDS)}")
     if kind == "medmnist":
-        from ingest.medmnist_data import is_3d_flag
+        from cbmir.ingest.medmnist_data import is_3d_flag
 
         flag = str(dataset).lower()
         return kind, flag, bool(flag in _medmnist_flags() and is_3d_flag(flag))
@@ -218,7 +218,7 @@ def dataset_identity(dataset: str | Path, size: int = 28, *, source: str | None 
 
 
 def _medmnist_flags() -> tuple[str, ...]:
-    from ingest.medmnist_data import MEDMNIST_FLAGS
+    from cbmir.ingest.medmnist_data import MEDMNIST_FLAGS
 
     return MEDMNIST_FLAGS
 
@@ -241,12 +241,12 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
     """
     n_db, n_q = store.count(name, database_split), store.count(name, query_split)
     extra = store.meta(name).extra or {}
-    sizes = extra.get("split_sizes") or {}  # recorded at ingest (ingest.job.build_meta)
+    sizes = extra.get("split_sizes") or {}  # recorded at ingest (cbmir.ingest.job.build_meta)
     short = {sp: (n, int(sizes[sp])) for sp, n in ((database_split, n_db), (query_split, n_q))
              if sp in sizes and n < int(sizes[sp])}
     # a non-strict archive may have fewer points than files (unreadable files skipped): accepted when
     # the ingest of that split ran to its end with exactly this many points (``extra["completed"]``,
-    # ingest.job._mark_complete), or, for collections made before that was recorded, with a note
+    # cbmir.ingest.job._mark_complete), or, for collections made before that was recorded, with a note
     done = extra.get("completed")
     unfinished = {sp: v for sp, v in short.items()
                   if not extra.get("rows_may_be_skipped") or (done is not None and done.get(sp) != v[0])}
@@ -263,7 +263,7 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
             f"collection {name!r} has {n_db} {database_split} (database) and {n_q} {query_split} (query) points; "
             "evaluation needs both. A user archive needs a query split: test/ (or query/) next to train/ "
             "(or database/) folders, or a 'split' column in the manifest. Search still works: `cbmir search`.")
-    n_classes = extra.get("n_classes")  # recorded at ingest (ingest.job.build_meta)
+    n_classes = extra.get("n_classes")  # recorded at ingest (cbmir.ingest.job.build_meta)
     if n_classes is not None and int(n_classes) == 0:
         raise CbmirError(
             f"collection {name!r} holds an unlabelled archive (no classes), so relevance (same class) is "
@@ -286,7 +286,7 @@ def load_query(path: str | Path, meta, *, intensity: str | None = None, window=N
     Raises:
         CbmirError: missing file; :class:`PixelError` for an unreadable one.
     """
-    from ingest.sources.pixels import as_rgb, fit_to_size, load_image, resize_volume
+    from cbmir.ingest.sources.pixels import as_rgb, fit_to_size, load_image, resize_volume
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -297,12 +297,12 @@ def load_query(path: str | Path, meta, *, intensity: str | None = None, window=N
         arr, _ = load_image(p, rule, max_pixels=max_pixels)
         return as_rgb(fit_to_size(arr, size, fit))[None]
     if extension(p) in (".dcm", ".dicom", ".ima"):
-        from ingest.sources.dicom import DicomSource
+        from cbmir.ingest.sources.dicom import DicomSource
 
         src = DicomSource(p, size, rule=rule, mode="3d", max_voxels=max_voxels, name="query")
         vol, _ = src.load_item(src.items["train"][0])
         return vol[None]
-    from ingest.sources.nifti import read_volume
+    from cbmir.ingest.sources.nifti import read_volume
 
     vol, _ = read_volume(p, rule, slice_axis=slice_axis, max_voxels=max_voxels)
     return resize_volume(vol, size)[None]

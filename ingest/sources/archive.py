@@ -1,8 +1,8 @@
 """Shared machinery of the user-archive sources: folder layout, stable row ids, labels, the run summary.
 
-Every user archive (:mod:`~ingest.sources.folder`, :mod:`~ingest.sources.manifest`,
-:mod:`~ingest.sources.dicom`, :mod:`~ingest.sources.nifti`) becomes a list of :class:`Item` per
-split; :class:`ArchiveSource` turns that into the :class:`ingest.base.DatasetSource` interface.
+Every user archive (:mod:`~cbmir.ingest.sources.folder`, :mod:`~cbmir.ingest.sources.manifest`,
+:mod:`~cbmir.ingest.sources.dicom`, :mod:`~cbmir.ingest.sources.nifti`) becomes a list of :class:`Item` per
+split; :class:`ArchiveSource` turns that into the :class:`cbmir.ingest.base.DatasetSource` interface.
 
 **Folder layout** (:func:`scan_tree`, torchvision ``ImageFolder`` convention)::
 
@@ -18,7 +18,7 @@ listed in the summary as ignored, never dropped silently.
 **Row ids.** Within a split, items are sorted by their key — the relative POSIX path (``/``
 separators, code-point order, the same on every OS), or a manifest's row key — and the row
 index is the position in that list. Point ids (``split code << 40 | row``,
-:func:`search.schema.point_id`) therefore depend only on the archive's content, and re-ingesting
+:func:`cbmir.search.schema.point_id`) therefore depend only on the archive's content, and re-ingesting
 the same archive overwrites the same points. Adding or removing files shifts the rows after them,
 so a collection records a fingerprint of its source (:meth:`ArchiveSource.fingerprint`) and a
 re-run on a changed archive is refused: ingest a changed archive with ``--recreate``. An unreadable
@@ -30,10 +30,10 @@ are still unreadable. Fixing the file changes the fingerprint, so it also needs 
 ``label_name``. Manifests whose labels are all integers keep those integers. Unlabelled items
 have label -1.
 
-**Unreadable files** (:class:`~ingest.sources.pixels.PixelError`, decoder errors) are skipped and
+**Unreadable files** (:class:`~cbmir.ingest.sources.pixels.PixelError`, decoder errors) are skipped and
 listed in :meth:`ArchiveSource.summary` (``problems``), or stop the run at once with ``strict``.
 If every file of a split fails, the run stops anyway (a systematic problem, not a bad file).
-A resumed ingest (``ingest.job``) restarts a split at its first missing row, so a split with a
+A resumed ingest (``cbmir.ingest.job``) restarts a split at its first missing row, so a split with a
 skipped file is re-read from that row on every re-run (same points, overwritten).
 """
 
@@ -50,8 +50,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ingest.base import SPLITS, Batch, CbmirError
-from ingest.sources.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, IntensityRule, PixelError
+from cbmir.core.splits import SPLITS
+
+from cbmir.core.errors import CbmirError
+
+from cbmir.ingest.base import Batch
+from cbmir.ingest.sources.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, IntensityRule, PixelError
 
 #: Folder / manifest split names (lower case) -> cbmir split.
 SPLIT_ALIASES = {"train": "train", "database": "train", "test": "test", "query": "test",
@@ -253,7 +257,7 @@ def json_value(v):
 
 
 class ArchiveSource:
-    """A user archive behind the :class:`ingest.base.DatasetSource` interface.
+    """A user archive behind the :class:`cbmir.ingest.base.DatasetSource` interface.
 
     Subclasses build ``items`` (per split, sorted by key) and implement :meth:`load_item`.
 
@@ -415,7 +419,7 @@ class ArchiveSource:
         """Stream ``split`` from row ``start`` in batches of at most ``batch_size`` readable items.
 
         Yields:
-            :class:`ingest.base.Batch`: ``images`` uint8 ``(B, size, size, 3)`` (2D, grey replicated)
+            :class:`cbmir.ingest.base.Batch`: ``images`` uint8 ``(B, size, size, 3)`` (2D, grey replicated)
             or ``(B, size, size, size)`` (3D); ``indices`` the rows (unreadable rows are absent: listed
             in :attr:`problems`); ``image_ids`` ``<name>/<source_path>`` (manifests:
             ``<name>/<split>/<source_path>``); ``extra_payload``
@@ -509,7 +513,7 @@ class ArchiveSource:
     @property
     def preprocessing(self) -> str:
         """The pixel rules of this source, in words."""
-        shape = f"resized to {self.size}^3 (ingest.volumes recipe)" if self.is_3d else \
+        shape = f"resized to {self.size}^3 (cbmir.ingest.volumes recipe)" if self.is_3d else \
             f"{self.fit} to {self.size}x{self.size} bicubic, grey -> RGB"
         return f"{self.kind}: intensity {self.rule.describe()}; {shape}"
 

@@ -1,6 +1,6 @@
 """DICOM archives (pydicom): single images, multi-frame files and series as volumes.
 
-Layout: the folder layout of :mod:`ingest.sources.archive` (``train/<class>/...``, ``test/...``,
+Layout: the folder layout of :mod:`cbmir.ingest.sources.archive` (``train/<class>/...``, ``test/...``,
 or class folders only; ``class_folders=False`` for trees laid out by patient/study/series). Every
 visible file is tried as DICOM: a file that is not DICOM is listed as ignored (``.dcm`` files that
 fail are listed as unreadable); files without pixel data (DICOMDIR, reports) are ignored.
@@ -19,7 +19,7 @@ All slices must share ``Rows`` x ``Columns``. A lone 2D file in a 3D archive is 
 pydicom's optional decoders, e.g. ``pylibjpeg``; without them the file is listed as unreadable),
 then the modality transform: ``RescaleSlope`` / ``RescaleIntercept`` (top level, or the shared
 functional groups of enhanced multi-frame files) or a Modality LUT — CT values become Hounsfield
-units. Then to uint8 by the intensity rule (:mod:`ingest.sources.pixels`): ``auto`` uses the window
+units. Then to uint8 by the intensity rule (:mod:`cbmir.ingest.sources.pixels`): ``auto`` uses the window
 stored in the file (``WindowCenter`` / ``WindowWidth``, first value; for a series, the first
 slice's), or min-max over the image/volume when there is none; a user window (``--window``) wins.
 ``range`` scales the stored values by ``BitsStored``. The window is linear (``c - w/2`` -> 0,
@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError
-from ingest.sources.archive import ArchiveSource, Item, label_map, rel_posix, scan_tree
-from ingest.sources.pixels import (
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.sources.archive import ArchiveSource, Item, label_map, rel_posix, scan_tree
+from cbmir.ingest.sources.pixels import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VOXELS,
     DICOM_EXTENSIONS,
@@ -270,7 +270,7 @@ class DicomSource(ArchiveSource):
         tags: DICOM keywords stored in the payload (default :data:`DEFAULT_TAGS`).
         allow_identifying: permit :data:`IDENTIFYING_TAGS` in ``tags``.
         name, rule, strict, max_pixels, max_voxels, fit, class_folders: see
-            :class:`~ingest.sources.folder.FolderSource`.
+            :class:`~cbmir.ingest.sources.folder.FolderSource`.
 
     Raises:
         CbmirError: unknown mode or tag keyword, identifying tags without ``allow_identifying``,

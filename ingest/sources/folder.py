@@ -1,13 +1,13 @@
 """Image folders with one sub-folder per class (torchvision ``ImageFolder`` convention).
 
-Layout (see :mod:`ingest.sources.archive`)::
+Layout (see :mod:`cbmir.ingest.sources.archive`)::
 
     archive/train/<class>/*.png     archive/test/<class>/*.png      (or database/ and query/)
     archive/<class>/*.png                                            (no split folders: all train)
 
-Formats: everything Pillow decodes (:data:`~ingest.sources.pixels.IMAGE_EXTENSIONS`: PNG 8/16-bit,
+Formats: everything Pillow decodes (:data:`~cbmir.ingest.sources.pixels.IMAGE_EXTENSIONS`: PNG 8/16-bit,
 JPEG, TIFF 8/16/32-bit and float, BMP, GIF, WebP, PNM, JPEG 2000), plus 2D ``.npy`` arrays and
-single-frame DICOM files (``.dcm``). Pixel rules: :mod:`ingest.sources.pixels`. Every image
+single-frame DICOM files (``.dcm``). Pixel rules: :mod:`cbmir.ingest.sources.pixels`. Every image
 reaches the extractor as uint8 RGB ``(size, size, 3)`` (grey replicated).
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.sources.archive import ArchiveSource, Item
-from ingest.sources.pixels import (
+from cbmir.ingest.sources.archive import ArchiveSource, Item
+from cbmir.ingest.sources.pixels import (
     DEFAULT_MAX_PIXELS,
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -32,17 +32,17 @@ FOLDER_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",) + DICOM_EXTENSIONS
 
 
 class FolderSource(ArchiveSource):
-    """A folder of 2D images, one sub-folder per class (a :class:`ingest.base.DatasetSource`).
+    """A folder of 2D images, one sub-folder per class (a :class:`cbmir.ingest.base.DatasetSource`).
 
     Args:
         root: the archive folder (or one image file).
         size: side every image is resized to (a collection is per (dataset, size, model)).
         name: dataset / collection name; default the folder name
-            (:func:`~ingest.sources.archive.archive_name`).
-        rule: intensity rule (:class:`~ingest.sources.pixels.IntensityRule`, default ``auto``).
+            (:func:`~cbmir.ingest.sources.archive.archive_name`).
+        rule: intensity rule (:class:`~cbmir.ingest.sources.pixels.IntensityRule`, default ``auto``).
         strict: stop at the first unreadable file instead of skipping and listing it.
         max_pixels: decode limit per image (Pillow ``MAX_IMAGE_PIXELS``).
-        fit: ``stretch`` (default), ``pad`` or ``crop`` (:func:`~ingest.sources.pixels.fit_to_size`).
+        fit: ``stretch`` (default), ``pad`` or ``crop`` (:func:`~cbmir.ingest.sources.pixels.fit_to_size`).
         class_folders: ``False`` treats sub-folders as plain folders (all images unlabelled).
 
     Payload per image: ``source_path`` (relative to ``root``), ``label_name`` (the class folder),
@@ -51,7 +51,7 @@ class FolderSource(ArchiveSource):
     multi-frame files.
 
     Raises:
-        CbmirError: missing root, bad size, a confusing layout (:func:`~ingest.sources.archive.scan_tree`),
+        CbmirError: missing root, bad size, a confusing layout (:func:`~cbmir.ingest.sources.archive.scan_tree`),
             no images found.
     """
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError
-from ingest.sources.archive import RESERVED_PAYLOAD, SPLIT_ALIASES, ArchiveSource, Item, rel_posix
-from ingest.sources.pixels import (
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.sources.archive import RESERVED_PAYLOAD, SPLIT_ALIASES, ArchiveSource, Item, rel_posix
+from cbmir.ingest.sources.pixels import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VOXELS,
     as_rgb,
@@ -117,15 +117,15 @@ def typed_labels(values) -> tuple[list[int], list[str | None], list[str]]:
 
 
 class ManifestSource(ArchiveSource):
-    """Images or volumes listed in a CSV / TSV / Parquet manifest (a :class:`ingest.base.DatasetSource`).
+    """Images or volumes listed in a CSV / TSV / Parquet manifest (a :class:`cbmir.ingest.base.DatasetSource`).
 
     Args:
         manifest: the manifest file.
         size: side every image (volume) is resized to.
         name: dataset name; default the manifest's file stem.
         root: folder relative paths are resolved against; default the manifest's folder.
-        rule, strict, max_pixels, max_voxels, fit: see :class:`~ingest.sources.archive.ArchiveSource`.
-        slice_axis: for volume manifests, see :mod:`ingest.sources.nifti`.
+        rule, strict, max_pixels, max_voxels, fit: see :class:`~cbmir.ingest.sources.archive.ArchiveSource`.
+        slice_axis: for volume manifests, see :mod:`cbmir.ingest.sources.nifti`.
         path_column, label_column, split_column: column names (case-insensitive); ``label`` and
             ``split`` are optional.
         key_column: column giving the row key (default: the path).
@@ -211,7 +211,7 @@ class ManifestSource(ArchiveSource):
     def load_item(self, item: Item) -> tuple[np.ndarray, dict]:
         """uint8 ``(size, size, 3)`` (2D) or ``(size, size, size)`` (3D) and decoding facts."""
         if self.is_3d:
-            from ingest.sources.nifti import read_volume
+            from cbmir.ingest.sources.nifti import read_volume
 
             vol, info = read_volume(item.files[0], self.rule, slice_axis=self.slice_axis, max_voxels=self.max_voxels)
             return resize_volume(vol, self.size), info

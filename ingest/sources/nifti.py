@@ -5,7 +5,7 @@ Accepted inputs (``--dataset``):
 * one ``.nii`` / ``.nii.gz`` file, or one ``.npy`` holding a volume ``(X, Y, Z)`` -> one ``train`` item;
 * one ``.npy`` holding a stack ``(N, D, H, W)`` -> ``N`` ``train`` items (rows in stack order,
   ``source_path`` ``<file>[i]``; the MedMNIST 3D layout, depth first);
-* a folder of such files in the folder layout of :mod:`ingest.sources.archive`
+* a folder of such files in the folder layout of :mod:`cbmir.ingest.sources.archive`
   (``train/<class>/*.nii.gz`` ...).
 
 **Slice axis (stated, settable with ``slice_axis`` / ``--slice-axis``).** The volume is cut into
@@ -19,9 +19,9 @@ keep their order):
 * ``.npy``: the array is used as stored; the default slice axis is **0** (depth first, as MedMNIST).
 
 Values: NIfTI scaling (``scl_slope`` / ``scl_inter``) is applied by nibabel (``dataobj``); then the
-intensity rule (:mod:`ingest.sources.pixels`; ``auto``: uint8 as stored, anything else min-max over
+intensity rule (:mod:`cbmir.ingest.sources.pixels`; ``auto``: uint8 as stored, anything else min-max over
 the **whole volume**; or ``--window`` e.g. 40,400 for CT in HU). Then resized to ``size x size x size``
-by :func:`ingest.sources.pixels.resize_volume` (the ``ingest.volumes`` recipe). 4D files (time
+by :func:`cbmir.ingest.sources.pixels.resize_volume` (the ``cbmir.ingest.volumes`` recipe). 4D files (time
 series) are refused unless the 4th axis has length 1.
 
 Payload per volume: ``source_path``, ``label_name``, ``n_slices`` (slices along the slice axis in
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError
-from ingest.sources.archive import ArchiveSource, Item
-from ingest.sources.pixels import (
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.sources.archive import ArchiveSource, Item
+from cbmir.ingest.sources.pixels import (
     DEFAULT_MAX_VOXELS,
     IntensityRule,
     PixelError,
@@ -137,12 +137,12 @@ def read_volume(path: str | Path, rule: IntensityRule = IntensityRule(), *, slic
 
 
 class NiftiSource(ArchiveSource):
-    """3D volumes from NIfTI / ``.npy`` files (a :class:`ingest.base.DatasetSource`; module docstring).
+    """3D volumes from NIfTI / ``.npy`` files (a :class:`cbmir.ingest.base.DatasetSource`; module docstring).
 
     Args:
         root: a volume file, an ``.npy`` stack ``(N, D, H, W)``, or a folder archive of volume files.
         size: volume side; every volume is resized to ``size x size x size``.
-        name, rule, strict, max_voxels: see :class:`~ingest.sources.archive.ArchiveSource`.
+        name, rule, strict, max_voxels: see :class:`~cbmir.ingest.sources.archive.ArchiveSource`.
         slice_axis: voxel axis sliced (default: 2 for NIfTI after RAS+ reorientation, 0 for ``.npy``).
         canonical: reorient NIfTI to RAS+ before slicing (default True).
         class_folders: ``False``: sub-folders are not classes.

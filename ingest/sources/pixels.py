@@ -38,16 +38,16 @@ PNG, a 16-bit TIFF, a float NIfTI and a CT DICOM end up comparable:
    NaN or infinite values are refused (:class:`PixelError`), never mapped silently.
 4. **Size.** 2D images are resized to ``size x size`` (:func:`fit_to_size`: ``stretch`` by
    default, aspect ratio not kept; ``pad`` letterboxes on black; ``crop`` takes the centred
-   square), bicubic with antialiasing (``ingest.transforms.resize_batch``, equal to Pillow's
+   square), bicubic with antialiasing (``cbmir.ingest.transforms.resize_batch``, equal to Pillow's
    BICUBIC), so an image already at ``size`` is passed through untouched. Grey images are
    replicated to RGB (:func:`as_rgb`) so that every batch of an archive has one shape.
    Volumes ``(D, H, W)`` of any shape are resized to ``size x size x size`` **here, by the source**
-   (:func:`resize_volume`, the recipe of ``ingest.volumes``: cubic spline along depth, then bicubic
+   (:func:`resize_volume`, the recipe of ``cbmir.ingest.volumes``: cubic spline along depth, then bicubic
    per slice, DESIGN.md §1), so a batch stacks; the volume embedder then treats them exactly like
    MedMNIST volumes of side ``size`` (including its own ``size -> t`` step for CNNs at 28).
 
 Libraries: Pillow (decoding, colour conversion), numpy, scipy.ndimage (depth zoom), torch via
-``ingest.transforms.resize_batch`` (bicubic resize).
+``cbmir.ingest.transforms.resize_batch`` (bicubic resize).
 """
 
 from __future__ import annotations
@@ -60,8 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.base import CbmirError
-
+from cbmir.core.errors import CbmirError
 #: Default decode limit for one 2D image, in pixels (width x height x frames); Pillow's own default
 #: is 89,478,485 (about 0.25 GB at 24 bit).
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -367,7 +366,7 @@ def load_image(path: str | Path, rule: IntensityRule = IntensityRule(), *,
     """Any single 2D image file -> uint8 ``(H, W, C)`` (C = 1 or 3) and ``info``.
 
     Dispatch on the extension: DICOM (``.dcm`` ...: modality rescale, file window,
-    :func:`ingest.sources.dicom.read_dicom_image`), ``.npy`` (2D ``(H, W)`` or ``(H, W, 1|3)``),
+    :func:`cbmir.ingest.sources.dicom.read_dicom_image`), ``.npy`` (2D ``(H, W)`` or ``(H, W, 1|3)``),
     anything else through Pillow (:func:`load_pil_image`).
 
     Raises:
@@ -375,7 +374,7 @@ def load_image(path: str | Path, rule: IntensityRule = IntensityRule(), *,
     """
     ext = extension(path)
     if ext in DICOM_EXTENSIONS:
-        from ingest.sources.dicom import read_dicom_image
+        from cbmir.ingest.sources.dicom import read_dicom_image
 
         return read_dicom_image(path, rule, max_pixels=max_pixels)
     if ext == ".npy":
@@ -412,11 +411,11 @@ def fit_to_size(img: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
             side to ``size``, centred on black), ``crop`` (centred square of the shorter side, then
             resized).
 
-    Bicubic with antialiasing (``ingest.transforms.resize_batch``, equal to Pillow's BICUBIC; the
+    Bicubic with antialiasing (``cbmir.ingest.transforms.resize_batch``, equal to Pillow's BICUBIC; the
     result is rounded and clipped to 0..255 as Pillow does). An image already ``size x size`` is
     returned unchanged.
     """
-    from ingest.transforms import resize_batch
+    from cbmir.ingest.transforms import resize_batch
 
     if fit not in FITS:
         raise CbmirError(f"unknown fit {fit!r}; valid: {', '.join(FITS)}")
@@ -443,7 +442,7 @@ def fit_to_size(img: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
 def resize_volume(vol: np.ndarray, size: int) -> np.ndarray:
     """Resize a uint8 volume ``(D, H, W)`` to ``(size, size, size)`` with the study's volume recipe.
 
-    :func:`ingest.volumes.preprocess_volumes`: cubic spline zoom along depth only
+    :func:`cbmir.ingest.volumes.preprocess_volumes`: cubic spline zoom along depth only
     (``scipy.ndimage.zoom``, order 3), then each depth slice resized to ``size x size`` (bicubic,
     antialiased, Pillow-equivalent); interpolation overshoot rounded and clipped to 0..255 as
     ``zoom`` / Pillow do for uint8. A volume already ``size x size x size`` is returned unchanged, and
@@ -453,7 +452,7 @@ def resize_volume(vol: np.ndarray, size: int) -> np.ndarray:
     Raises:
         PixelError: not a 3D array.
     """
-    from ingest.volumes import preprocess_volumes
+    from cbmir.ingest.volumes import preprocess_volumes
 
     if vol.ndim != 3:
         raise PixelError(f"a volume must be (D, H, W); got shape {vol.shape}")

@@ -1,6 +1,6 @@
 """A small programmatic search client.
 
-    from search.client import SearchClient
+    from cbmir.client import SearchClient
     client = SearchClient()                                   # CBMIR_* settings: embedded store or server
     hits = client.search_by_point("breastmnist_28_hog", index=0, split="test", k=5)
     for h in hits[0]:
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search.schema import point_id
-from search.store import VectorStore, open_store
+from cbmir.search.schema import point_id
+from cbmir.search.store import VectorStore, open_store
 
 
 @dataclass
@@ -32,12 +32,12 @@ class SearchClient:
     """Exact top-k search by vector, by image or by stored point, over any collection.
 
     Args:
-        store: an open :class:`search.store.VectorStore`; default: from settings (``CBMIR_*``).
+        store: an open :class:`cbmir.search.store.VectorStore`; default: from settings (``CBMIR_*``).
     """
 
     def __init__(self, store: VectorStore | None = None, settings=None) -> None:
         if store is None:
-            from cbmir.settings import get_settings
+            from cbmir.core.settings import get_settings
 
             settings = settings or get_settings()
             store = open_store(settings)
@@ -77,7 +77,7 @@ class SearchClient:
             images: 2D collections: one image ``(H, W)`` / ``(H, W, C)`` or a batch ``(B, H, W, C)``,
                 C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA), any numeric dtype and any size;
                 3D collections: one volume ``(D, H, W)`` or a batch ``(B, D, H, W)``. Converted by the
-                rules of :func:`ingest.embedder.prepare_images` (uint8 kept, other dtypes min-max per
+                rules of :func:`cbmir.ingest.embedder.prepare_images` (uint8 kept, other dtypes min-max per
                 image, alpha composited on black, resized to the collection's size, grey -> RGB).
 
         Returns:
@@ -87,8 +87,8 @@ class SearchClient:
             CbmirError: a 2D image given to a 3D collection or a volume to a 2D one, NaN/inf pixels,
                 or the collection's weights cannot be loaded here (``weights`` gives a local file).
         """
-        from ingest.embedder import make_embedder, prepare_images
-        from ingest.extractors import create_extractor
+        from cbmir.ingest.embedder import make_embedder, prepare_images
+        from cbmir.ingest.extractors import create_extractor
 
         meta = self.store.meta(collection)
         images = prepare_images(images, size=meta.size, is_3d=meta.is_3d)
