@@ -17,7 +17,6 @@ from typing import Optional
 import numpy as np
 import typer
 
-from cbmir.core.settings import get_settings
 from cbmir.core.errors import CbmirError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Content-based medical image retrieval: ingest -> exact Qdrant search -> the study's metrics.")
@@ -52,66 +51,30 @@ FitOpt = typer.Option("stretch", "--fit", help="user archive 2D resize: stretch 
 
 
 def _arch(source=None, name=None, strict=False, intensity=None, window=None, slice_axis=None, dicom_mode="auto",
-          fit="stretch") -> dict:
-    """User-archive options for :func:`cbmir.ingest.sources.open_source` (MedMNIST ignores the defaults)."""
-    return dict(source=source, name=name, strict=strict, intensity=intensity, window=window, slice_axis=slice_axis,
-                dicom_mode=dicom_mode, fit=fit)
+          fit="stretch"):
+    """User-archive options (MedMNIST ignores the defaults)."""
+    from cbmir.app.collections import ArchiveOptions
+
+    return ArchiveOptions(source=source, name=name, strict=strict, intensity=intensity, window=window,
+                          slice_axis=slice_axis, dicom_mode=dicom_mode, fit=fit)
 
 
-#: settings field -> (CLI option, environment variable), for one-line messages about invalid values
-_SETTING_OPTS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
-                 "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device",
-                 "threads": "--threads"}
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads for extraction (1 is often fastest on a busy "
                                                   "CPU) [CBMIR_THREADS; default one per core]")
 
 
-def _settings(data_dir=None, store_path=None, qdrant_url=None, device=None, batch_size=None, distance=None,
-              threads=None):
-    from pydantic import ValidationError
+def _app(**overrides):
+    """The application context for this command: settings from ``CBMIR_*`` with the flags on top."""
+    from cbmir.app import App, load_settings
 
-    try:
-        s = get_settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
-                         batch_size=batch_size, distance=distance, threads=threads)
-    except ValidationError as exc:
-        parts = []
-        for e in exc.errors():
-            field = str(e["loc"][0]) if e.get("loc") else "?"
-            opt = _SETTING_OPTS.get(field, field)
-            where = f"{opt} / CBMIR_{field.upper()}" if field in _SETTING_OPTS else f"CBMIR_{field.upper()}"
-            ctx = e.get("ctx") or {}
-            if e.get("type") == "literal_error":
-                valid = f"valid: {ctx.get('expected', '').replace(chr(39), '')}"
-            elif "ge" in ctx:
-                valid = f"must be an integer >= {ctx['ge']}"
-            elif "gt" in ctx:
-                valid = f"must be > {ctx['gt']}"
-            else:
-                valid = e.get("msg", "invalid")
-            parts.append(f"invalid {where} value {e.get('input')!r}: {valid}")
-        raise CbmirError("; ".join(parts)) from None
-    if s.qdrant_url and not str(s.qdrant_url).lower().startswith(("http://", "https://")):
-        raise CbmirError(f"--qdrant-url / CBMIR_QDRANT_URL {s.qdrant_url!r} has no scheme: give a full URL such as "
-                         f"http://{s.qdrant_url}, or drop --qdrant-url to use the embedded store")
-    if not s.qdrant_url:
-        sp = Path(s.store_path).expanduser()
-        bad = _file_on_path(sp)
-        if bad is not None:
-            raise CbmirError(f"--store-path / CBMIR_STORE_PATH {sp}: {bad} is a file, not a directory; give a "
-                             "directory (it is created if missing)")
-    return s
+    return App(load_settings(**overrides))
 
 
-def _file_on_path(p: Path) -> Optional[Path]:
-    """``p`` or the first of its parents that exists and is not a directory (blocks creating ``p``)."""
-    return next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+def _ref(s, dataset, size, model, backend, aggregation, arch=None, random_init=False):
+    from cbmir.app.collections import ArchiveOptions, CollectionRef
 
-
-def _check_search_backend(value: str) -> None:
-    from cbmir.evaluation.evaluate import SEARCH_BACKENDS
-
-    if value not in SEARCH_BACKENDS:
-        raise CbmirError(f"unknown --search-backend {value!r}; valid: {', '.join(SEARCH_BACKENDS)}")
+    return CollectionRef(dataset=dataset, size=size, model=model, backend=backend, distance=s.distance,
+                         aggregation=aggregation, random_init=random_init, archive=arch or ArchiveOptions())
 
 
 def _notes(notes: list[str]) -> None:
@@ -121,11 +84,13 @@ def _notes(notes: list[str]) -> None:
 
 def _check_output(path: Optional[Path], opt: str = "--output") -> None:
     """Refuse an output file whose folder does not exist before any work is done."""
+    from cbmir.app.context import file_on_path
+
     if path is None:
         return
     parent = Path(path).expanduser().parent
     if not parent.is_dir():
-        bad = _file_on_path(parent)
+        bad = file_on_path(parent)
         if bad is not None:
             raise CbmirError(f"{opt} {path}: {bad} is a file, not a folder; choose another path")
         raise CbmirError(f"{opt} {path}: folder {parent} does not exist; create it first or choose another path")
@@ -143,68 +108,6 @@ def _check_output(path: Optional[Path], opt: str = "--output") -> None:
                          "folder") from None
 
 
-def _check_k(k: int, store=None, name: Optional[str] = None, split: str = "train") -> None:
-    """``--k`` must be >= 1 (checked before any work) and, given a store, at most the database size."""
-    if k < 1:
-        raise CbmirError(f"--k {k}: must be an integer >= 1 (at most the number of database points)")
-    if store is not None:
-        n = store.count(name, split)
-        if n and k > n:
-            raise CbmirError(f"--k {k} is larger than the database of collection {name!r} ({n} {split} points): "
-                             f"give --k between 1 and {n}")
-
-
-def _randinit_hint(store, name: str, random_init: bool) -> str:
-    """`` (a random-init collection exists: add --random-init)`` when collection ``name`` is missing but its
-    ``_randinit`` twin is stored (the name was resolved without ``--random-init``); else ``""``."""
-    if random_init:
-        return ""
-    have = set(store.list_collections())
-    return (" (a random-init collection exists: add --random-init)"
-            if name not in have and f"{name}_randinit" in have else "")
-
-
-def _stored_meta(store, name: str, random_init: bool = False):
-    """``store.meta(name)``, its "does not exist" error with :func:`_randinit_hint` added."""
-    try:
-        return store.meta(name)
-    except CbmirError as exc:
-        hint = _randinit_hint(store, name, random_init)
-        if not hint:
-            raise
-        raise CbmirError(f"{exc}{hint}") from None
-
-
-def _check_archive_unchanged(name: str, meta, dataset: str, size: int, arch: dict) -> None:
-    """``--dataset`` naming a user archive: refuse, as ``run``/``ingest`` do (:func:`cbmir.ingest.job.check_fingerprint`),
-    when collection ``name`` was ingested from another archive of the same name or the archive changed since
-    (its source fingerprint: a file scan with ``stat``, no pixel decode). MedMNIST: nothing to check."""
-    import dataclasses
-
-    from cbmir.ingest.job import check_fingerprint
-    from cbmir.ingest.sources import open_source
-
-    if not (meta.extra or {}).get("source_fingerprint"):  # MedMNIST collections record none
-        return
-    src = open_source(dataset, size, **arch)
-    current = dataclasses.replace(meta, extra={**meta.extra, "source_fingerprint": src.fingerprint()})
-    check_fingerprint(name, meta, current, src)
-
-
-def _collection(dataset: str, size: int, model: str, backend: str, distance: str, aggregation: str,
-                arch: Optional[dict] = None, random_init: bool = False) -> str:
-    from cbmir.ingest.sources import dataset_identity
-    from cbmir.search.schema import collection_name
-
-    from cbmir.ingest.extractors import get_spec
-
-    _, ds_name, is_3d = dataset_identity(dataset, size, aggregation=aggregation, **(arch or {}))
-    agg = aggregation if is_3d else "concat"
-    random_init = random_init and get_spec(model).weights_source != "none"  # hog has no weights to randomise
-    return collection_name(ds_name, size, model.lower(), backend="numpy" if model == "hog" else backend,
-                           distance=distance, aggregation=agg, random_init=random_init)
-
-
 def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
     keys = list(metrics)
     typer.echo(title)
@@ -214,36 +117,22 @@ def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
         typer.echo(extra)
 
 
-def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate, splits, aggregation,
-               progress=True, arch: Optional[dict] = None):
-    from cbmir.ingest.extractors import check_weights, get_spec
+def _do_ingest(app, ref, weights, recreate, splits, progress=True):
+    """Ingest through the application layer and print what was done."""
+    from cbmir.app.ingesting import ingest_collection
+    from cbmir.ingest.sources import source_summary
 
-    if backend == "torch" and "torch" not in get_spec(model).backends:
-        backend = None  # the default --backend does not apply to numpy-only models (hog)
-    # fail fast (seconds): weights are checked before torch / TensorFlow / medmnist are imported
-    # and before the dataset is opened; create_extractor loads them for real below
-    check_weights(model.lower(), weights=weights, random_init=random_init, backend=backend)
-    from cbmir.ingest.embedder import make_embedder
-    from cbmir.ingest.extractors import create_extractor
-    from cbmir.ingest.job import ingest
-    from cbmir.ingest.sources import open_source, source_summary
-    from cbmir.search.store import open_store
+    source, rep = ingest_collection(app, ref, weights=weights, recreate=recreate, splits=splits, progress=progress)
+    _print_ingest(app.store, rep, splits)
+    summary = source_summary(source)
+    if summary:
+        typer.echo(summary)
+        rep.extra["source_summary"] = summary
+        rep.extra["skipped_files"] = [str(p) for p in source.problems]
+    return rep
 
-    source = open_source(dataset, size, data_dir=s.data_dir, download=True, **(arch or {}))
-    if s.threads and backend == "torch":
-        import torch
 
-        torch.set_num_threads(int(s.threads))
-    extractor = create_extractor(model.lower(), weights=weights, random_init=random_init, device=s.device,
-                                 batch_size=s.batch_size, backend=backend)
-    embedder = make_embedder(extractor, size=size, is_3d=source.is_3d, aggregation=aggregation)
-    store = open_store(s)
-    try:
-        rep = ingest(source, embedder, store, splits=splits, batch_size=s.batch_size, distance=s.distance,
-                     recreate=recreate, progress=progress)
-    except BaseException:
-        store.close()
-        raise
+def _print_ingest(store, rep, splits) -> None:
     for split in splits:
         if split in rep.skipped:
             typer.echo(f"{rep.collection} [{split}]: complete, reused ({store.count(rep.collection, split)} points)")
@@ -266,44 +155,13 @@ def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
                    f"[{', '.join(map(str, rows[:20]))}{more}]: stored as zeros; {rule}", err=True)
     if rep.meta.random_init:
         typer.echo("note: RANDOM-INIT weights (smoke test only; not a pretrained result)")
-    summary = source_summary(source)
-    if summary:
-        typer.echo(summary)
-        rep.extra["source_summary"] = summary
-        rep.extra["skipped_files"] = [str(p) for p in source.problems]
-    return store, rep
-
-
-def _result_json(ev, rep, meta, t_ingest_total) -> dict:
-    return {
-        "collection": ev.collection, "engine": ev.engine, "distance": ev.distance, "k": ev.k,
-        "search_backend": getattr(ev, "search_backend", "store"),
-        "dataset": meta.dataset, "size": meta.size, "model": meta.model, "backend": meta.backend,
-        "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
-        "family": "handcrafted baseline" if meta.model == "hog" else None,
-        "n_queries": ev.n_queries, "n_database": ev.n_database,
-        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate,
-        "timings": {
-            "database_creation_s": rep.seconds.get("train", 0.0) if rep else None,
-            "query_extraction_s": rep.seconds.get("test", 0.0) if rep else None,
-            "ingest_total_s": t_ingest_total,
-            "slices_per_s": rep.extra.get("slices_per_s") if rep else None,
-            **ev.timings,
-        },
-        "reused_splits": rep.skipped if rep else None,
-        # rows already stored before this run, per split: its timings cover only the rest (0: a fresh run)
-        "resumed_from": {sp: int(n) for sp, n in rep.resumed_from.items() if sp not in rep.skipped} if rep else None,
-        "skipped_files": rep.extra.get("skipped_files") if rep else None,
-        # per-query results, for independent checks (benchmarks/check_bruteforce.py): test rows, their
-        # labels, and the top-k database rows / scores in rank order
-        "per_query": {"query_indices": ev.query_indices.tolist(), "query_labels": ev.query_labels.tolist(),
-                      "topk_indices": ev.topk_indices.tolist(),
-                      "topk_scores": [[float(x) for x in row] for row in ev.topk_scores]},
-    }
 
 
 def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
-    tag = " [RANDOM-INIT]" if meta.random_init else (" [handcrafted baseline]" if meta.model == "hog" else "")
+    from cbmir.ingest.extractors import get_spec
+
+    baseline = get_spec(meta.model).weights_source == "none"
+    tag = " [RANDOM-INIT]" if meta.random_init else (" [handcrafted baseline]" if baseline else "")
     _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database, "
                    f"{ev.distance}, exact top-{ev.k} on {ev.engine}"
                    + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""), ev.metrics,
@@ -334,12 +192,11 @@ def ingest_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
                fit: str = FitOpt) -> None:
     """Embed a dataset's splits and upsert them into its collection (idempotent, resumable)."""
-    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance, threads)
-    store, _ = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
-                          tuple(x.strip() for x in splits.split(",") if x.strip()), volume_aggregation,
-                          arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
-    store.close()
-
+    with _app(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
+              batch_size=batch_size, distance=distance, threads=threads) as a:
+        ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
+                   _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit), random_init)
+        _do_ingest(a, ref, weights, recreate, tuple(x.strip() for x in splits.split(",") if x.strip()))
 
 @app.command("evaluate")
 def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
@@ -350,23 +207,18 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
                  dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt,
                  random_init: bool = RandomInitReadOpt) -> None:
     """Query every test point against the train points of a collection; print the study's metrics."""
-    from cbmir.evaluation.evaluate import evaluate_collection
-    from cbmir.ingest.sources import check_evaluable
-    from cbmir.search.store import open_store
+    from cbmir.app.collections import open_collection
+    from cbmir.app.evaluating import check_k, evaluate, result_dict
 
-    s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
-    _check_k(k)
+    check_k(k)
     _check_output(output)
-    arch = _arch(source, name, dicom_mode=dicom_mode)
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
-    with open_store(s) as store:
-        meta = _stored_meta(store, name, random_init)
-        _check_archive_unchanged(name, meta, dataset, size, arch)
-        _notes(check_evaluable(store, name))
-        _check_k(k, store, name)
-        ev = evaluate_collection(store, name, k=k, search_backend=search_backend)
-        _report_eval(ev, meta, _result_json(ev, None, meta, None), output)
-
+    with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
+        ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
+                   _arch(source, name, dicom_mode=dicom_mode), random_init)
+        name, meta = open_collection(a.store, ref)
+        ev, notes = evaluate(a, name, k=k, search_backend=search_backend)
+        _notes(notes)
+        _report_eval(ev, meta, result_dict(ev, meta), output)
 
 @app.command("run")
 def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt,
@@ -383,24 +235,23 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
             slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
             fit: str = FitOpt, search_backend: str = SearchBackendOpt) -> None:
     """Ingest (train = database, test = queries), then evaluate: the study's protocol in one command."""
-    from cbmir.evaluation.evaluate import evaluate_collection
-    from cbmir.ingest.sources import check_evaluable
+    from cbmir.app.evaluating import check_k, evaluate, result_dict
+    from cbmir.evaluation.evaluate import SEARCH_BACKENDS
 
-    s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance, threads)
-    _check_k(k)  # before the ingest (minutes), not after it
-    _check_search_backend(search_backend)
+    check_k(k)  # before the ingest (minutes), not after it
+    if search_backend not in SEARCH_BACKENDS:
+        raise CbmirError(f"unknown --search-backend {search_backend!r}; valid: {', '.join(SEARCH_BACKENDS)}")
     _check_output(output)
-    t0 = time.perf_counter()
-    store, rep = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
-                            ("train", "test"), volume_aggregation,
-                            arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
-    t_ingest = time.perf_counter() - t0
-    with store:
-        _notes(check_evaluable(store, rep.collection))
-        _check_k(k, store, rep.collection)
-        ev = evaluate_collection(store, rep.collection, k=k, search_backend=search_backend)
-        _report_eval(ev, rep.meta, _result_json(ev, rep, rep.meta, t_ingest), output)
-
+    with _app(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
+              batch_size=batch_size, distance=distance, threads=threads) as a:
+        ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
+                   _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit), random_init)
+        t0 = time.perf_counter()
+        rep = _do_ingest(a, ref, weights, recreate, ("train", "test"))
+        t_ingest = time.perf_counter() - t0
+        ev, notes = evaluate(a, rep.collection, k=k, search_backend=search_backend)
+        _notes(notes)
+        _report_eval(ev, rep.meta, result_dict(ev, rep.meta, rep, t_ingest), output)
 
 @app.command("search")
 def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-c",
@@ -408,11 +259,14 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                query_index: Optional[int] = typer.Option(None, "--query-index", help="row of a stored point"),
                query_split: str = typer.Option("test", "--query-split"),
                database_split: str = typer.Option("train", "--database-split", help="split searched"),
-               exclude_self: bool = typer.Option(False, "--exclude-self",
-                                                 help="leave the query point out of its results, by point id (not "
-                                                      "by score: an identical copy still shows); for --query-index "
-                                                      "in the database split"),
+               exclude_self: Optional[bool] = typer.Option(
+                   None, "--exclude-self/--include-self",
+                   help="leave a stored query point out of its own results, by point id (not by score: an "
+                        "identical copy still shows) [default: excluded]"),
                image: Optional[Path] = typer.Option(None, "--image", help="image / volume file to embed and search"),
+               filter_json: Optional[str] = typer.Option(None, "--filter", help='payload filter as JSON, e.g. '
+                                                         '\'{"label": [0, 2]}\' (equality / any-of)'),
+               as_json: bool = typer.Option(False, "--json", help="print the answer as JSON"),
                weights: Optional[str] = typer.Option(None, "--weights"),
                k: int = typer.Option(5, "--k"), store_path: Optional[Path] = StoreOpt,
                qdrant_url: Optional[str] = UrlOpt,
@@ -426,65 +280,60 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                fit: str = FitOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Top-k database images for a stored point (``--query-index``) or a file (``--image``: any image format,
     DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as ingest)."""
-    from cbmir.client import SearchClient
-    from cbmir.search.store import open_store
+    from cbmir.app import FileOptions, SearchRequest, open_collection, search
 
-    s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
-    _check_k(k)
     if (query_index is None) == (image is None):
         raise CbmirError("give exactly one of --query-index N or --image PATH")
-    from cbmir.core.splits import SPLITS
-    for opt, sp in (("--query-split", query_split), ("--database-split", database_split)):
-        if sp not in SPLITS:
-            raise CbmirError(f"unknown {opt} {sp!r}; valid: {', '.join(SPLITS)}")
     if collection is not None and (dataset is not None or model is not None):
         raise CbmirError("give either --collection NAME or --dataset with --size and --model, not both")
-    if collection is None:
-        if dataset is None or model is None:
-            raise CbmirError("give --collection NAME, or --dataset with --size and --model")
-        arch = _arch(source, name, dicom_mode=dicom_mode)
-        collection = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
-    if exclude_self and image is not None:
-        raise CbmirError("--exclude-self needs --query-index (a stored point has an id; an image file has none)")
-    client = SearchClient(open_store(s))
-    try:
-        if dataset is None:
-            meta = client.store.meta(collection)  # a missing collection: CbmirError naming it
-        else:  # resolved from --dataset: the archive must be the one ingested
-            meta = _stored_meta(client.store, collection, random_init)
-            _check_archive_unchanged(collection, meta, dataset, size, arch)
-        _check_k(k, client.store, collection, database_split)
-        if image is not None:
-            from cbmir.ingest.sources import load_query
+    if collection is None and (dataset is None or model is None):
+        raise CbmirError("give --collection NAME, or --dataset with --size and --model")
+    flt = _parse_filter_option(filter_json)
+    with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
+        if collection is None:  # resolved from --dataset: the archive must be the one ingested
+            ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
+                       _arch(source, name, dicom_mode=dicom_mode), random_init)
+            collection, _ = open_collection(a.store, ref)
+        req = SearchRequest(collection=collection, k=k, database_split=database_split, filter=flt,
+                            exclude_self=exclude_self, distance=distance, weights=weights,
+                            points=[(query_split, query_index)] if query_index is not None else None,
+                            files=[image] if image is not None else None,
+                            file_options=FileOptions(intensity=intensity, window=window, slice_axis=slice_axis,
+                                                     fit=fit))
+        answer = search(a, req)
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict(), indent=1))
+        return
+    _print_answer(answer)
 
-            if not Path(image).expanduser().exists():
-                raise CbmirError(f"--image {image}: file not found; give an existing image / volume file")
-            if Path(image).expanduser().is_dir():
-                raise CbmirError(f"--image {image} is a directory; give one image / volume file")
-            try:
-                images = load_query(image, meta, intensity=intensity, window=window, slice_axis=slice_axis, fit=fit)
-                hits = client.search_by_image(collection, images, k, weights=weights)[0]
-            except CbmirError as exc:
-                if str(image) in str(exc):
-                    raise
-                raise CbmirError(f"--image {image}: {exc}") from None
-        else:
-            n_rows = client.store.count(collection, query_split)
-            if not 0 <= query_index < n_rows:
-                raise CbmirError(f"--query-index {query_index} is out of range: collection {collection!r} has "
-                                 f"{n_rows} {query_split} point(s); valid 0..{n_rows - 1}")
-        if image is None and (exclude_self or query_split != database_split):
-            # search_by_point excludes the query's own id when it lies in the database split
-            hits = client.search_by_point(collection, query_index, split=query_split, k=k,
-                                          database_split=database_split)[0]
-        elif image is None:
-            vec, _ = client.store.get_points(collection, query_split, [query_index])
-            hits = client.search_by_vector(collection, vec, k, split=database_split)[0]
-        typer.echo(f"{'rank':>4} {'index':>7} {'label':>5} {'score':>10}  image_id")
-        for r, h in enumerate(hits, 1):
-            typer.echo(f"{r:>4} {h.index:>7} {h.label:>5} {h.score:>10.6f}  {h.payload.get('image_id', '')}")
-    finally:
-        client.close()
+
+def _parse_filter_option(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CbmirError(f"--filter {text!r} is not JSON ({exc.msg}); give e.g. '{{\"label\": [0, 2]}}'") from None
+
+
+def _print_answer(answer) -> None:
+    """The hits of the first query as a table: class names, scores, and ✓/✗ against a known query label."""
+    q = answer.queries[0]
+    what = (f"{q.split} row {q.index} (point {q.point_id}), label {q.label}"
+            + (f" ({q.class_name})" if q.class_name not in (None, str(q.label)) else "")
+            if q.kind == "point" else f"{q.kind} {q.source or ''}".strip())
+    excl = ", query excluded from its results" if answer.excluded_self else ""
+    flt = f", filter {json.dumps(answer.filter)}" if answer.filter else ""
+    typer.echo(f"query: {what}; top-{answer.k} of {answer.collection} [{answer.database_split}{flt}], "
+               f"{answer.distance}{excl}")
+    known = q.label is not None and q.label >= 0
+    typer.echo(f"{'rank':>4} {'index':>7} {'label':>5} {'class':<16} {'score':>10} {'':1}  image_id")
+    for h in answer.hits[0]:
+        mark = ("✓" if h.label == q.label else "✗") if known else ""
+        typer.echo(f"{h.rank:>4} {h.index:>7} {h.label:>5} {str(h.class_name or ''):<16.16} {h.score:>10.6f} "
+                   f"{mark:1}  {h.payload.get('image_id', '')}")
+    for note in answer.notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command("export")
@@ -496,25 +345,23 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                dicom_mode: str = DicomModeOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Write a collection's vectors read back from the store: ``train_vectors`` (N, D) float32,
     ``train_labels`` (N,), ``test_vectors``, ``test_labels``, rows in split order."""
-    from cbmir.search.store import open_store
+    from cbmir.app.collections import open_collection
 
-    s = _settings(store_path=store_path, qdrant_url=qdrant_url, distance=distance)
     if not str(output).endswith(".npz"):  # numpy.savez appends it: name (and check) the file it writes
         output = Path(f"{output}.npz")
     _check_output(output)
-    arch = _arch(source, name, dicom_mode=dicom_mode)
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
     arrays = {}
-    with open_store(s) as store:
-        _check_archive_unchanged(name, _stored_meta(store, name, random_init), dataset, size, arch)
+    with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
+        ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
+                   _arch(source, name, dicom_mode=dicom_mode), random_init)
+        name, _ = open_collection(a.store, ref)
         for split in ("train", "test"):
-            idx, vec, pay = store.fetch(name, split)
+            idx, vec, pay = a.store.fetch(name, split)
             arrays[f"{split}_vectors"] = vec
             arrays[f"{split}_labels"] = np.asarray([p["label"] for p in pay], dtype=np.int64)
             arrays[f"{split}_indices"] = idx
     np.savez(output, **arrays)
     typer.echo(f"wrote {output}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
-
 
 @app.command("verify")
 def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
@@ -523,21 +370,18 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                qdrant_url: Optional[str] = UrlOpt, random_init: bool = RandomInitReadOpt) -> None:
     """Check a collection against its source: counts per split, duplicate ids, labels, dims, non-finite
     vectors. Prints one line, ``OK ...`` (exit 0) or ``FAIL: <problems>`` (exit 1)."""
+    from cbmir.app.collections import randinit_hint, resolve_name
     from cbmir.evaluation.verify import verify_collection
-    from cbmir.ingest.extractors import get_spec
     from cbmir.ingest.sources import open_source
-    from cbmir.search.store import open_store
 
-    s = _settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, distance=distance)
-    get_spec(model)  # unknown model: CbmirError listing the valid ones
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, random_init=random_init)
-    source = open_source(dataset, size, data_dir=s.data_dir)
-    with open_store(s) as store:
-        rep = verify_collection(store, name, source)
-        hint = "" if rep.ok else _randinit_hint(store, name, random_init)
+    with _app(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
+        name = resolve_name(_ref(a.settings, dataset, size, model, backend, volume_aggregation,
+                                 random_init=random_init))
+        source = open_source(dataset, size, data_dir=a.settings.data_dir)
+        rep = verify_collection(a.store, name, source)
+        hint = "" if rep.ok else randinit_hint(a.store, name, random_init)
     typer.echo(rep.verdict() + hint)
     raise typer.Exit(0 if rep.ok else 1)
-
 
 @app.command("models")
 def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
@@ -621,7 +465,9 @@ def report_cmd(
     if n_boot < 1:  # before any work (tables, figures, t-SNE)
         raise CbmirError(f"--n-boot {n_boot}: must be an integer >= 1 (bootstrap resamples, e.g. 2000)")
     op = Path(output).expanduser()
-    bad = _file_on_path(op)
+    from cbmir.app.context import file_on_path
+
+    bad = file_on_path(op)
     if bad is not None:
         what = "is a file" if bad == op else f"is inside {bad}, which is a file"
         raise CbmirError(f"--output {output} {what}; give a directory (created if missing)")

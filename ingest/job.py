@@ -97,6 +97,7 @@ def _source_extra(source: DatasetSource) -> dict:
         except (KeyError, CbmirError):  # a source without this split
             continue
     extra = {"n_classes": int(getattr(source, "n_classes", 0)), "split_sizes": sizes,
+             "class_names": [str(c) for c in (getattr(source, "class_names", None) or [])],
              "rows_may_be_skipped": getattr(source, "strict", True) is False}
     fp = getattr(source, "fingerprint", None)
     if callable(fp):

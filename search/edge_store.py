@@ -9,8 +9,11 @@ One shard directory per collection under the store root::
 Every query passes ``exact=True``: after ``optimize()`` Edge builds HNSW and non-exact queries
 become approximate (DESIGN.md §4).
 
-**One process per collection.** Qdrant Edge itself refuses a second opener of a shard with an
-opaque WAL error (``Can't init WAL: Kind(WouldBlock)``). cbmir takes an advisory exclusive lock
+**One process per collection; shared within a process.** Qdrant Edge itself refuses a second opener
+of a shard with an opaque WAL error (``Can't init WAL: Kind(WouldBlock)``). Within one process every
+:class:`EdgeStore` of the same root shares one loaded shard and one lock per collection (reference
+counted: the shard is closed and the lock released when the last store using it closes), so a service,
+a client and a CLI command in one process coexist. Across processes cbmir takes an advisory exclusive lock
 first (``fcntl.flock`` on ``<store_path>/.locks/<collection>.lock``, non-blocking) whenever it opens,
 creates or deletes a collection, holds it until :meth:`EdgeStore.close`, and writes the holder's
 PID, host and start time into the file; a second process gets a :class:`~cbmir.core.errors.CbmirError`
@@ -31,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -39,6 +43,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from cbmir.core.errors import CbmirError
+from cbmir.search.filters import Selection, as_selection
 from cbmir.search.schema import CollectionMeta, parse_meta
 from cbmir.search.store import VectorStore, engine_distance
 
@@ -49,11 +54,23 @@ except ImportError:  # pragma: no cover - Windows
 
 _DIST = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot, "euclidean": qe.Distance.Euclid}
 
+#: process-wide registry, keyed by (resolved store root, collection): the open shard, and the lock file
+#: handle with the ids of the EdgeStore objects using it (all guarded by ``_REGISTRY_LOCK``)
+_REGISTRY_LOCK = threading.RLock()
+_SHARDS: dict[tuple[str, str], "qe.EdgeShard"] = {}
+_LOCKS: dict[tuple[str, str], tuple[object, set[int]]] = {}
 
-def _split_filter(split: str | None):
-    if split is None:
+
+def _split_filter(where: str | Selection | None):
+    """Qdrant Edge filter of a split name or a :class:`~cbmir.search.filters.Selection` (None: no filter)."""
+    sel = as_selection(where)
+    if sel is None:
         return None
-    return qe.Filter(must=[qe.FieldCondition(key="split", match=qe.MatchValue(split))])
+    conds = [qe.FieldCondition(key="split", match=qe.MatchValue(sel.split))]
+    for field, values in sel.match:
+        match = qe.MatchValue(values[0]) if len(values) == 1 else qe.MatchAny(list(values))
+        conds.append(qe.FieldCondition(key=field, match=match))
+    return qe.Filter(must=conds)
 
 
 def _write_meta_file(d: Path, meta: CollectionMeta) -> None:
@@ -79,7 +96,7 @@ class EdgeStore(VectorStore):
         except OSError as exc:
             raise CbmirError(f"cannot create the embedded store directory {self.root} ({exc.strerror or exc}); "
                              "give a writable directory with --store-path / CBMIR_STORE_PATH") from None
-        self._shards: dict[str, qe.EdgeShard] = {}
+        self._root_key = str(self.root.resolve())
         self._locks: dict[str, object] = {}
 
     # -- paths and shards
@@ -90,15 +107,32 @@ class EdgeStore(VectorStore):
         """Advisory lock file of collection ``name``: ``<root>/.locks/<name>.lock``."""
         return self.root / ".locks" / f"{name}.lock"
 
+    def _key(self, name: str) -> tuple[str, str]:
+        return (self._root_key, name)
+
     def _lock(self, name: str) -> None:
-        """Take the exclusive advisory lock of ``name`` for this store (no-op when already held).
+        """Take the exclusive advisory lock of ``name`` for this process (shared with the other stores of
+        this process on the same root; no-op when this store already holds it).
 
         Raises:
-            CbmirError: another process (or another open store in this process) holds it; names the
-                collection, the lock file and the holder's PID / host / start time.
+            CbmirError: another process holds it; names the collection, the lock file and the holder's
+                PID / host / start time.
         """
-        if name in self._locks or fcntl is None:
+        if name in self._locks:
             return
+        with _REGISTRY_LOCK:
+            held = _LOCKS.get(self._key(name))
+            if held is not None:
+                held[1].add(id(self))
+                self._locks[name] = held[0]
+                return
+            fh = self._flock(name)
+            _LOCKS[self._key(name)] = (fh, {id(self)})
+            self._locks[name] = fh
+
+    def _flock(self, name: str):
+        if fcntl is None:
+            return None
         path = self.lock_path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,29 +155,55 @@ class EdgeStore(VectorStore):
         fh.write(f"pid={os.getpid()} host={socket.gethostname()} "
                  f"since={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         fh.flush()
-        self._locks[name] = fh
+        return fh
+
+    def _release(self, name: str) -> None:
+        """Stop using ``name``: the last store of this process to do so flushes and closes its shard and
+        releases the lock."""
+        with _REGISTRY_LOCK:
+            self._locks.pop(name, None)
+            held = _LOCKS.get(self._key(name))
+            if held is None:
+                return
+            held[1].discard(id(self))
+            if held[1]:
+                return
+            del _LOCKS[self._key(name)]
+            try:
+                self._drop_shard(name)
+            finally:
+                if held[0] is not None:
+                    held[0].close()  # closing the descriptor releases the flock
 
     def _unlock_all(self) -> None:
-        for fh in self._locks.values():
-            try:
-                fh.close()  # closing the descriptor releases the flock
-            except OSError:  # pragma: no cover
-                pass
-        self._locks.clear()
+        for name in list(self._locks):
+            self._release(name)
+
+    def _drop_shard(self, name: str, flush: bool = True) -> None:
+        """Close the process's open shard of ``name`` (every store of this process reloads it on next use)."""
+        with _REGISTRY_LOCK:
+            sh = _SHARDS.pop(self._key(name), None)
+            if sh is not None:
+                try:
+                    if flush:
+                        sh.flush()
+                finally:
+                    sh.close()
 
     def _shard(self, name: str) -> qe.EdgeShard:
-        sh = self._shards.get(name)
-        if sh is None:
+        with _REGISTRY_LOCK:
             self._lock(name)
-            path = self._dir(name) / "shard"
-            try:
-                sh = qe.EdgeShard.load(str(path))
-            except Exception as e:  # engine reports lock / corruption as a generic error
-                raise CbmirError(
-                    f"cannot open the embedded store collection at {path}: {e}. If another cbmir process "
-                    "is using this store, wait for it to finish or use another --store-path.") from None
-            self._shards[name] = sh
-        return sh
+            sh = _SHARDS.get(self._key(name))
+            if sh is None:
+                path = self._dir(name) / "shard"
+                try:
+                    sh = qe.EdgeShard.load(str(path))
+                except Exception as e:  # engine reports lock / corruption as a generic error
+                    raise CbmirError(
+                        f"cannot open the embedded store collection at {path}: {e}. If another cbmir process "
+                        "is using this store, wait for it to finish or use another --store-path.") from None
+                _SHARDS[self._key(name)] = sh
+            return sh
 
     # -- primitives
     def _create(self, name: str, meta: CollectionMeta) -> None:
@@ -152,9 +212,7 @@ class EdgeStore(VectorStore):
         if (d / "shard").exists() and not (d / "meta.json").exists():
             # left by a create or delete that was interrupted: it holds no cbmir points (every
             # upsert needs meta.json), so it is removed rather than reused
-            old = self._shards.pop(name, None)
-            if old is not None:
-                old.close()
+            self._drop_shard(name, flush=False)
             shutil.rmtree(d / "shard")
         d.mkdir(parents=True, exist_ok=True)
         dist = _DIST[engine_distance(meta)]
@@ -165,7 +223,9 @@ class EdgeStore(VectorStore):
         sh = qe.EdgeShard.create(str(d / "shard"), config)
         sh.update(qe.UpdateOperation.create_field_index("split", qe.PayloadSchemaType.Keyword))
         sh.flush()
-        self._shards[name] = sh
+        with _REGISTRY_LOCK:
+            self._drop_shard(name)
+            _SHARDS[self._key(name)] = sh
         _write_meta_file(d, meta)  # metadata appears atomically, after the shard exists
 
     def write_meta(self, name: str, meta: CollectionMeta) -> None:
@@ -226,16 +286,15 @@ class EdgeStore(VectorStore):
 
     def flush(self, name: str | None = None) -> None:
         """Flush pending writes of one collection (or all open ones) to disk."""
-        for n, sh in list(self._shards.items()):
-            if name is None or n == name:
+        for n in list(self._locks):
+            sh = _SHARDS.get(self._key(n))
+            if sh is not None and (name is None or n == name):
                 sh.flush()
 
     def delete_collection(self, name: str) -> None:
         if self._dir(name).exists():
             self._lock(name)
-        sh = self._shards.pop(name, None)
-        if sh is not None:
-            sh.close()
+        self._drop_shard(name, flush=False)
         d = self._dir(name)
         if d.exists():
             (d / "meta.json").unlink(missing_ok=True)  # first: a half-deleted collection reads as absent
@@ -255,10 +314,7 @@ class EdgeStore(VectorStore):
         self._lock(staging)
         self._lock(name)
         for n in (staging, name):
-            sh = self._shards.pop(n, None)
-            if sh is not None:
-                sh.flush()
-                sh.close()
+            self._drop_shard(n)
         dst = self._dir(name)
         trash = self.root / f".replaced-{name}-{os.getpid()}"
         shutil.rmtree(trash, ignore_errors=True)
@@ -272,13 +328,6 @@ class EdgeStore(VectorStore):
         return sorted(p.parent.name for p in self.root.glob("*/meta.json"))
 
     def close(self) -> None:
-        """Flush and close every open shard, then release their locks."""
-        try:
-            for sh in self._shards.values():
-                try:
-                    sh.flush()
-                finally:
-                    sh.close()
-        finally:
-            self._shards.clear()
-            self._unlock_all()
+        """Stop using every collection this store opened: shards that no other store of this process uses
+        are flushed and closed, and their locks released."""
+        self._unlock_all()

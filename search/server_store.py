@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - older qdrant-client
     ResourceExhaustedResponse = None  # type: ignore[assignment]
 
 from cbmir.core.errors import CbmirError
+from cbmir.search.filters import Selection, as_selection
 from cbmir.search.schema import CollectionMeta, parse_meta
 from cbmir.search.store import VectorStore, engine_distance
 
@@ -63,10 +64,17 @@ def _transient(exc: BaseException) -> tuple[bool, float | None, str]:
     return False, None, f"{type(src).__name__}: {src}"
 
 
-def _split_filter(split: str | None):
-    if split is None:
+def _split_filter(where: str | Selection | None):
+    """qdrant-client filter of a split name or a :class:`~cbmir.search.filters.Selection` (None: no filter)."""
+    sel = as_selection(where)
+    if sel is None:
         return None
-    return models.Filter(must=[models.FieldCondition(key="split", match=models.MatchValue(value=split))])
+    conds = [models.FieldCondition(key="split", match=models.MatchValue(value=sel.split))]
+    for field, values in sel.match:
+        match = (models.MatchValue(value=values[0]) if len(values) == 1
+                 else models.MatchAny(any=list(values)))
+        conds.append(models.FieldCondition(key=field, match=match))
+    return models.Filter(must=conds)
 
 
 class ServerStore(VectorStore):

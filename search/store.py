@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cbmir.core.errors import CbmirError
+from cbmir.search.filters import Selection
 from cbmir.search.schema import CollectionMeta, point_id, split_and_index
 
 #: Extra candidates fetched beyond k so that similarity ties at rank k are resolved exactly.
@@ -130,11 +131,11 @@ class VectorStore(ABC):
 
     @abstractmethod
     def _query(self, name: str, vector_name: str, queries: np.ndarray, limit: int,
-               split: str | None) -> list[list[tuple[int, float]]]:
+               split: str | Selection | None) -> list[list[tuple[int, float]]]:
         """Exact nearest neighbours of each query row within ``split``: ``[(id, score), ...]`` per query."""
 
     @abstractmethod
-    def _scroll(self, name: str, split: str | None, with_vectors: bool,
+    def _scroll(self, name: str, split: str | Selection | None, with_vectors: bool,
                 batch: int = 1024) -> Iterator[tuple[list[int], dict[str, np.ndarray] | None, list[dict]]]:
         """Iterate over points of ``split``: ``(ids, chunk vectors or None, payloads)`` per page."""
 
@@ -143,7 +144,7 @@ class VectorStore(ABC):
         """Points by id (missing ids are absent from the result)."""
 
     @abstractmethod
-    def count(self, name: str, split: str | None = None) -> int:
+    def count(self, name: str, split: str | Selection | None = None) -> int:
         """Number of points in collection ``name`` (in ``split`` when given)."""
 
     @abstractmethod
@@ -266,9 +267,11 @@ class VectorStore(ABC):
             chunks = {c: x[lo:lo + step, a:b] for c, a, b in meta.layout}
             self._upsert(name, ids[lo:lo + step], chunks, payloads[lo:lo + step])
 
-    def search(self, name: str, queries: np.ndarray, k: int, *, split: str = "train",
+    def search(self, name: str, queries: np.ndarray, k: int, *, split: str | Selection = "train",
                exclude_ids: Sequence[Sequence[int]] | None = None) -> SearchResult:
-        """Exact top-``k`` of each query among the points of ``split`` (the database).
+        """Exact top-``k`` of each query among the points of ``split`` (the database): a split name, or a
+        :class:`~cbmir.search.filters.Selection` (a split and a payload filter; only matching points
+        are scored, so the result stays exact).
 
         Ties in similarity are broken by lower database index (DESIGN.md §2), so results are
         deterministic and equal a brute-force ranking.

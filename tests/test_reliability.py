@@ -429,8 +429,10 @@ def test_search_by_image_converts_in_memory_images(tmp_path, clean_store, breast
         for q in (img, img[..., None], np.dstack([img, img, img, np.full_like(img, 255)])):
             assert [h.index for h in client.search_by_image(NAME, q, k=5)[0]] == ref
         assert len(client.search_by_image(NAME, np.zeros((40, 31), np.uint16), k=3)[0]) == 3
-        with pytest.raises(CbmirError, match="3D volume"):
-            client.search_by_image(NAME, np.zeros((28, 28, 28), np.uint8))
+        # a grey batch (B, H, W), MedMNIST's own layout, is B queries; a batch of volumes is refused
+        assert len(client.search_by_image(NAME, np.stack([img, img, img]), k=5)) == 3
+        with pytest.raises(CbmirError, match="batch of 3D volumes"):
+            client.search_by_image(NAME, np.zeros((2, 28, 28, 28), np.uint8))
         meta3 = CollectionMeta(dataset="adrenalmnist3d", size=28, model="hog", backend="numpy", dim=36288,
                                is_3d=True, aggregation="concat")
         client.store.ensure_collection("adrenalmnist3d_28_hog", meta3)
@@ -565,9 +567,13 @@ def test_second_process_is_told_the_store_is_in_use(tmp_path, clean_store, data_
     assert r.returncode == 3, r.stderr
     assert "in use by another process" in r.stderr and f"pid={os.getpid()}" in r.stderr
     assert str(holder.lock_path(NAME)) in r.stderr
-    # the CLI says the same, as one error line
-    rc, _, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root)
-    assert rc == 2 and len(_error_lines(err)) == 1 and "in use by another process" in err
+    # the CLI in another process says the same, as one error line
+    r = subprocess.run([PY, "-m", "cbmir.cli", "verify", "-d", FLAG, "-m", "hog", "--data-dir", str(data_dir),
+                        "--store-path", str(root)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(_error_lines(r.stderr)) == 1 and "in use by another process" in r.stderr
+    # within this process, stores share the open shard and its lock (a service and a CLI command coexist)
+    rc, out, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root)
+    assert rc == 0 and out.startswith("OK"), (out, err)
     # nothing was damaged; after the holder closes, others get in
     assert holder.count(NAME, "train") == n0
     np.testing.assert_array_equal(holder.fetch(NAME, "test")[1], v0)
@@ -1086,13 +1092,13 @@ def test_k_checked_before_ingest_and_against_database_size(tmp_path, data_dir, c
     _one_error(*run_main("evaluate", "-d", FLAG, "-m", "hog", "--store-path", root, "--k", str(N_TRAIN + 1)),
                f"--k {N_TRAIN + 1}")
     _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--query-index", "9999"),
-               "--query-index 9999", f"0..{N_TEST - 1}")
+               "query index 9999", f"0..{N_TEST - 1}")
     _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--image", tmp_path / "missing.png"),
                str(tmp_path / "missing.png"), "not found")
     _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--image", tmp_path),
-               f"--image {tmp_path} is a directory")
+               f"query file {tmp_path} is a directory")
     _one_error(*run_main("search", "-c", NAME, "--store-path", root, "--query-index", "0", "--query-split", "foo"),
-               "--query-split 'foo'", "train, val, test")
+               "query split 'foo'", "train, val, test")
     _one_error(*run_main("search", "-c", NAME, "-d", "retinamnist", "--store-path", root, "--query-index", "0"),
                "not both")
 

@@ -7,6 +7,8 @@ No patient data: the DICOM "patient" is a made-up name that must never reach pay
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import warnings
 from pathlib import Path
@@ -706,18 +708,22 @@ def test_cli_run_search_exclude_self_and_evaluation_checks(tmp_path):
     assert "tiny_24_hog" in r.output and "folder archive 'tiny'" in r.output and "mAP@5" in r.output
     # row of train/x/0.png: sorted paths train/x/0.png, train/x/0_copy.png, ...
     r = _cli("search", "-d", root, "-m", "hog", "-s", "24", "--store-path", store,
-             "--query-split", "train", "--query-index", 0)
-    lines = r.output.splitlines()[1:]
-    assert r.exit_code == 0 and lines[0].split()[1] == "0"              # itself first without the flag
-    r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--query-split", "train",
-             "--query-index", 0, "--exclude-self", "--k", "3")
-    lines = r.output.splitlines()[1:]
-    assert r.exit_code == 0 and "0" not in [ln.split()[1] for ln in lines]
-    assert lines[0].split()[1] == "1" and float(lines[0].split()[3]) == pytest.approx(1.0, abs=1e-5)  # copy: by id
+             "--query-split", "train", "--query-index", 0, "--include-self", "--json")
+    hits = json.loads(r.stdout)["hits"][0]
+    assert r.exit_code == 0 and hits[0]["index"] == 0                   # itself first with --include-self
+    for flag in ("--exclude-self", None):                                # excluded by id: the default
+        r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--query-split", "train",
+                 "--query-index", 0, "--k", "3", "--json", *([flag] if flag else []))
+        hits = json.loads(r.stdout)["hits"][0]
+        assert r.exit_code == 0 and 0 not in [h["index"] for h in hits]
+        assert hits[0]["index"] == 1 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)  # the copy stays
+    # the table names the query, its class and marks each hit
+    r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--query-index", 0)
+    assert r.exit_code == 0 and "query: test row 0" in r.output and "(x)" in r.output and "✓" in r.output
     # an image file is read with the same pixel rules (16-bit) and finds its 8-bit twin
-    r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--image", root / "train" / "y" / "9_16bit.png")
-    top = r.output.splitlines()[1].split()
-    assert r.exit_code == 0 and float(top[3]) == pytest.approx(1.0, abs=1e-5)
+    r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--image", root / "train" / "y" / "9_16bit.png",
+             "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["hits"][0][0]["score"] == pytest.approx(1.0, abs=1e-5)
     r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--image", root / "train" / "y" / "0.png",
              "--exclude-self")
     assert isinstance(r.exception, CbmirError)

@@ -1,0 +1,72 @@
+"""Evaluate: every query-split point against the database split, the study's metrics (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from cbmir.core.errors import CbmirError
+
+
+def check_k(k) -> int:
+    """``k`` must be an integer >= 1 (checked before any work; the database bound is checked later)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CbmirError(f"--k {k}: must be an integer >= 1 (at most the number of database points)")
+    return k
+
+
+def evaluate(app, name: str, *, k: int = 5, search_backend: str = "store", progress: bool = True):
+    """Query every test point of collection ``name`` against its train points (the study's protocol).
+
+    Returns:
+        ``(evaluation, notes)``: :class:`cbmir.evaluation.evaluate.Evaluation` (metrics as fractions in
+        [0, 1]) and one-line notes for the user (e.g. skipped unreadable archive files).
+
+    Raises:
+        CbmirError: an unfinished, query-less or unlabelled collection
+            (:func:`cbmir.ingest.sources.check_evaluable`); ``k`` above the database size; an unknown
+            search backend.
+    """
+    from cbmir.evaluation.evaluate import SEARCH_BACKENDS, evaluate_collection
+    from cbmir.ingest.sources import check_evaluable
+
+    check_k(k)
+    if search_backend not in SEARCH_BACKENDS:
+        raise CbmirError(f"unknown --search-backend {search_backend!r}; valid: {', '.join(SEARCH_BACKENDS)}")
+    store = app.store
+    notes = check_evaluable(store, name)
+    n = store.count(name, "train")
+    if n and k > n:
+        raise CbmirError(f"--k {k} is larger than the database of collection {name!r} ({n} train points): "
+                         f"give --k between 1 and {n}")
+    ev = evaluate_collection(store, name, k=k, search_backend=search_backend, progress=progress)
+    return ev, notes
+
+
+def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> dict:
+    """The JSON record of one evaluation (``cbmir run/evaluate -o``): configuration, metrics as fractions,
+    the majority-class rate, timings in seconds / milliseconds, and every query's top-k (``per_query``) so
+    that any metric can be recomputed (``python -m cbmir.benchmarks.check_bruteforce``)."""
+    from cbmir.ingest.extractors import get_spec
+
+    rep = report
+    return {
+        "collection": ev.collection, "engine": ev.engine, "distance": ev.distance, "k": ev.k,
+        "search_backend": getattr(ev, "search_backend", "store"),
+        "dataset": meta.dataset, "size": meta.size, "model": meta.model, "backend": meta.backend,
+        "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
+        "family": "handcrafted baseline" if get_spec(meta.model).weights_source == "none" else None,
+        "n_queries": ev.n_queries, "n_database": ev.n_database,
+        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate,
+        "timings": {
+            "database_creation_s": rep.seconds.get("train", 0.0) if rep else None,
+            "query_extraction_s": rep.seconds.get("test", 0.0) if rep else None,
+            "ingest_total_s": ingest_total_s,
+            "slices_per_s": rep.extra.get("slices_per_s") if rep else None,
+            **ev.timings,
+        },
+        "reused_splits": rep.skipped if rep else None,
+        # rows already stored before this run, per split: its timings cover only the rest (0: a fresh run)
+        "resumed_from": {sp: int(n) for sp, n in rep.resumed_from.items() if sp not in rep.skipped} if rep else None,
+        "skipped_files": rep.extra.get("skipped_files") if rep else None,
+        "per_query": {"query_indices": ev.query_indices.tolist(), "query_labels": ev.query_labels.tolist(),
+                      "topk_indices": ev.topk_indices.tolist(),
+                      "topk_scores": [[float(x) for x in row] for row in ev.topk_scores]},
+    }

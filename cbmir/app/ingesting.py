@@ -1,0 +1,63 @@
+"""Ingest: open the dataset or archive, build the extractor, embed, upsert (idempotent, resumable)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from cbmir.app.collections import CollectionRef
+
+
+def check_model_weights(ref: CollectionRef, weights: str | None = None) -> None:
+    """Fail fast (seconds): the weights of ``ref``'s model can be obtained, checked before torch,
+    TensorFlow or medmnist are imported and before the dataset is opened.
+
+    Raises:
+        CbmirError: unknown model; weights unreachable or gated (naming the access step and ``--weights``).
+    """
+    from cbmir.ingest.extractors import check_weights
+
+    check_weights(ref.model_name, weights=weights, random_init=ref.random_init, backend=ref.resolved_backend())
+
+
+def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, recreate: bool = False,
+                      splits: Sequence[str] = ("train", "test"), progress: bool = True, download: bool = True,
+                      wrap: Callable | None = None):
+    """Embed the ``splits`` of ``ref``'s dataset and upsert them into its collection.
+
+    Args:
+        app: the :class:`~cbmir.app.context.App` (settings: data dir, device, batch size, threads, distance
+            are taken from ``app.settings``; ``ref.distance`` wins when given).
+        ref: dataset / archive, size, model and options.
+        weights: a local weights file or directory (default: the model's own source).
+        recreate: rebuild the collection beside the old one and swap it in when complete.
+        splits: splits to ingest.
+        download: fetch a missing MedMNIST file where a network exists.
+        wrap: optional ``wrap(source, embedder) -> (source, embedder)`` (the grid's feature cache).
+
+    Returns:
+        ``(source, report)``: the opened source and :class:`cbmir.ingest.job.IngestReport`.
+
+    Raises:
+        CbmirError: as :func:`check_model_weights`, the source readers and :func:`cbmir.ingest.job.ingest`.
+    """
+    check_model_weights(ref, weights)
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.extractors import create_extractor
+    from cbmir.ingest.job import ingest
+    from cbmir.ingest.sources import open_source
+
+    s = app.settings
+    source = open_source(ref.dataset, ref.size, data_dir=s.data_dir, download=download, **ref.archive.as_kwargs())
+    backend = ref.resolved_backend()
+    if s.threads and backend == "torch":
+        import torch
+
+        torch.set_num_threads(int(s.threads))
+    extractor = create_extractor(ref.model_name, weights=weights, random_init=ref.random_init, device=s.device,
+                                 batch_size=s.batch_size, backend=backend)
+    embedder = make_embedder(extractor, size=ref.size, is_3d=source.is_3d, aggregation=ref.aggregation)
+    if wrap is not None:
+        source, embedder = wrap(source, embedder)
+    report = ingest(source, embedder, app.store, splits=tuple(splits), batch_size=s.batch_size,
+                    distance=ref.distance, recreate=recreate, progress=progress)
+    return source, report
