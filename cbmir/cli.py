@@ -282,7 +282,9 @@ def _result_json(ev, rep, meta, t_ingest_total) -> dict:
         "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
         "family": "handcrafted baseline" if meta.model == "hog" else None,
         "n_queries": ev.n_queries, "n_database": ev.n_database,
-        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate,
+        "query_split": ev.query_split, "database_split": ev.database_split, "leave_one_out": ev.leave_one_out,
+        "n_unlabelled_queries": ev.n_unlabelled_queries, "n_unlabelled_database": ev.n_unlabelled_database,
+        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate, "warnings": ev.warnings,
         "timings": {
             "database_creation_s": rep.seconds.get("train", 0.0) if rep else None,
             "query_extraction_s": rep.seconds.get("test", 0.0) if rep else None,
@@ -304,12 +306,21 @@ def _result_json(ev, rep, meta, t_ingest_total) -> dict:
 
 def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
     tag = " [RANDOM-INIT]" if meta.random_init else (" [handcrafted baseline]" if meta.model == "hog" else "")
-    _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database, "
+    splits = "" if (ev.query_split, ev.database_split) == ("test", "train") else \
+        f" ({ev.query_split} queries, {ev.database_split} database)"
+    loo = (f"  leave-one-out: query split = database split ({ev.query_split}); each query's own point is "
+           "excluded from its results\n" if ev.leave_one_out else "")
+    unl = (f"  unlabelled (label -1, never relevant): {ev.n_unlabelled_queries} queries left out, "
+           f"{ev.n_unlabelled_database} database points\n"
+           if ev.n_unlabelled_queries or ev.n_unlabelled_database else "")
+    _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database{splits}, "
                    f"{ev.distance}, exact top-{ev.k} on {ev.engine}"
                    + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""), ev.metrics,
-                   f"  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
+                   f"{loo}{unl}  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
                    f"  search {ev.timings['search_s']:.2f} s, latency p50 {ev.timings['latency_p50_ms']:.2f} ms, "
                    f"p95 {ev.timings['latency_p95_ms']:.2f} ms")
+    for w in ev.warnings:
+        typer.echo(f"warning: {w}", err=True)
     if output:
         output.write_text(json.dumps(out, indent=2))
         typer.echo(f"wrote {output}")
@@ -348,8 +359,14 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
                  store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                  source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                  dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt,
-                 random_init: bool = RandomInitReadOpt) -> None:
-    """Query every test point against the train points of a collection; print the study's metrics."""
+                 random_init: bool = RandomInitReadOpt,
+                 query_split: str = typer.Option("test", "--query-split", help="split whose points are the queries"),
+                 database_split: str = typer.Option("train", "--database-split",
+                                                    help="split searched; the query split too: leave-one-out")) -> None:
+    """Query every test point against the train points of a collection; print the study's metrics.
+
+    With --query-split equal to --database-split the evaluation is leave-one-out (each query's own
+    point is excluded from its results)."""
     from cbmir.evaluation.evaluate import evaluate_collection
     from cbmir.ingest.sources import check_evaluable
     from cbmir.search.store import open_store
@@ -362,9 +379,10 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
     with open_store(s) as store:
         meta = _stored_meta(store, name, random_init)
         _check_archive_unchanged(name, meta, dataset, size, arch)
-        _notes(check_evaluable(store, name))
-        _check_k(k, store, name)
-        ev = evaluate_collection(store, name, k=k, search_backend=search_backend)
+        _notes(check_evaluable(store, name, database_split=database_split, query_split=query_split))
+        _check_k(k, store, name, database_split)
+        ev = evaluate_collection(store, name, k=k, search_backend=search_backend, database_split=database_split,
+                                 query_split=query_split)
         _report_eval(ev, meta, _result_json(ev, None, meta, None), output)
 
 
