@@ -9,7 +9,9 @@ Inputs: the vectors read back from the store (``cbmir export ... -o vectors.npz`
 The brute force shares no code with cbmir: cosine = float64 L2-normalised dot products (zero
 vectors score 0), Euclidean = float64 ``sqrt(sum((q - x)^2))``; ranking by score, ties by lower
 database row (stable sort over rows in ascending order); metrics as DESIGN.md §2 (AP@k, MV@k with
-ties of the vote counting as a hit, ACC@1/3/k). Prints the vector dims, ``top-k identical for N/N
+ties of the vote counting as a hit, ACC@1/3/k; a database label -1 (unlabelled) is never a match and
+casts no vote). The splits are the result's ``query_split`` / ``database_split`` (default ``test`` /
+``train``); when they are the same split (leave-one-out) each query's own row is left out. Prints the vector dims, ``top-k identical for N/N
 queries`` (and, for any query that differs, the float64 scores at the first differing rank), and
 each metric beside the reported one. Exit status 0 when every top-k and every metric agree.
 """
@@ -23,11 +25,13 @@ import sys
 import numpy as np
 
 
-def brute_force_topk(q: np.ndarray, db: np.ndarray, k: int, distance: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+def brute_force_topk(q: np.ndarray, db: np.ndarray, k: int, distance: str = "cosine",
+                     exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` rows of ``db`` for each row of ``q``: ``(rows int64 (Q, k), scores float64 (Q, k))``.
 
     ``q`` ``(Q, D)``, ``db`` ``(N, D)``, any float dtype (computed in float64). Cosine: higher is closer;
-    Euclidean: lower is closer. Ties: lower row first.
+    Euclidean: lower is closer. Ties: lower row first. ``exclude``: int ``(Q,)`` row of ``db`` left out
+    for each query (leave-one-out), or None.
     """
     q = np.asarray(q, dtype=np.float64)
     db = np.asarray(db, dtype=np.float64)
@@ -46,6 +50,9 @@ def brute_force_topk(q: np.ndarray, db: np.ndarray, k: int, distance: str = "cos
         else:
             s = np.sqrt(np.stack([((db - x) ** 2).sum(axis=1) for x in qb]))
             key = s
+        if exclude is not None:
+            key = key.copy()
+            key[np.arange(len(qb)), exclude[lo:lo + 64]] = np.inf
         order = np.argsort(key, axis=1, kind="stable")[:, :k]  # stable: equal scores keep row order
         rows[lo:lo + len(qb)] = order
         scores[lo:lo + len(qb)] = np.take_along_axis(s, order, axis=1)
@@ -54,13 +61,13 @@ def brute_force_topk(q: np.ndarray, db: np.ndarray, k: int, distance: str = "cos
 
 def metrics(y: np.ndarray, r: np.ndarray, k: int) -> dict[str, float]:
     """Mean AP@k, MV@k, ACC@1, ACC@3, ACC@k of query labels ``y (Q,)`` and top-k labels ``r (Q, k)``."""
-    ap, mv, acc = [], [], {1: [], 3: [], k: []}
+    ap, mv, acc = [], [], {n: [] for n in sorted({1, 3, k}) if n <= k}  # as cbmir: no ACC@3 when k < 3
     for yi, ri in zip(y, r[:, :k]):
         hit = ri == yi
         h = hit.sum()
         ap.append(sum(hit[:i + 1].sum() / (i + 1) for i in range(k) if hit[i]) / h if h else 0.0)
-        labels, counts = np.unique(ri, return_counts=True)
-        mv.append(float(yi in labels[counts == counts.max()]))
+        labels, counts = np.unique(ri[ri >= 0], return_counts=True)  # unlabelled hits: no vote
+        mv.append(float(yi in labels[counts == counts.max()]) if len(labels) else 0.0)
         for n in acc:
             acc[n].append(float(hit[:n].any()))
     out = {f"mAP@{k}": float(np.mean(ap)), f"mMV@{k}": float(np.mean(mv))}
@@ -85,15 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     distance = args.distance or res.get("distance", "cosine")
     pq = res["per_query"]
     k = int(res.get("k", len(pq["topk_indices"][0])))
-    tr_v, te_v = z["train_vectors"], z["test_vectors"]
-    tr_i, te_i = z["train_indices"], z["test_indices"]
-    print(f"vectors: train {tr_v.shape} {tr_v.dtype}, test {te_v.shape} {te_v.dtype}; dim {tr_v.shape[1]}")
+    qs, ds = res.get("query_split", "test"), res.get("database_split", "train")
+    if f"{qs}_vectors" not in z.files or f"{ds}_vectors" not in z.files:
+        print(f"{args.vectors} lacks the {qs} / {ds} vectors of this result", file=sys.stderr)
+        return 2
+    tr_v, te_v = z[f"{ds}_vectors"], z[f"{qs}_vectors"]
+    tr_i, te_i = z[f"{ds}_indices"], z[f"{qs}_indices"]
+    print(f"vectors: {ds} (database) {tr_v.shape} {tr_v.dtype}, {qs} (queries) {te_v.shape} {te_v.dtype}; "
+          f"dim {tr_v.shape[1]}" + ("; leave-one-out" if qs == ds else ""))
     if not (np.all(np.diff(tr_i) > 0) and np.all(np.diff(te_i) > 0)):
         print("export rows are not in ascending row order", file=sys.stderr)
         return 2
     # the queries the run reported, by test row
     q_rows = np.searchsorted(te_i, np.asarray(pq["query_indices"]))
-    rows, scores = brute_force_topk(te_v[q_rows], tr_v, k, distance)
+    rows, scores = brute_force_topk(te_v[q_rows], tr_v, k, distance, exclude=q_rows if qs == ds else None)
     ours = tr_i[rows]  # database row index of each hit
     theirs = np.asarray(pq["topk_indices"], dtype=np.int64)
     same = (ours == theirs).all(axis=1)
@@ -104,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  query row {pq['query_indices'][qi]}: rank {j + 1}: brute force row {ours[qi, j]} "
               f"(score {scores[qi, j]:.17g}) vs reported row {theirs[qi, j]} "
               f"(reported score {pq['topk_scores'][qi][j]:.9g})")
-    y = z["test_labels"][q_rows]
+    y = z[f"{qs}_labels"][q_rows]
     if "query_labels" in pq and not np.array_equal(np.asarray(pq["query_labels"]), y):
-        print("the reported query labels differ from the exported test labels", file=sys.stderr)
+        print(f"the reported query labels differ from the exported {qs} labels", file=sys.stderr)
         return 2
     lab = np.full(int(tr_i.max()) + 1, -1, dtype=np.int64)
-    lab[tr_i] = z["train_labels"]
+    lab[tr_i] = z[f"{ds}_labels"]
     mine = metrics(y, lab[ours], k)
     ok = bool(same.all())
     print(f"  {'metric':<8} {'brute force':>12} {'reported':>12}")

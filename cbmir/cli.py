@@ -117,12 +117,13 @@ def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
         typer.echo(extra)
 
 
-def _do_ingest(app, ref, weights, recreate, splits, progress=True):
+def _do_ingest(app, ref, weights, recreate, splits, progress=True, evaluable=False):
     """Ingest through the application layer and print what was done."""
     from cbmir.app.ingesting import ingest_collection
     from cbmir.ingest.sources import source_summary
 
-    source, rep = ingest_collection(app, ref, weights=weights, recreate=recreate, splits=splits, progress=progress)
+    source, rep = ingest_collection(app, ref, weights=weights, recreate=recreate, splits=splits, progress=progress,
+                                    evaluable=evaluable)
     _print_ingest(app.store, rep, splits)
     summary = source_summary(source)
     if summary:
@@ -162,12 +163,21 @@ def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
 
     baseline = get_spec(meta.model).weights_source == "none"
     tag = " [RANDOM-INIT]" if meta.random_init else (" [handcrafted baseline]" if baseline else "")
-    _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database, "
+    splits = "" if (ev.query_split, ev.database_split) == ("test", "train") else \
+        f" ({ev.query_split} queries, {ev.database_split} database)"
+    loo = (f"  leave-one-out: query split = database split ({ev.query_split}); each query's own point is "
+           "excluded from its results\n" if ev.leave_one_out else "")
+    unl = (f"  unlabelled (label -1, never relevant): {ev.n_unlabelled_queries} queries left out, "
+           f"{ev.n_unlabelled_database} database points\n"
+           if ev.n_unlabelled_queries or ev.n_unlabelled_database else "")
+    _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database{splits}, "
                    f"{ev.distance}, exact top-{ev.k} on {ev.engine}"
                    + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""), ev.metrics,
-                   f"  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
+                   f"{loo}{unl}  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
                    f"  search {ev.timings['search_s']:.2f} s, latency p50 {ev.timings['latency_p50_ms']:.2f} ms, "
                    f"p95 {ev.timings['latency_p95_ms']:.2f} ms")
+    for w in ev.warnings:
+        typer.echo(f"warning: {w}", err=True)
     if output:
         output.write_text(json.dumps(out, indent=2))
         typer.echo(f"wrote {output}")
@@ -205,8 +215,14 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
                  store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                  source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                  dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt,
-                 random_init: bool = RandomInitReadOpt) -> None:
-    """Query every test point against the train points of a collection; print the study's metrics."""
+                 random_init: bool = RandomInitReadOpt,
+                 query_split: str = typer.Option("test", "--query-split", help="split whose points are the queries"),
+                 database_split: str = typer.Option("train", "--database-split",
+                                                    help="split searched; the query split too: leave-one-out")) -> None:
+    """Query every test point against the train points of a collection; print the study's metrics.
+
+    With --query-split equal to --database-split the evaluation is leave-one-out (each query's own
+    point is excluded from its results)."""
     from cbmir.app.collections import open_collection
     from cbmir.app.evaluating import check_k, evaluate, result_dict
 
@@ -216,7 +232,8 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
         ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
                    _arch(source, name, dicom_mode=dicom_mode), random_init)
         name, meta = open_collection(a.store, ref)
-        ev, notes = evaluate(a, name, k=k, search_backend=search_backend)
+        ev, notes = evaluate(a, name, k=k, search_backend=search_backend, query_split=query_split,
+                             database_split=database_split)
         _notes(notes)
         _report_eval(ev, meta, result_dict(ev, meta), output)
 
@@ -247,7 +264,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
         ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
                    _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit), random_init)
         t0 = time.perf_counter()
-        rep = _do_ingest(a, ref, weights, recreate, ("train", "test"))
+        rep = _do_ingest(a, ref, weights, recreate, ("train", "test"), evaluable=True)
         t_ingest = time.perf_counter() - t0
         ev, notes = evaluate(a, rep.collection, k=k, search_backend=search_backend)
         _notes(notes)

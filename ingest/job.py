@@ -33,6 +33,7 @@ from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import Batch, DatasetSource
 from cbmir.ingest.pipeline import BackgroundWriter, prefetch
+from cbmir.search.diagnostics import rows_text
 from cbmir.search.schema import CollectionMeta, DamagedMetaError, collection_name, make_payload
 from cbmir.search.store import VectorStore
 
@@ -85,11 +86,12 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
 
 
 def _source_extra(source: DatasetSource) -> dict:
-    """``n_classes``, ``split_sizes`` (rows per split of the source, so that evaluating an unfinished
-    collection is refused: :func:`cbmir.ingest.sources.check_evaluable`), ``rows_may_be_skipped`` (a
-    non-strict user archive skips unreadable files) and, for user archives, ``source_fingerprint``
-    (per split, see :meth:`cbmir.ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with
-    the metadata."""
+    """``n_classes``, ``task`` (label task of sources that state one: MedMNIST's ``INFO[flag]["task"]``, read
+    by :mod:`cbmir.evaluation.labels` to refuse multi-label data), ``split_sizes`` (rows per split of the
+    source, so that evaluating an unfinished collection is refused:
+    :func:`cbmir.ingest.sources.check_evaluable`), ``rows_may_be_skipped`` (a non-strict user archive skips
+    unreadable files) and, for user archives, ``source_fingerprint`` (per split, see
+    :meth:`cbmir.ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with the metadata."""
     sizes = {}
     for sp in SPLITS:
         try:
@@ -99,6 +101,9 @@ def _source_extra(source: DatasetSource) -> dict:
     extra = {"n_classes": int(getattr(source, "n_classes", 0)), "split_sizes": sizes,
              "class_names": [str(c) for c in (getattr(source, "class_names", None) or [])],
              "rows_may_be_skipped": getattr(source, "strict", True) is False}
+    task = getattr(source, "task", None)
+    if isinstance(task, str) and task:
+        extra["task"] = task
     fp = getattr(source, "fingerprint", None)
     if callable(fp):
         extra["source_fingerprint"] = fp()
@@ -259,7 +264,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             report.extra.setdefault("slices_per_s", {})[split] = n_sl / dt if dt > 0 else float("nan")
     if report.rejected:
         total = sum(len(v) for v in report.rejected.values())
-        rows = "; ".join(f"{sp} rows {_rows_text(v)}" for sp, v in report.rejected.items())
+        rows = "; ".join(f"{sp} rows {rows_text(v, 20)}" for sp, v in report.rejected.items())
         where = ("The collection is incomplete" if target == name else
                  f"The old collection is unchanged; the new points wait in {target!r}")
         raise CbmirError(
@@ -303,9 +308,3 @@ def _fingerprint_changed(stored: CollectionMeta, meta: CollectionMeta) -> bool:
     old = (stored.extra or {}).get("source_fingerprint")
     new = (meta.extra or {}).get("source_fingerprint")
     return bool(old) and new is not None and old != new
-
-
-def _rows_text(rows: list[int], limit: int = 20) -> str:
-    """``[3, 17, 40]`` or ``[3, 17, ... (+n more)]`` for messages."""
-    more = f", ... (+{len(rows) - limit} more)" if len(rows) > limit else ""
-    return "[" + ", ".join(map(str, rows[:limit])) + more + "]"

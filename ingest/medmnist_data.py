@@ -187,8 +187,30 @@ def _reachable(url: str, timeout: float = 3.0) -> tuple[bool, str]:
     return result[0] == "", result[0]
 
 
+class DownloadError(CbmirError):
+    """An automatic download failed; the message is the reason only (``MedMNISTSource`` adds the dataset,
+    size, expected MD5 and the manual steps)."""
+
+
+def _http_failure(exc: OSError) -> str:
+    """Why a download failed, in words: the HTTP status (with a hint), the connection error, or the OS error."""
+    if isinstance(exc, urllib.error.HTTPError):
+        hint = ("the server is down or busy: try again later" if exc.code >= 500 else
+                "the file is not at this URL (moved or withdrawn): check for a newer `medmnist` release"
+                if exc.code in (404, 410) else "the server refused the request")
+        return f"the server answered HTTP {exc.code} {exc.reason} ({hint})"
+    if isinstance(exc, urllib.error.URLError):
+        return f"no connection ({exc.reason})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> None:
-    """Stream ``url`` to ``dest`` (via a temporary file in the same folder), checking the MD5."""
+    """Stream ``url`` to ``dest`` (via a temporary file in the same folder), checking the MD5.
+
+    Raises:
+        DownloadError: an HTTP error status, no connection, a read or write error, or a wrong MD5;
+            nothing is left at ``dest`` nor beside it.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.md5(usedforsecurity=False)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
@@ -198,13 +220,11 @@ def _download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> None:
                 h.update(chunk)
                 out.write(chunk)
         if h.hexdigest() != md5:
-            raise CbmirError(
-                f"download of {url} gave MD5 {h.hexdigest()}, expected {md5}; "
-                f"nothing was written to {dest}. Try again or fetch the file by hand."
-            )
+            raise DownloadError(f"{url} gave a file with MD5 {h.hexdigest()}, expected {md5} (truncated or "
+                                f"changed); nothing was written to {dest}")
         shutil.move(tmp, dest)
     except OSError as exc:
-        raise CbmirError(f"download of {url} to {dest} failed: {exc}") from exc
+        raise DownloadError(f"{url}: {_http_failure(exc)}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -440,9 +460,13 @@ class MedMNISTSource:
         if download:
             ok, why = _reachable(self.url)
             if ok:
-                _download(self.url, self.path, self.md5)
-                return
-            reason = f" The automatic download failed: the host is unreachable ({why})."
+                try:
+                    _download(self.url, self.path, self.md5)
+                    return
+                except DownloadError as exc:
+                    reason = f" The automatic download failed: {exc}."
+            else:
+                reason = f" The automatic download failed: the host is unreachable ({why})."
         raise CbmirError(
             f"MedMNIST file not found: {self.path} ({self.name} at {self.size} px, expected "
             f"MD5 {self.md5}).{reason} Fix: download {self.url} (on any machine with network access) "

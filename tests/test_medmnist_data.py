@@ -238,3 +238,75 @@ def test_copy_in_other_dir_is_accepted(tmp_path):
     shutil.copy(real, tmp_path / real.name)
     src = open_medmnist("vesselmnist3d", 28, tmp_path)
     assert src.split_size("val") == 191 and src.labels("val").shape == (191,)
+
+
+class _Status:
+    """A local HTTP server on 127.0.0.1 (free port) answering every HEAD/GET with one status code."""
+
+    def __init__(self, code: int):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/breastmnist.npz"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _refused_url() -> str:
+    """A URL on 127.0.0.1 whose port has no listener (connection refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/breastmnist.npz"
+
+
+def _download_message(tmp_path, monkeypatch, url: str, probe_ok: bool | None = None) -> str:
+    monkeypatch.setitem(INFO["breastmnist"], "url_64", url)
+    if probe_ok is not None:  # skip the probe: the connection fails in the download itself
+        monkeypatch.setattr(md, "_reachable", lambda u, timeout=3.0: (probe_ok, ""))
+    with pytest.raises(CbmirError) as info:
+        open_medmnist("breastmnist", 64, tmp_path / "data", download=True)
+    msg = str(info.value)
+    # dataset, size, expected MD5, the URL and the manual steps, as for a missing or truncated file
+    for part in ("breastmnist at 64 px", INFO["breastmnist"]["MD5_64"], url, "breastmnist_64.npz",
+                 "CBMIR_DATA_DIR", "--data-dir", "on any machine with network access"):
+        assert part in msg, (part, msg)
+    assert "\n" not in msg and not list((tmp_path / "data").glob("*")), msg  # nothing left behind
+    return msg
+
+
+@pytest.mark.parametrize("code,words", [(503, "HTTP 503 Service Unavailable (the server is down or busy"),
+                                        (404, "HTTP 404 Not Found (the file is not at this URL")])
+def test_download_http_error_names_dataset_md5_and_manual_steps(tmp_path, monkeypatch, code, words):
+    with _Status(code) as server:
+        msg = _download_message(tmp_path, monkeypatch, server.url)
+    assert "The automatic download failed" in msg and words in msg
+
+
+def test_download_connection_refused_names_dataset_md5_and_manual_steps(tmp_path, monkeypatch):
+    url = _refused_url()
+    msg = _download_message(tmp_path, monkeypatch, url)                  # the probe notices
+    assert "unreachable" in msg and "refused" in msg.lower()
+    msg = _download_message(tmp_path, monkeypatch, url, probe_ok=True)   # refused in the download itself
+    assert "no connection" in msg and "refused" in msg.lower()

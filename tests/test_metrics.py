@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from cbmir.core.errors import CbmirError
 from cbmir.evaluation.metrics import (average_precision_at_k, hit_at_k, majority_vote_at_k,
                                 retrieval_metrics)
 
@@ -60,6 +61,35 @@ def test_random_against_plain_python():
 
 
 def test_shape_mismatch_is_clear():
-    from cbmir.core.errors import CbmirError
     with pytest.raises(CbmirError, match="n_queries=3"):
         retrieval_metrics(Y, R[:2], 5)
+
+
+def test_unlabelled_hits_are_never_relevant_and_cast_no_vote():
+    y = np.array([1, 1, 0])
+    r = np.array([[-1, -1, -1, 1, 0],     # majority among labelled hits: 1 and 0 tie -> MV 1
+                  [-1, -1, -1, -1, -1],   # nothing labelled: no hit, no vote
+                  [-1, 0, 0, -1, 1]])
+    np.testing.assert_allclose(average_precision_at_k(y, r, 5), [1 / 4, 0.0, (1 / 2 + 2 / 3) / 2])
+    np.testing.assert_array_equal(majority_vote_at_k(y, r, 5), [1, 0, 1])
+    np.testing.assert_array_equal(hit_at_k(y, r, 1), [0, 0, 0])
+    np.testing.assert_array_equal(hit_at_k(y, r, 3), [0, 0, 1])
+    # against the plain transcription with every -1 read as a class no query has (AP/ACC agree;
+    # MV differs only where -1 would outvote: row 0 -> 0 there, 1 here)
+    r_foreign = np.where(r < 0, 99, r)
+    np.testing.assert_allclose(average_precision_at_k(y, r, 5), average_precision_at_k(y, r_foreign, 5))
+    assert [_plain(y[i], r_foreign[i], 5)[1] for i in range(3)] == [0.0, 0.0, 1.0]
+
+
+def test_unlabelled_queries_are_refused():
+    with pytest.raises(CbmirError, match=r"1 query label\(s\) are negative .* positions \[1\]"):
+        retrieval_metrics(np.array([0, -1]), np.array([[0], [0]]), 1)
+
+
+def test_ordinal_grades_match_exactly():
+    """RetinaMNIST-style grades: a hit one grade away is not relevant (the study's exact-grade rule)."""
+    y = np.array([2])
+    r = np.array([[1, 3, 2, 2, 4]])
+    m = retrieval_metrics(y, r, 5)
+    assert m["ACC@1"] == 0.0 and m["ACC@3"] == 1.0 and m["mMV@5"] == 1.0
+    assert m["mAP@5"] == pytest.approx((1 / 3 + 2 / 4) / 2)

@@ -81,6 +81,7 @@ class App:
         self.settings = settings or load_settings()
         self._store = store
         self._embedders: dict[tuple, object] = {}
+        self._collapse: dict[tuple, str | None] = {}
         self._lock = threading.Lock()
 
     @property
@@ -120,6 +121,16 @@ class App:
                                     aggregation=meta.aggregation if meta.is_3d else "concat")
                 self._embedders[key] = emb
         return emb
+
+    def collapse_warning(self, name: str, split: str = "train") -> str | None:
+        """:func:`cbmir.search.diagnostics.collapse_warning` of a collection's split, computed once per
+        (collection, split, point count) and cached (it reads a sample of stored vectors)."""
+        from cbmir.search.diagnostics import collapse_warning
+
+        key = (name, split, self.store.count(name, split))
+        if key not in self._collapse:
+            self._collapse[key] = collapse_warning(self.store, name, split)
+        return self._collapse[key]
 
     def close(self) -> None:
         """Close the store (releases the embedded engine's locks)."""

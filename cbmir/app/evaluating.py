@@ -12,8 +12,10 @@ def check_k(k) -> int:
     return k
 
 
-def evaluate(app, name: str, *, k: int = 5, search_backend: str = "store", progress: bool = True):
-    """Query every test point of collection ``name`` against its train points (the study's protocol).
+def evaluate(app, name: str, *, k: int = 5, search_backend: str = "store", progress: bool = True,
+             latency_sample: int = 50, query_split: str = "test", database_split: str = "train"):
+    """Query every ``query_split`` point of collection ``name`` against its ``database_split`` points (the
+    study's protocol: test against train). Equal splits: leave-one-out (each query's own point excluded).
 
     Returns:
         ``(evaluation, notes)``: :class:`cbmir.evaluation.evaluate.Evaluation` (metrics as fractions in
@@ -31,12 +33,14 @@ def evaluate(app, name: str, *, k: int = 5, search_backend: str = "store", progr
     if search_backend not in SEARCH_BACKENDS:
         raise CbmirError(f"unknown --search-backend {search_backend!r}; valid: {', '.join(SEARCH_BACKENDS)}")
     store = app.store
-    notes = check_evaluable(store, name)
-    n = store.count(name, "train")
+    notes = check_evaluable(store, name, database_split=database_split, query_split=query_split)
+    n = store.count(name, database_split)
     if n and k > n:
-        raise CbmirError(f"--k {k} is larger than the database of collection {name!r} ({n} train points): "
-                         f"give --k between 1 and {n}")
-    ev = evaluate_collection(store, name, k=k, search_backend=search_backend, progress=progress)
+        raise CbmirError(f"--k {k} is larger than the database of collection {name!r} ({n} {database_split} "
+                         f"points): give --k between 1 and {n}")
+    ev = evaluate_collection(store, name, k=k, search_backend=search_backend, progress=progress,
+                             latency_sample=latency_sample, query_split=query_split,
+                             database_split=database_split)
     return ev, notes
 
 
@@ -54,7 +58,9 @@ def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> d
         "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
         "family": "handcrafted baseline" if get_spec(meta.model).weights_source == "none" else None,
         "n_queries": ev.n_queries, "n_database": ev.n_database,
-        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate,
+        "query_split": ev.query_split, "database_split": ev.database_split, "leave_one_out": ev.leave_one_out,
+        "n_unlabelled_queries": ev.n_unlabelled_queries, "n_unlabelled_database": ev.n_unlabelled_database,
+        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate, "warnings": ev.warnings,
         "timings": {
             "database_creation_s": rep.seconds.get("train", 0.0) if rep else None,
             "query_extraction_s": rep.seconds.get("test", 0.0) if rep else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 from cbmir.app.collections import CollectionRef
@@ -21,7 +22,7 @@ def check_model_weights(ref: CollectionRef, weights: str | None = None) -> None:
 
 def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, recreate: bool = False,
                       splits: Sequence[str] = ("train", "test"), progress: bool = True, download: bool = True,
-                      wrap: Callable | None = None):
+                      wrap: Callable | None = None, evaluable: bool = False):
     """Embed the ``splits`` of ``ref``'s dataset and upsert them into its collection.
 
     Args:
@@ -33,9 +34,12 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
         splits: splits to ingest.
         download: fetch a missing MedMNIST file where a network exists.
         wrap: optional ``wrap(source, embedder) -> (source, embedder)`` (the grid's feature cache).
+        evaluable: refuse, before embedding anything, a dataset the study's metrics cannot evaluate
+            (multi-label, :func:`cbmir.evaluation.labels.check_single_label`): ``run`` and the grid.
 
     Returns:
-        ``(source, report)``: the opened source and :class:`cbmir.ingest.job.IngestReport`.
+        ``(source, report)``: the opened source and :class:`cbmir.ingest.job.IngestReport`
+        (``report.extra["model_load_s"]``: seconds to build the extractor).
 
     Raises:
         CbmirError: as :func:`check_model_weights`, the source readers and :func:`cbmir.ingest.job.ingest`.
@@ -53,11 +57,19 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
         import torch
 
         torch.set_num_threads(int(s.threads))
+    t0 = time.perf_counter()
     extractor = create_extractor(ref.model_name, weights=weights, random_init=ref.random_init, device=s.device,
                                  batch_size=s.batch_size, backend=backend)
+    model_load_s = time.perf_counter() - t0
     embedder = make_embedder(extractor, size=ref.size, is_3d=source.is_3d, aggregation=ref.aggregation)
+    if evaluable:
+        from cbmir.evaluation.labels import check_single_label
+        from cbmir.ingest.job import build_meta
+
+        check_single_label(build_meta(source, embedder, distance=ref.distance), ref.dataset)
     if wrap is not None:
         source, embedder = wrap(source, embedder)
     report = ingest(source, embedder, app.store, splits=tuple(splits), batch_size=s.batch_size,
                     distance=ref.distance, recreate=recreate, progress=progress)
+    report.extra["model_load_s"] = model_load_s
     return source, report

@@ -112,7 +112,7 @@ class SearchResponse:
     """The answer: one :class:`QueryInfo` and one list of :class:`Hit` per query, in query order.
 
     ``excluded_self`` tells whether stored queries were left out of their own results; ``notes`` holds
-    one-line warnings (e.g. an all-zero query vector).
+    one-line warnings (an all-zero query vector; a collapsed collection whose vectors barely differ).
     """
 
     collection: str
@@ -254,6 +254,7 @@ def search(app, req: SearchRequest) -> SearchResponse:
             other than the collection's; ``exclude_self=True`` for a query that is not a stored point;
             an image or file the collection cannot take (2D vs 3D, unreadable, NaN pixels).
     """
+    from cbmir.search.diagnostics import zero_query_warning, zero_rows
     from cbmir.search.filters import selection
 
     store = app.store
@@ -287,7 +288,8 @@ def search(app, req: SearchRequest) -> SearchResponse:
     k = _check_k(req.k, n_db, str(sel), minus_self=bool(excl and any(excl)))
     res = store.search(name, vectors, k, split=sel, exclude_ids=excl)
     hits = _hits(store, name, class_names(meta), res, sel.split)
-    notes = [n for n in [_zero_query_note(vectors)] if n]
+    notes = [n for n in (zero_query_warning(zero_rows(vectors), len(vectors), "query"),
+                         app.collapse_warning(name, sel.split)) if n]
     return SearchResponse(collection=name, k=k, distance=meta.distance, database_split=sel.split,
                           filter={f: list(v) for f, v in sel.match} or None, excluded_self=bool(exclude),
                           queries=infos, hits=hits, notes=notes)
@@ -302,13 +304,3 @@ def _in_selection(store, name: str, info: QueryInfo, sel) -> bool:
     _, pay = store.get_points(name, info.split, [info.index], with_vectors=False)
     return matches(pay[0], sel)
 
-
-def _zero_query_note(vectors: np.ndarray) -> str | None:
-    """A one-line note when query vectors are all zeros (their cosine with every point is 0, so the
-    top-k are just the lowest database rows)."""
-    v = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
-    rows = np.flatnonzero(~v.any(axis=1))
-    if not len(rows):
-        return None
-    return (f"{len(rows)} of {len(v)} query vector(s) are all zeros (queries {rows[:10].tolist()}"
-            f"{', ...' if len(rows) > 10 else ''}): every score is 0 and the hits are simply the lowest rows")
