@@ -586,7 +586,7 @@ def benchmark_cmd(
         threads: Optional[int] = ThreadsOpt,
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress")) -> None:
     """Run a grid of datasets x sizes x models (x backends x distances); resumable, one tidy results CSV."""
-    from cbmir.evaluation.grid import config_from_cli, parse_list, run_grid
+    from cbmir.grid import config_from_cli, parse_list, run_grid
 
     cfg = config_from_cli(
         config, datasets=parse_list(datasets), models=parse_list(models), sizes=parse_list(sizes),

@@ -177,7 +177,7 @@ def _dataset_order(flag: str) -> tuple:
 
 # ----------------------------------------------------------------------------- results
 def prepare_results(df: pd.DataFrame) -> pd.DataFrame:
-    """Add display columns to a results table (:mod:`cbmir.evaluation.grid`): ``label`` (row label),
+    """Add display columns to a results table (:mod:`cbmir.evaluation.results`): ``label`` (row label),
     ``dataset_name`` (display name), ``paper_model`` (or None) and ``kind`` (``2d``/``3d``).
 
     Accepts any table with at least ``dataset, size, model`` and the metric columns; missing
@@ -189,7 +189,7 @@ def prepare_results(df: pd.DataFrame) -> pd.DataFrame:
     for c, v in defaults.items():
         if c not in df.columns:
             df[c] = v
-    from cbmir.evaluation.grid import _to_bool
+    from cbmir.evaluation.results import to_bool as _to_bool
 
     df["random_init"] = df["random_init"].map(_to_bool)
     df["size"] = df["size"].astype(int)
@@ -361,7 +361,7 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         database creation s, items/s, note``; table7: ``Dataset, size, Model, distance, query extraction s, search s,
         test s, search share %, search ms/query, latency p50 ms, latency p95 ms``.
     """
-    from cbmir.evaluation.grid import _to_bool
+    from cbmir.evaluation.results import to_bool as _to_bool
 
     rows = _sort_rows(_ok(df))
     cols6 = ["Dataset", "size", "Model", "threads", "model load s", "database creation s", "items/s", "note"]
@@ -403,7 +403,7 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 # ----------------------------------------------------------------------------- statistics
 def _load_outcomes(row: dict, results_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    from cbmir.evaluation.grid import load_per_query, per_query_outcomes
+    from cbmir.evaluation.results import load_per_query, per_query_outcomes
 
     f = row.get("per_query_file")
     if not isinstance(f, str) or not f:
@@ -482,7 +482,7 @@ def tie_diagnostics(df: pd.DataFrame, results_dir: Path, threshold: float = 10.0
         f = r.get("per_query_file")
         if not isinstance(f, str) or not f or not _abs(f, results_dir).is_file():
             continue
-        from cbmir.evaluation.grid import load_per_query
+        from cbmir.evaluation.results import load_per_query
 
         sc = np.asarray(load_per_query(_abs(f, results_dir))["topk_scores"], dtype=np.float64)
         tol = 1e-6 * np.maximum(1.0, np.abs(sc[:, :1]))
@@ -563,7 +563,7 @@ def distance_table(df: pd.DataFrame, results_dir: Path, n_boot: int = 2000, seed
         ``ΔACC@1`` (cosine - euclidean, pp), its paired-bootstrap CI, ``p McNemar`` and
         ``identical top-k`` (fraction of queries whose top-k database rows are the same, in order).
     """
-    from cbmir.evaluation.grid import load_per_query
+    from cbmir.evaluation.results import load_per_query
     from cbmir.evaluation.stats import mcnemar, paired_bootstrap
 
     rows = _sort_rows(_ok(df))
@@ -899,9 +899,9 @@ def _tsne_section(df: pd.DataFrame, fig_dir: Path, out: ReportOutput, *, store_p
 def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, list[str]]:
     """One results table from several (e.g. grids run in parallel or on different machines).
 
-    Each table is read with :func:`cbmir.evaluation.grid.read_results`; relative ``per_query_file`` paths are
+    Each table is read with :func:`cbmir.evaluation.results.read_results`; relative ``per_query_file`` paths are
     made absolute against their own table's folder; a table given twice (same resolved path) is read
-    once. Where two tables hold the same cell (:data:`cbmir.evaluation.grid.KEY`), an ``ok`` row wins over
+    once. Where two tables hold the same cell (:data:`cbmir.evaluation.results.KEY`), an ``ok`` row wins over
     one of another status (``failed``); among rows of the same status the later table's row wins.
 
     Returns:
@@ -910,7 +910,7 @@ def read_results_tables(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFram
     Raises:
         CbmirError: a path is missing or not a results table (names the path).
     """
-    from cbmir.evaluation.grid import KEY, read_results
+    from cbmir.evaluation.results import KEY, read_results
 
     frames, seen = [], set()
     for p in paths:
@@ -965,7 +965,7 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     """Write the report (``<output>/report.md``, ``<output>/figures/*.png``, statistics CSVs).
 
     Args:
-        results: results CSV of :func:`cbmir.evaluation.grid.run_grid`, a list of them (merged by
+        results: results CSV of :func:`cbmir.grid.run_grid`, a list of them (merged by
             :func:`read_results_tables`), or None for the published tables only.
         output: output directory (created).
         store_path / qdrant_url: store holding the t-SNE collection (default: each row's ``store``).

@@ -1123,7 +1123,8 @@ def test_evaluating_an_unfinished_collection_is_refused(tmp_path, clean_store):
 def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_path, data_dir):
     """`run --random-init` and `benchmark --random-init` write the same `_randinit` collection (never the
     pretrained model's name); evaluate / export / verify find it with --random-init."""
-    from cbmir.evaluation.grid import Cell, _collection_for
+    from cbmir.grid import Cell
+    from cbmir.grid.cell import collection_for
 
     store = tmp_path / "s"
     base = ["-d", FLAG, "-m", "resnet50", "--store-path", store]
@@ -1132,7 +1133,7 @@ def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_pa
     name = "breastmnist_28_resnet50_randinit"
     assert name in out
     cell = Cell(dataset=FLAG, size=SIZE, model="resnet50", backend="torch", distance="cosine", random_init=True)
-    assert _collection_for(cell, "concat", False) == name
+    assert collection_for(cell, "concat", False) == name
     code, out, err = run_main("evaluate", *base, "--random-init")
     assert code == 0 and "RANDOM-INIT" in out + err, err
     _one_error(*run_main("evaluate", *base), "breastmnist_28_resnet50'", "does not exist", name)
