@@ -641,7 +641,7 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down siz
               output: Optional[Path] = typer.Option(None, "--output", "-o", help="write all figures as JSON"),
               keep: bool = typer.Option(False, "--keep", help="keep the synthetic files")) -> None:
     """Speed and memory at the study's largest scale (PathMNIST-sized), each beside its reference."""
-    from cbmir.evaluation.bench import run_bench
+    from cbmir.benchmarks.bench import run_bench
 
     run_bench(quick=quick, work_dir=work_dir, sections=[x.strip() for x in only.split(",")] if only else None,
               extract=extract, json_out=output, keep=keep)
