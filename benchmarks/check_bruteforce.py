@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     z = np.load(args.vectors)
-    res = json.loads(open(args.result).read())
+    with open(args.result) as fh:
+        res = json.load(fh)
     if "per_query" not in res:
         print(f"{args.result} has no per_query section (written by an older cbmir)", file=sys.stderr)
         return 2

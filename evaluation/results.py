@@ -164,7 +164,7 @@ def write_results(df: pd.DataFrame, path: str | os.PathLike) -> None:
     def write(fh: IO[bytes]) -> None:
         if _is_parquet(p):
             out = df[cols].copy()
-            for c in out.columns[out.dtypes == object]:  # mixed str/NaN object columns -> str or null
+            for c in out.columns[out.dtypes == object]:  # noqa: E721 - elementwise; mixed str/NaN columns -> str or null
                 out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v))
                                     else str(v))
             out.to_parquet(fh, index=False, engine="pyarrow")

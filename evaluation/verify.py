@@ -6,7 +6,8 @@ collection is exactly what its source file says it should be:
 * the collection exists and its metadata names the same dataset, size and modality;
 * per split: the number of stored points equals the split size, every row ``0..N-1`` is present
   once (user archives: except rows whose file the ingest skipped as unreadable, re-checked by
-  decoding just those files with the same rules) (no duplicate point ids, no ids of another split, no rows beyond the split);
+  decoding just those files with the same rules) (no duplicate point ids, no ids of another split,
+  no rows beyond the split);
 * every payload agrees with its point id (``split``, ``index``) and with the collection
   (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
 * every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,

@@ -63,7 +63,8 @@ def test_average_table_matches_hand_computed_means_and_paper_same_cells():
     r = t2.loc["ResNet50 RANDOM-INIT"]
     assert r["n"] == 3 and r["n paper"] == 3
     assert r["ACC@1"] == pytest.approx((70.0 + 80.0 + 45.0) / 3)
-    expect = (float(paper[("BreastMNIST", 28, "ResNet50")]["ACC@1"]) + float(paper[("BreastMNIST", 64, "ResNet50")]["ACC@1"])
+    expect = (float(paper[("BreastMNIST", 28, "ResNet50")]["ACC@1"])
+              + float(paper[("BreastMNIST", 64, "ResNet50")]["ACC@1"])
               + float(paper[("RetinaMNIST", 28, "ResNet50")]["ACC@1"])) / 3
     assert r["ACC@1 paper"] == pytest.approx(expect)  # (79.48 + 82.05 + 48.25) / 3
     assert r["mAP@5 paper"] == pytest.approx(
@@ -84,7 +85,8 @@ def test_average_table_matches_hand_computed_means_and_paper_same_cells():
 
 def test_robustness_table_hand_computed_ranges():
     paper = _paper_rows()
-    rows = [_row("adrenalmnist3d", 28, "vgg19", 70.5, is_3d=True), _row("adrenalmnist3d", 64, "vgg19", 66.0, is_3d=True),
+    rows = [_row("adrenalmnist3d", 28, "vgg19", 70.5, is_3d=True),
+            _row("adrenalmnist3d", 64, "vgg19", 66.0, is_3d=True),
             _row("adrenalmnist3d", 28, "hog", 71.14, is_3d=True), _row("adrenalmnist3d", 64, "hog", 74.16, is_3d=True),
             _row("breastmnist", 28, "vgg19", 75.0)]  # one size only: not listed
     t = robustness_table(prepare_results(pd.DataFrame(rows)), "cosine").set_index("Model")

@@ -121,7 +121,7 @@ def test_batches_are_read_only_and_one_split_cached():
     with pytest.raises(ValueError):
         b.images[0, 0, 0, 0] = 1
     next(src.iter_batches("test", 8))
-    assert src._cached_split == "test"  # the train array was dropped
+    assert src._cached_split == "test"  # noqa: SLF001 - the train array was dropped
 
 
 def test_missing_file_message(tmp_path):

@@ -168,7 +168,7 @@ class FakeQdrant:
                 except OSError:  # the client gave up (timeout)
                     pass
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any  # noqa: N815 - http.server's method names
 
             def log_message(self, *a):
                 pass
@@ -389,7 +389,8 @@ def test_prepare_images_rules():
     rgba[..., 3] = 0
     assert not prepare_images(rgba, size=28, is_3d=False).any()
     # odd-sized: stretched to the collection's size
-    assert prepare_images(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8), size=28, is_3d=False).shape == (1, 28, 28, 3)
+    one = prepare_images(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8), size=28, is_3d=False)
+    assert one.shape == (1, 28, 28, 3)
     # NaN refused
     with pytest.raises(CbmirError, match="NaN"):
         prepare_images(np.full((28, 28), np.nan, np.float32), size=28, is_3d=False)
@@ -903,7 +904,8 @@ def test_verify_fails_on_deleted_point_and_altered_label(tmp_path, clean_store, 
     root2 = _copy_store(clean_store, tmp_path / "s2")
     with EdgeStore(root2) as s:
         old = s.get_points(NAME, "test", [3], with_vectors=False)[1][0]["label"]
-        s._shard(NAME).update(qe.UpdateOperation.set_payload([point_id("test", 3)], {"label": 1 - old}))
+        s._shard(NAME).update(  # noqa: SLF001 - damage a stored payload underneath the store
+            qe.UpdateOperation.set_payload([point_id("test", 3)], {"label": 1 - old}))
     code, out, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root2)
     assert code == 1
     assert f"test: 1 label(s) differ from the source (row 3: stored {1 - old} vs file {old})" in out

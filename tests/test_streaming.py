@@ -15,7 +15,7 @@ import pytest
 
 from cbmir.core.errors import CbmirError
 
-from cbmir.ingest.base import Batch, ExtractorSpec
+from cbmir.ingest.base import Batch
 from cbmir.ingest.npz_stream import NpyMemberReader
 from cbmir.ingest.pipeline import BackgroundWriter, prefetch
 

@@ -204,7 +204,7 @@ def load_grid_file(path: str | os.PathLike) -> dict:
             raise CbmirError(f"grid file {p}: use a .yaml, .yml or .toml file")
     except CbmirError:
         raise
-    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError, tomllib.TOMLDecodeError: one line naming the file
         msg, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)  # YAML: problem and place
         if msg and mark is not None:
             msg = f"{msg} (at line {mark.line + 1}, column {mark.column + 1})"

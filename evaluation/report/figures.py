@@ -112,7 +112,8 @@ def _paper_points(g: pd.DataFrame, pub: pd.DataFrame, dataset: str, vals: pd.Dat
     paper_rows = []
     for lab, pm in dict.fromkeys(zip(g["label"], g["paper_model"])):  # once per model, not per size
         if pm:
-            for r in pub[(pub["dataset"].str.lower() == str(dataset).lower()) & (pub["model"] == pm)].to_dict("records"):
+            sel = pub[(pub["dataset"].str.lower() == str(dataset).lower()) & (pub["model"] == pm)]
+            for r in sel.to_dict("records"):
                 paper_rows.append({"Model": lab, "size": int(r["size"]), "ACC@1": float(r["ACC@1"])})
     paper = pd.DataFrame(paper_rows, columns=["Model", "size", "ACC@1"])
     have = set(zip(vals["Model"], vals["size"].astype(int)))

@@ -144,7 +144,8 @@ def robustness_table(df: pd.DataFrame, distance: str, metric: str = "ACC@1") -> 
         sub = rows[(rows["dataset"] == r["dataset"]) & (rows["label"] == r["model"])]
         sizes = sorted(int(s) for s in sub["size"])
         pm = paper_model_name(sub["model"].iloc[0]) if not str(r["model"]).startswith("HOG") else None
-        p = pub[(pub["dataset"].str.lower() == str(r["dataset"]).lower()) & (pub["model"] == pm)] if pm else pub.iloc[0:0]
+        p = (pub[(pub["dataset"].str.lower() == str(r["dataset"]).lower()) & (pub["model"] == pm)] if pm
+             else pub.iloc[0:0])
         same = p[p["size"].isin(sizes)][metric]
         out.append({
             "Dataset": dataset_display_name(r["dataset"]), "Model": r["model"],
@@ -229,8 +230,7 @@ def baseline_table(ok: pd.DataFrame, distances: Sequence[str]) -> pd.DataFrame:
     for (d, s), g in sort_rows(ok).groupby(["dataset", "size"], sort=False):
         maj = g["majority_class_rate"].astype(float).dropna()
         rec = {"Dataset": dataset_display_name(d), "size": int(s),
-               "n database": int(g["n_database"].iloc[0]) if "n_database" in g and pd.notna(g["n_database"].iloc[0]) else None,
-               "n queries": int(g["n_queries"].iloc[0]) if "n_queries" in g and pd.notna(g["n_queries"].iloc[0]) else None,
+               "n database": _first_int(g, "n_database"), "n queries": _first_int(g, "n_queries"),
                "majority class ACC@1": float(maj.iloc[0]) if len(maj) else float("nan")}
         for dist in distances:
             h = g[(g["model"] == "hog") & (g["distance"] == dist)]
@@ -243,3 +243,8 @@ def baseline_table(ok: pd.DataFrame, distances: Sequence[str]) -> pd.DataFrame:
             rec["best other ACC@1"] = f"{float(b['ACC@1']):.2f} ({b['label']}, {b['distance']})"
         base.append(rec)
     return pd.DataFrame(base)
+
+
+def _first_int(g: pd.DataFrame, column: str) -> int | None:
+    """``column`` of the first row of ``g`` as an int; None when the column is absent or the value NaN."""
+    return int(g[column].iloc[0]) if column in g and pd.notna(g[column].iloc[0]) else None
