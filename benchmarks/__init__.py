@@ -1,1 +1,2 @@
-"""Stand-alone benchmark scripts (``python -m benchmarks.<name>``); not imported by cbmir itself."""
+"""Benchmark scripts, each runnable with ``python -m cbmir.benchmarks.<name>``: ``bench`` (speed and
+memory targets, also ``cbmir bench``), ``check_bruteforce``, ``volume_batching``."""

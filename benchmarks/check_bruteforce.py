@@ -11,7 +11,8 @@ vectors score 0), Euclidean = float64 ``sqrt(sum((q - x)^2))``; ranking by score
 database row (stable sort over rows in ascending order); metrics as DESIGN.md §2 (AP@k, MV@k with
 ties of the vote counting as a hit, ACC@1/3/k; a database label -1 (unlabelled) is never a match and
 casts no vote). The splits are the result's ``query_split`` / ``database_split`` (default ``test`` /
-``train``); when they are the same split (leave-one-out) each query's own row is left out. Prints the vector dims, ``top-k identical for N/N
+``train``); when they are the same split (leave-one-out) each query's own row is left out. Prints the vector
+dims, ``top-k identical for N/N
 queries`` (and, for any query that differs, the float64 scores at the first differing rank), and
 each metric beside the reported one. Exit status 0 when every top-k and every metric agree.
 """
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     z = np.load(args.vectors)
-    res = json.loads(open(args.result).read())
+    with open(args.result) as fh:
+        res = json.load(fh)
     if "per_query" not in res:
         print(f"{args.result} has no per_query section (written by an older cbmir)", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ AggOpt = typer.Option("concat", "--volume-aggregation", help="3D: concat (the st
 SearchBackendOpt = typer.Option("store", "--search-backend", help="store (the engine's exact queries) | blas "
                                 "(cross-check: blocked sgemm over the vectors read back from the store; same results)")
 # user archives (ingest/sources): see `cbmir.ingest.sources` and README
-SourceOpt = typer.Option(None, "--source", help="medmnist | folder | manifest | dicom | nifti [inferred from --dataset]")
+SourceOpt = typer.Option(None, "--source",
+                         help="medmnist | folder | manifest | dicom | nifti [inferred from --dataset]")
 NameOpt = typer.Option(None, "--name", help="user archive: dataset/collection name [folder or file stem]")
 StrictOpt = typer.Option(False, "--strict", help="user archive: fail on the first unreadable file [skip and list]")
 IntensityOpt = typer.Option(None, "--intensity", help="user archive pixel rule: auto | minmax | window | range [auto]")
@@ -172,7 +173,8 @@ def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
            if ev.n_unlabelled_queries or ev.n_unlabelled_database else "")
     _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database{splits}, "
                    f"{ev.distance}, exact top-{ev.k} on {ev.engine}"
-                   + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""), ev.metrics,
+                   + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""),
+                   ev.metrics,
                    f"{loo}{unl}  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
                    f"  search {ev.timings['search_s']:.2f} s, latency p50 {ev.timings['latency_p50_ms']:.2f} ms, "
                    f"p95 {ev.timings['latency_p95_ms']:.2f} ms")
@@ -447,7 +449,7 @@ def benchmark_cmd(
         threads: Optional[int] = ThreadsOpt,
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress")) -> None:
     """Run a grid of datasets x sizes x models (x backends x distances); resumable, one tidy results CSV."""
-    from cbmir.evaluation.grid import config_from_cli, parse_list, run_grid
+    from cbmir.grid import config_from_cli, parse_list, run_grid
 
     cfg = config_from_cli(
         config, datasets=parse_list(datasets), models=parse_list(models), sizes=parse_list(sizes),
@@ -504,7 +506,7 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down siz
               output: Optional[Path] = typer.Option(None, "--output", "-o", help="write all figures as JSON"),
               keep: bool = typer.Option(False, "--keep", help="keep the synthetic files")) -> None:
     """Speed and memory at the study's largest scale (PathMNIST-sized), each beside its reference."""
-    from cbmir.evaluation.bench import run_bench
+    from cbmir.benchmarks.bench import run_bench
 
     run_bench(quick=quick, work_dir=work_dir, sections=[x.strip() for x in only.split(",")] if only else None,
               extract=extract, json_out=output, keep=keep)

@@ -113,7 +113,8 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
         latency_sample: queries timed one by one afterwards for the latency percentiles (0: none).
         search_backend: ``store`` (the engine's exact batched queries) or ``blas`` (the cross-check:
             :mod:`cbmir.search.blas`, blocked sgemm over the vectors read back from the store; same results).
-        check_collapse: run the sampled collapse check of the database (:func:`cbmir.search.diagnostics.collapse_warning`).
+        check_collapse: run the sampled collapse check of the database
+            (:func:`cbmir.search.diagnostics.collapse_warning`).
 
     Raises:
         CbmirError: an unknown split, the collection is missing or multi-label, a split is empty, there is no labelled
@@ -191,7 +192,8 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
 
     t0 = time.perf_counter()
     warnings = [w for w in (zero_query_warning(q_idx[zero_rows(q_vec)], len(q_idx), query_split),
-                            collapse_warning(store, name, database_split, indices=db_idx) if check_collapse else None) if w]
+                            collapse_warning(store, name, database_split, indices=db_idx) if check_collapse else None)
+                if w]
     diagnostics_s = time.perf_counter() - t0
 
     topk_labels = db_labels_by_row[topk_idx]

@@ -6,7 +6,8 @@ collection is exactly what its source file says it should be:
 * the collection exists and its metadata names the same dataset, size and modality;
 * per split: the number of stored points equals the split size, every row ``0..N-1`` is present
   once (user archives: except rows whose file the ingest skipped as unreadable, re-checked by
-  decoding just those files with the same rules) (no duplicate point ids, no ids of another split, no rows beyond the split);
+  decoding just those files with the same rules) (no duplicate point ids, no ids of another split,
+  no rows beyond the split);
 * every payload agrees with its point id (``split``, ``index``) and with the collection
   (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
 * every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,
@@ -114,6 +115,23 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         rep.fail(f"collection does not exist in the {rep.engine} store (existing: {have})")
         return rep
     rep.dim = int(meta.dim)
+    _check_source(rep, meta, source)
+    if splits is None:
+        splits = tuple(sp for sp in SPLIT_CODES if sp in ("train", "test") or store.count(name, sp) > 0)
+    page = int(page or rows_per_call(meta.dim, getattr(store, "max_values_per_call", MAX_VALUES_PER_CALL)))
+    for split in splits:
+        n = int(source.split_size(split))
+        labels = np.asarray(source.labels(split), dtype=np.int64)
+        rep.counts[split] = (int(store.count(name, split)), n)
+        scan = _scan_split(store, name, split, meta, labels, n, page)
+        rep.zero_vectors[split] = scan.zero
+        _report_split(rep, split, scan, meta, source)
+    return rep
+
+
+def _check_source(rep: VerifyReport, meta, source: DatasetSource) -> None:
+    """Problems of the collection's metadata against ``source``: dataset, size, modality, and (user
+    archives) a source fingerprint that changed since the ingest."""
     for key, want in (("dataset", source.name), ("size", int(source.size)), ("is_3d", bool(source.is_3d))):
         if getattr(meta, key) != want:
             rep.fail(f"metadata {key}={getattr(meta, key)!r} but the source has {want!r}")
@@ -125,82 +143,110 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         if changed:
             rep.fail(f"the source changed since it was ingested (split(s) {', '.join(changed)}); "
                      "re-run the ingest with --recreate")
-    if splits is None:
-        splits = tuple(sp for sp in SPLIT_CODES if sp in ("train", "test") or store.count(name, sp) > 0)
+
+
+@dataclass
+class _SplitScan:
+    """What one pass over the stored points of a split found (rows; ``seen``: points per row)."""
+
+    seen: np.ndarray
+    foreign: list[int] = field(default_factory=list)
+    beyond: list[int] = field(default_factory=list)
+    bad_payload: list[int] = field(default_factory=list)
+    bad_label: list[tuple] = field(default_factory=list)
+    bad_dim: list[int] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
+    not_unit: list[int] = field(default_factory=list)
+    zero: int = 0
+
+
+def _scan_split(store: VectorStore, name: str, split: str, meta, labels: np.ndarray, n: int,
+                page: int) -> _SplitScan:
+    """Read the points of ``split`` (``n`` rows in the source) page by page and check ids, payloads,
+    labels (against the source's ``labels``, int64 (n,)) and vectors (dimension, finite, unit length
+    for cosine)."""
+    scan = _SplitScan(seen=np.zeros(n, dtype=np.int64))
+    for ids, chunks, payloads in store._scroll(name, split, True, page):  # noqa: SLF001 (engine page reader)
+        pairs = [split_and_index(i) for i in ids]
+        _check_payloads(scan, split, pairs, payloads, meta, labels)
+        _check_vectors(scan, np.asarray([ix for _, ix in pairs], dtype=np.int64), chunks, meta)
+    return scan
+
+
+def _check_payloads(scan: _SplitScan, split: str, pairs: list, payloads: list, meta, labels: np.ndarray) -> None:
+    """Ids of another split or beyond the split; payloads that disagree with the id or the collection;
+    labels that differ from the source."""
+    n = len(scan.seen)
+    for (sp, ix), pl in zip(pairs, payloads):
+        if sp != split:
+            scan.foreign.append(ix)
+            continue
+        if ix >= n:
+            scan.beyond.append(ix)
+            continue
+        scan.seen[ix] += 1
+        if (pl.get("split") != split or pl.get("index") != ix or pl.get("dataset") != meta.dataset
+                or pl.get("model") != meta.model or pl.get("size") != meta.size):
+            scan.bad_payload.append(ix)
+        lab = pl.get("label")
+        if lab is None or int(lab) != int(labels[ix]):
+            scan.bad_label.append((ix, lab, int(labels[ix])))
+
+
+def _check_vectors(scan: _SplitScan, idx: np.ndarray, chunks, meta) -> None:
+    """Vectors (named chunks of one page, rows ``idx``) of the wrong layout, not finite, all zero, or
+    (cosine) not unit-length."""
     widths = {c: b - a for c, a, b in meta.layout}
-    page = int(page or rows_per_call(meta.dim, getattr(store, "max_values_per_call", MAX_VALUES_PER_CALL)))
-    cosine = meta.distance == "cosine"
-    for split in splits:
-        n = int(source.split_size(split))
-        labels = np.asarray(source.labels(split), dtype=np.int64)
-        stored = int(store.count(name, split))
-        rep.counts[split] = (stored, n)
-        seen = np.zeros(n, dtype=np.int64)
-        foreign, beyond, bad_payload, bad_label, bad_dim, nonfinite, not_unit = [], [], [], [], [], [], []
-        zero = 0
-        for ids, chunks, payloads in store._scroll(name, split, True, page):  # noqa: SLF001 (engine page reader)
-            pairs = [split_and_index(i) for i in ids]
-            idx = np.asarray([ix for _, ix in pairs], dtype=np.int64)
-            for (sp, ix), pl in zip(pairs, payloads):
-                if sp != split:
-                    foreign.append(ix)
-                    continue
-                if ix >= n:
-                    beyond.append(ix)
-                    continue
-                seen[ix] += 1
-                if (pl.get("split") != split or pl.get("index") != ix or pl.get("dataset") != meta.dataset
-                        or pl.get("model") != meta.model or pl.get("size") != meta.size):
-                    bad_payload.append(ix)
-                lab = pl.get("label")
-                if lab is None or int(lab) != int(labels[ix]):
-                    bad_label.append((ix, lab, int(labels[ix])))
-            if chunks is None or set(chunks) != set(widths) or any(
-                    chunks[c].shape != (len(ids), w) for c, w in widths.items()):
-                bad_dim.extend(idx.tolist())
-                continue
-            vecs = np.concatenate([chunks[c] for c, _, _ in meta.layout], axis=1)
-            fin = np.isfinite(vecs).all(axis=1)
-            nonfinite.extend(idx[~fin].tolist())
-            norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0).astype(np.float64), axis=1)
-            is_zero = fin & (norms == 0)
-            zero += int(is_zero.sum())
-            if cosine:
-                not_unit.extend(idx[fin & ~is_zero & (np.abs(norms - 1.0) > NORM_TOLERANCE)].tolist())
-        rep.zero_vectors[split] = zero
-        missing = np.flatnonzero(seen == 0)
-        dups = np.flatnonzero(seen > 1)
-        unreadable = getattr(source, "unreadable_rows", None)
-        if len(missing) and callable(unreadable):  # user archives: files the ingest skipped (same rules)
-            skipped = set(unreadable(split, missing))
-            if skipped:
-                rep.skipped[split] = len(skipped)
-                missing = np.asarray([r for r in missing if int(r) not in skipped], dtype=np.int64)
-        expected = n - rep.skipped.get(split, 0)
-        if stored != expected or len(missing):
-            rep.fail(f"{split}: {stored} points stored, the source has {n}"
-                     + (f" ({rep.skipped[split]} unreadable, skipped)" if rep.skipped.get(split) else "")
-                     + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
-        if len(dups):
-            rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")
-        if foreign:
-            rep.fail(f"{split}: {len(foreign)} point(s) with ids of another split (rows {_rows(foreign)})")
-        if beyond:
-            rep.fail(f"{split}: {len(beyond)} point(s) for rows beyond the split size {n}: {_rows(beyond)}")
-        if bad_payload:
-            rep.fail(f"{split}: payload (split/index/dataset/model/size) disagrees with the point id "
-                     f"or the collection for rows {_rows(bad_payload)}")
-        if bad_label:
-            first = ", ".join(f"row {ix}: stored {lab} vs file {want}" for ix, lab, want in bad_label[:_SHOW])
-            rep.fail(f"{split}: {len(bad_label)} label(s) differ from the source ({first})")
-        if bad_dim:
-            rep.fail(f"{split}: vectors of the wrong dimension (expected {meta.dim}, layout "
-                     f"{[list(c) for c in meta.layout]}) for rows {_rows(bad_dim)}")
-        if nonfinite:
-            rep.fail(f"{split}: NaN/inf in the vectors of rows {_rows(nonfinite)}")
-        if not_unit:
-            rep.fail(f"{split}: cosine vectors not unit-length (nor all zero) for rows {_rows(not_unit)}")
-    return rep
+    if chunks is None or set(chunks) != set(widths) or any(
+            chunks[c].shape != (len(idx), w) for c, w in widths.items()):
+        scan.bad_dim.extend(idx.tolist())
+        return
+    vecs = np.concatenate([chunks[c] for c, _, _ in meta.layout], axis=1)
+    fin = np.isfinite(vecs).all(axis=1)
+    scan.nonfinite.extend(idx[~fin].tolist())
+    norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0).astype(np.float64), axis=1)
+    is_zero = fin & (norms == 0)
+    scan.zero += int(is_zero.sum())
+    if meta.distance == "cosine":
+        scan.not_unit.extend(idx[fin & ~is_zero & (np.abs(norms - 1.0) > NORM_TOLERANCE)].tolist())
+
+
+def _report_split(rep: VerifyReport, split: str, scan: _SplitScan, meta, source: DatasetSource) -> None:
+    """One problem sentence in ``rep`` per kind of problem ``scan`` found in ``split``; rows missing
+    because the ingest skipped their unreadable file (user archives) are allowed and counted."""
+    stored, n = rep.counts[split]
+    missing = np.flatnonzero(scan.seen == 0)
+    dups = np.flatnonzero(scan.seen > 1)
+    unreadable = getattr(source, "unreadable_rows", None)
+    if len(missing) and callable(unreadable):  # user archives: files the ingest skipped (same rules)
+        skipped = set(unreadable(split, missing))
+        if skipped:
+            rep.skipped[split] = len(skipped)
+            missing = np.asarray([r for r in missing if int(r) not in skipped], dtype=np.int64)
+    expected = n - rep.skipped.get(split, 0)
+    if stored != expected or len(missing):
+        rep.fail(f"{split}: {stored} points stored, the source has {n}"
+                 + (f" ({rep.skipped[split]} unreadable, skipped)" if rep.skipped.get(split) else "")
+                 + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
+    if len(dups):
+        rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")
+    if scan.foreign:
+        rep.fail(f"{split}: {len(scan.foreign)} point(s) with ids of another split (rows {_rows(scan.foreign)})")
+    if scan.beyond:
+        rep.fail(f"{split}: {len(scan.beyond)} point(s) for rows beyond the split size {n}: {_rows(scan.beyond)}")
+    if scan.bad_payload:
+        rep.fail(f"{split}: payload (split/index/dataset/model/size) disagrees with the point id "
+                 f"or the collection for rows {_rows(scan.bad_payload)}")
+    if scan.bad_label:
+        first = ", ".join(f"row {ix}: stored {lab} vs file {want}" for ix, lab, want in scan.bad_label[:_SHOW])
+        rep.fail(f"{split}: {len(scan.bad_label)} label(s) differ from the source ({first})")
+    if scan.bad_dim:
+        rep.fail(f"{split}: vectors of the wrong dimension (expected {meta.dim}, layout "
+                 f"{[list(c) for c in meta.layout]}) for rows {_rows(scan.bad_dim)}")
+    if scan.nonfinite:
+        rep.fail(f"{split}: NaN/inf in the vectors of rows {_rows(scan.nonfinite)}")
+    if scan.not_unit:
+        rep.fail(f"{split}: cosine vectors not unit-length (nor all zero) for rows {_rows(scan.not_unit)}")
 
 
 def verify_or_raise(store: VectorStore, name: str, source: DatasetSource, **kwargs) -> VerifyReport:

@@ -86,9 +86,9 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
 
 
 def _source_extra(source: DatasetSource) -> dict:
-    """``n_classes``, ``task`` (label task of sources that state one: MedMNIST's ``INFO[flag]["task"]``, read
-    by :mod:`cbmir.evaluation.labels` to refuse multi-label data), ``split_sizes`` (rows per split of the
-    source, so that evaluating an unfinished collection is refused:
+    """``n_classes``, ``class_names`` (index = label), ``task`` (label task of sources that state one:
+    MedMNIST's ``INFO[flag]["task"]``, read by :mod:`cbmir.evaluation.labels` to refuse multi-label data),
+    ``split_sizes`` (rows per split of the source, so that evaluating an unfinished collection is refused:
     :func:`cbmir.ingest.sources.check_evaluable`), ``rows_may_be_skipped`` (a non-strict user archive skips
     unreadable files) and, for user archives, ``source_fingerprint`` (per split, see
     :meth:`cbmir.ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with the metadata."""
@@ -180,11 +180,38 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
                                          distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat",
                                          random_init=meta.random_init)
-    # --recreate over an existing collection: the new points are built in a staging collection and
-    # swapped in only once every split is complete (store.replace_collection), so a run that fails or
-    # is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old
-    # collection intact; re-running the same command resumes the staging collection
-    # (a collection whose stored metadata is damaged counts as existing: --recreate replaces it)
+    target, meta = _open_target(store, name, meta, source, splits=splits, recreate=recreate)
+    report = IngestReport(collection=name, meta=meta)
+    for split in splits:
+        _ingest_split(source, embedder, store, target, split, report, batch_size=batch_size, progress=progress)
+    if report.rejected:
+        total = sum(len(v) for v in report.rejected.values())
+        rows = "; ".join(f"{sp} rows {rows_text(v, 20)}" for sp, v in report.rejected.items())
+        where = ("The collection is incomplete" if target == name else
+                 f"The old collection is unchanged; the new points wait in {target!r}")
+        raise CbmirError(
+            f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
+            f"all other rows are stored. {where}: fix the extractor or the input "
+            f"images, then re-run the same command to embed just these rows.")
+    if target != name:
+        store.replace_collection(target, name)
+    return report
+
+
+def _open_target(store: VectorStore, name: str, meta: CollectionMeta, source: DatasetSource, *, splits,
+                 recreate: bool) -> tuple[str, CollectionMeta]:
+    """The collection the points go to, created if needed, and its stored metadata.
+
+    ``--recreate`` over an existing collection: the new points are built in a staging collection and
+    swapped in only once every split is complete (store.replace_collection), so a run that fails or
+    is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old
+    collection intact; re-running the same command resumes the staging collection
+    (a collection whose stored metadata is damaged counts as existing: --recreate replaces it).
+
+    Raises:
+        CbmirError: ``--recreate`` would drop splits not given; the collection holds another
+            configuration or was built from another / a changed source.
+    """
     old_meta, old_exists = _read_meta(store, name)
     target = staging_name(name) if recreate and old_exists else name
     if target != name:
@@ -200,80 +227,84 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             store.delete_collection(target)  # left by a --recreate of another configuration / source
     stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
     check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
-    meta = stored
-    report = IngestReport(collection=name, meta=meta)
+    return target, stored
 
-    for split in splits:
-        n = source.split_size(split)
-        present = _stored_rows(store, target, split, n)
-        n_present = int(present.sum())
-        report.resumed_from[split] = n_present
-        if n_present >= n:
-            report.skipped.append(split)
-            report.written[split] = 0
-            _mark_complete(store, target, meta, split)
-            continue
-        start = int(np.flatnonzero(~present)[0])
-        t0 = time.perf_counter()
-        written = 0
-        zeros: list[int] = []
-        rejected: list[int] = []
-        bar = tqdm(total=n, initial=n_present, desc=f"{name} [{split}]", unit="img", disable=not progress,
-                   leave=False)
-        # pipelined: the reader runs ahead in a thread, the upsert of batch i runs in another while
-        # batch i+1 is embedded; leaving the block waits for the upserts handed over (cbmir.ingest.pipeline)
-        with prefetch(source.iter_batches(split, batch_size, start=start), depth=2) as batches, \
-                BackgroundWriter(max_pending=1) as writer:
-            for batch in batches:
-                batch = _subset(batch, ~present[batch.indices])  # rows stored before are not embedded again
+
+def _ingest_split(source: DatasetSource, embedder, store: VectorStore, target: str, split: str,
+                  report: IngestReport, *, batch_size: int, progress: bool) -> None:
+    """Embed and upsert the rows of ``split`` not yet in ``target``; record the outcome in ``report``
+    (skipped when complete; written, seconds, throughput, zero and rejected rows, 3D slice counts)."""
+    meta = report.meta
+    n = source.split_size(split)
+    present = _stored_rows(store, target, split, n)
+    n_present = int(present.sum())
+    report.resumed_from[split] = n_present
+    if n_present >= n:
+        report.skipped.append(split)
+        report.written[split] = 0
+        _mark_complete(store, target, meta, split)
+        return
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, initial=n_present, desc=f"{report.collection} [{split}]", unit="img", disable=not progress,
+               leave=False)
+    written, zeros, rejected = _stream_split(source, embedder, store, target, split, present, meta,
+                                             batch_size=batch_size, bar=bar)
+    bar.close()
+    flush = getattr(store, "flush", None)
+    if flush:
+        flush(target)
+    dt = time.perf_counter() - t0
+    report.written[split] = written
+    if zeros:
+        report.zero_vectors[split] = zeros
+    if rejected:
+        report.rejected[split] = rejected
+    report.seconds[split] = dt
+    report.items_per_s[split] = written / dt if dt > 0 else float("nan")
+    if not rejected:
+        _mark_complete(store, target, meta, split)
+    if getattr(embedder, "is_3d", False):  # 3D: 2D slices extracted per second (DESIGN.md §5)
+        n_sl = written * int(getattr(embedder, "items_per_image", 1))
+        report.extra.setdefault("slices", {})[split] = n_sl
+        report.extra.setdefault("slices_per_s", {})[split] = n_sl / dt if dt > 0 else float("nan")
+
+
+def _stream_split(source: DatasetSource, embedder, store: VectorStore, target: str, split: str, present: np.ndarray,
+                  meta: CollectionMeta, *, batch_size: int, bar) -> tuple[int, list[int], list[int]]:
+    """Read ``split`` from its first missing row, embed the rows not ``present`` and upsert them.
+
+    Returns:
+        ``(points written, rows with all-zero vectors (stored), rows with NaN/inf vectors (not stored))``.
+    """
+    start = int(np.flatnonzero(~present)[0])
+    written = 0
+    zeros: list[int] = []
+    rejected: list[int] = []
+    # pipelined: the reader runs ahead in a thread, the upsert of batch i runs in another while
+    # batch i+1 is embedded; leaving the block waits for the upserts handed over (cbmir.ingest.pipeline)
+    with prefetch(source.iter_batches(split, batch_size, start=start), depth=2) as batches, \
+            BackgroundWriter(max_pending=1) as writer:
+        for batch in batches:
+            batch = _subset(batch, ~present[batch.indices])  # rows stored before are not embedded again
+            if len(batch) == 0:
+                continue
+            vecs = np.asarray(embedder.embed(batch.images))
+            bad = ~np.isfinite(vecs).all(axis=1)
+            if bad.any():  # refused: never stored; listed, and the run fails at the end
+                rejected.extend(batch.indices[bad].tolist())
+                bar.update(int(bad.sum()))
+                batch, vecs = _subset(batch, ~bad), vecs[~bad]
                 if len(batch) == 0:
                     continue
-                vecs = np.asarray(embedder.embed(batch.images))
-                bad = ~np.isfinite(vecs).all(axis=1)
-                if bad.any():  # refused: never stored; listed, and the run fails at the end
-                    rejected.extend(batch.indices[bad].tolist())
-                    bar.update(int(bad.sum()))
-                    batch, vecs = _subset(batch, ~bad), vecs[~bad]
-                    if len(batch) == 0:
-                        continue
-                zeros.extend(batch.indices[~vecs.any(axis=1)].tolist())
-                extras = batch.extra_payload or [None] * len(batch)
-                payloads = [make_payload(dataset=source.name, split=split, index=int(i), label=int(lab),
-                                         model=meta.model, size=int(source.size), image_id=iid, extra=ex)
-                            for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
-                writer.submit(store.upsert, target, split, batch.indices.tolist(), vecs, payloads)
-                written += len(batch)
-                bar.update(len(batch))
-        bar.close()
-        flush = getattr(store, "flush", None)
-        if flush:
-            flush(target)
-        dt = time.perf_counter() - t0
-        report.written[split] = written
-        if zeros:
-            report.zero_vectors[split] = zeros
-        if rejected:
-            report.rejected[split] = rejected
-        report.seconds[split] = dt
-        report.items_per_s[split] = written / dt if dt > 0 else float("nan")
-        if not rejected:
-            _mark_complete(store, target, meta, split)
-        if getattr(embedder, "is_3d", False):  # 3D: 2D slices extracted per second (DESIGN.md §5)
-            n_sl = written * int(getattr(embedder, "items_per_image", 1))
-            report.extra.setdefault("slices", {})[split] = n_sl
-            report.extra.setdefault("slices_per_s", {})[split] = n_sl / dt if dt > 0 else float("nan")
-    if report.rejected:
-        total = sum(len(v) for v in report.rejected.values())
-        rows = "; ".join(f"{sp} rows {rows_text(v, 20)}" for sp, v in report.rejected.items())
-        where = ("The collection is incomplete" if target == name else
-                 f"The old collection is unchanged; the new points wait in {target!r}")
-        raise CbmirError(
-            f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
-            f"all other rows are stored. {where}: fix the extractor or the input "
-            f"images, then re-run the same command to embed just these rows.")
-    if target != name:
-        store.replace_collection(target, name)
-    return report
+            zeros.extend(batch.indices[~vecs.any(axis=1)].tolist())
+            extras = batch.extra_payload or [None] * len(batch)
+            payloads = [make_payload(dataset=source.name, split=split, index=int(i), label=int(lab),
+                                     model=meta.model, size=int(source.size), image_id=iid, extra=ex)
+                        for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
+            writer.submit(store.upsert, target, split, batch.indices.tolist(), vecs, payloads)
+            written += len(batch)
+            bar.update(len(batch))
+    return written, zeros, rejected
 
 
 def _mark_complete(store: VectorStore, name: str, meta: CollectionMeta, split: str) -> None:
@@ -308,3 +339,4 @@ def _fingerprint_changed(stored: CollectionMeta, meta: CollectionMeta) -> bool:
     old = (stored.extra or {}).get("source_fingerprint")
     new = (meta.extra or {}).get("source_fingerprint")
     return bool(old) and new is not None and old != new
+

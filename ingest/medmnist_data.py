@@ -175,7 +175,7 @@ def _reachable(url: str, timeout: float = 3.0) -> tuple[bool, str]:
                 result.append("")
         except urllib.error.HTTPError:
             result.append("")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any other failure of the probe is its answer
             result.append(f"{type(exc).__name__}: {exc}")
 
     t = threading.Thread(target=probe, daemon=True)

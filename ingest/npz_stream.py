@@ -148,7 +148,7 @@ class NpyMemberReader:
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort at garbage collection
             pass
 
     def __len__(self) -> int:

@@ -61,7 +61,7 @@ class prefetch:  # noqa: N801 - used like a function: ``with prefetch(it) as ite
             if close is not None:
                 try:
                     close()
-                except Exception:  # pragma: no cover - best effort
+                except Exception:  # noqa: BLE001  # pragma: no cover - best effort
                     pass
 
     def _put(self, item) -> bool:

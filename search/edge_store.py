@@ -136,7 +136,7 @@ class EdgeStore(VectorStore):
         path = self.lock_path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path, "a+")
+            fh = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
         except OSError as exc:
             raise CbmirError(f"cannot create the lock file {path} of the embedded store {self.root} "
                              f"({type(exc).__name__}: {exc}); the store directory must be writable") from None
@@ -198,7 +198,7 @@ class EdgeStore(VectorStore):
                 path = self._dir(name) / "shard"
                 try:
                     sh = qe.EdgeShard.load(str(path))
-                except Exception as e:  # engine reports lock / corruption as a generic error
+                except Exception as e:  # noqa: BLE001 - the engine reports lock / corruption as a generic error
                     raise CbmirError(
                         f"cannot open the embedded store collection at {path}: {e}. If another cbmir process "
                         "is using this store, wait for it to finish or use another --store-path.") from None

@@ -140,7 +140,8 @@ class VectorStore(ABC):
         """Iterate over points of ``split``: ``(ids, chunk vectors or None, payloads)`` per page."""
 
     @abstractmethod
-    def _retrieve(self, name: str, ids: Sequence[int], with_vectors: bool) -> list[tuple[int, dict[str, np.ndarray] | None, dict]]:
+    def _retrieve(self, name: str, ids: Sequence[int],
+                  with_vectors: bool) -> list[tuple[int, dict[str, np.ndarray] | None, dict]]:
         """Points by id (missing ids are absent from the result)."""
 
     @abstractmethod
@@ -491,7 +492,8 @@ class VectorStore(ABC):
         idx = ids & ((1 << 40) - 1)
         return SearchResult(ids=ids, indices=idx, scores=scores)
 
-    def fetch(self, name: str, split: str, *, with_vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
+    def fetch(self, name: str, split: str, *,
+              with_vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
         """All points of ``split`` in row order: ``(indices int64 (N,), vectors float32 (N, dim) | None, payloads)``.
 
         Vectors are as stored: for cosine collections with several chunks, L2-normalised as a whole.

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from cbmir.evaluation import bench
+from cbmir.benchmarks import bench
 
 
 def test_bench_toy_run_prints_target_lines(tmp_path, monkeypatch, capsys):

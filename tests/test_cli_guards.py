@@ -77,7 +77,7 @@ def test_report_results_directory_and_output_under_a_file(tmp_path):
 
 
 def test_grid_scalars_are_one_element_lists():
-    from cbmir.evaluation.grid import GridConfig
+    from cbmir.grid import GridConfig
 
     cfg = GridConfig.from_mapping({"sizes": 28, "models": "hog", "datasets": "breastmnist",
                                    "distances": "euclidean", "backends": "torch"})
@@ -87,7 +87,7 @@ def test_grid_scalars_are_one_element_lists():
 
 @pytest.mark.parametrize("fname,text", [("g.yaml", ": : :\n"), ("g.toml", "a = = \n")])
 def test_broken_grid_file_is_one_line_naming_it(tmp_path, fname, text):
-    from cbmir.evaluation.grid import load_grid_file
+    from cbmir.grid import load_grid_file
 
     p = tmp_path / fname
     p.write_text(text)

@@ -161,7 +161,8 @@ def test_query_split_equal_to_database_split_is_leave_one_out(tmp_path, data_dir
     ref_m = retrieval_metrics(y, y[ref], 5)
     for m, v in ref_m.items():
         assert ev.metrics[m] == pytest.approx(v, abs=2e-3), m
-    assert ev.metrics["ACC@1"] == pytest.approx(0.793, abs=2e-3) and ev.metrics["mAP@5"] == pytest.approx(0.855, abs=2e-3)
+    assert ev.metrics["ACC@1"] == pytest.approx(0.793, abs=2e-3)
+    assert ev.metrics["mAP@5"] == pytest.approx(0.855, abs=2e-3)
     np.testing.assert_array_equal(ev_b.topk_indices, ev.topk_indices)      # blas backend: same rule
     assert ev.leave_one_out and (ev.query_split, ev.database_split) == ("test", "test")
 
@@ -234,6 +235,7 @@ def test_cli_evaluate_leave_one_out_and_warnings_in_output(tmp_path):
     # the independent float64 brute force agrees (it reads the splits and leave-one-out from the JSON)
     from cbmir.benchmarks.check_bruteforce import main as check
 
-    code, out, err = run_main("export", "-d", a, "-m", "hog", "-s", "16", "--store-path", store, "-o", tmp_path / "v.npz")
+    code, out, err = run_main("export", "-d", a, "-m", "hog", "-s", "16", "--store-path", store,
+                              "-o", tmp_path / "v.npz")
     assert code == 0, err
     assert check([str(tmp_path / "v.npz"), str(out_json)]) == 0

@@ -84,7 +84,7 @@ def test_factory_argument_errors(monkeypatch):
         create_extractor("resnet50", weights="x.pth", random_init=True)
     with pytest.raises(CbmirError, match="backend"):
         create_extractor("hog", backend="torch")
-    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))  # undone after the test
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))  # noqa: SLF001 - undone after the test
     register(ExtractorSpec("hogjax", "handcrafted", 1296, "", "none", backends=("jax",),
                            builder="no-such-builder"))
     with pytest.raises(CbmirError, match="no 'jax' builder"):
@@ -96,7 +96,7 @@ def test_factory_argument_errors(monkeypatch):
 
 
 def test_adding_a_model_is_one_entry(monkeypatch):
-    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))  # undone after the test
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))  # noqa: SLF001 - undone after the test
     spec = register(
         ExtractorSpec(
             name="hog8x8", family="handcrafted", dim=144, input_policy="own size",
@@ -308,7 +308,7 @@ def test_hog_reproduces_design_sanity_reference(file, gray, expected, monkeypatc
     from cbmir.ingest.medmnist_data import open_medmnist
 
     _real(file)
-    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))  # noqa: SLF001 - undone after the test
     spec = get_spec("hog")
     register(ExtractorSpec(**{**spec.__dict__, "name": "hog-test", "options": {"gray": gray}}))
     ext = create_extractor("hog-test")

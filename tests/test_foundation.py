@@ -255,7 +255,8 @@ def _checkpoint(name: str, sd: dict) -> tuple[str, dict]:
         swin = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         out = {f"vision_model.model.{k}": v for k, v in _timm_swin_to_hf_legacy(swin).items()}
         out["vision_model.projection_head.weight"] = sd["projection_head.weight"]
-        out["vision_model.model.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = torch.zeros(2401, dtype=torch.long)
+        key = "vision_model.model.encoder.layers.0.blocks.0.attention.self.relative_position_index"
+        out[key] = torch.zeros(2401, dtype=torch.long)
         out["text_model.model.embeddings.word_embeddings.weight"] = torch.zeros(4, 8)
         out["logit_scale"] = torch.tensor(3.0)
         return "pytorch_model.bin", out

@@ -1,4 +1,5 @@
-"""Tests of the benchmark grid (cbmir.evaluation.grid) and the report (cbmir.evaluation.report).
+"""Tests of the benchmark grid (cbmir.grid), its results table (cbmir.evaluation.results) and the report
+(cbmir.evaluation.report).
 
 Hand-computed expectations for the report's tables; the grid on a tiny real case (BreastMNIST 28 px
 with HOG); the Euclidean ranking against numpy brute force over unnormalised vectors.
@@ -14,17 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbmir.evaluation import grid as grid_mod
-from cbmir.evaluation.grid import (
-    COLUMNS,
-    GridConfig,
-    config_from_cli,
-    expand_cells,
-    load_per_query,
-    per_query_outcomes,
-    read_results,
-    run_grid,
-)
+import cbmir.grid as grid_mod
+from cbmir.evaluation.results import COLUMNS, load_per_query, per_query_outcomes, read_results
+from cbmir.grid import GridConfig, config_from_cli, expand_cells, run_grid
+from cbmir.grid import runner as grid_runner
 from cbmir.evaluation.report import (
     average_table,
     build_report,
@@ -69,7 +63,8 @@ def test_average_table_matches_hand_computed_means_and_paper_same_cells():
     r = t2.loc["ResNet50 RANDOM-INIT"]
     assert r["n"] == 3 and r["n paper"] == 3
     assert r["ACC@1"] == pytest.approx((70.0 + 80.0 + 45.0) / 3)
-    expect = (float(paper[("BreastMNIST", 28, "ResNet50")]["ACC@1"]) + float(paper[("BreastMNIST", 64, "ResNet50")]["ACC@1"])
+    expect = (float(paper[("BreastMNIST", 28, "ResNet50")]["ACC@1"])
+              + float(paper[("BreastMNIST", 64, "ResNet50")]["ACC@1"])
               + float(paper[("RetinaMNIST", 28, "ResNet50")]["ACC@1"])) / 3
     assert r["ACC@1 paper"] == pytest.approx(expect)  # (79.48 + 82.05 + 48.25) / 3
     assert r["mAP@5 paper"] == pytest.approx(
@@ -90,7 +85,8 @@ def test_average_table_matches_hand_computed_means_and_paper_same_cells():
 
 def test_robustness_table_hand_computed_ranges():
     paper = _paper_rows()
-    rows = [_row("adrenalmnist3d", 28, "vgg19", 70.5, is_3d=True), _row("adrenalmnist3d", 64, "vgg19", 66.0, is_3d=True),
+    rows = [_row("adrenalmnist3d", 28, "vgg19", 70.5, is_3d=True),
+            _row("adrenalmnist3d", 64, "vgg19", 66.0, is_3d=True),
             _row("adrenalmnist3d", 28, "hog", 71.14, is_3d=True), _row("adrenalmnist3d", 64, "hog", 74.16, is_3d=True),
             _row("breastmnist", 28, "vgg19", 75.0)]  # one size only: not listed
     t = robustness_table(prepare_results(pd.DataFrame(rows)), "cosine").set_index("Model")
@@ -239,7 +235,7 @@ def tiny_grid(tmp_path_factory, data_dir):
         return real(cell, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grid_mod, "run_cell", counting)
+        mp.setattr(grid_runner, "run_cell", counting)
         mp.setenv("HF_HUB_OFFLINE", "1")  # the VGG19 weights check fails fast, network or not
         res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -430,7 +426,7 @@ def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_pa
 
 
 def test_results_table_as_parquet_reads_back_equal_and_reports(tiny_grid, tmp_path):
-    from cbmir.evaluation.grid import write_results
+    from cbmir.evaluation.results import write_results
 
     cfg, _, _ = tiny_grid
     csv_df = read_results(cfg.results)

@@ -121,7 +121,7 @@ def test_batches_are_read_only_and_one_split_cached():
     with pytest.raises(ValueError):
         b.images[0, 0, 0, 0] = 1
     next(src.iter_batches("test", 8))
-    assert src._cached_split == "test"  # the train array was dropped
+    assert src._cached_split == "test"  # noqa: SLF001 - the train array was dropped
 
 
 def test_missing_file_message(tmp_path):
@@ -253,7 +253,7 @@ class _Status:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            do_GET = do_HEAD = _answer
+            do_GET = do_HEAD = _answer  # noqa: N815 - http.server handler names
 
             def log_message(self, *args):
                 pass

@@ -168,7 +168,7 @@ class FakeQdrant:
                 except OSError:  # the client gave up (timeout)
                     pass
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any  # noqa: N815 - http.server's method names
 
             def log_message(self, *a):
                 pass
@@ -389,7 +389,8 @@ def test_prepare_images_rules():
     rgba[..., 3] = 0
     assert not prepare_images(rgba, size=28, is_3d=False).any()
     # odd-sized: stretched to the collection's size
-    assert prepare_images(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8), size=28, is_3d=False).shape == (1, 28, 28, 3)
+    one = prepare_images(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8), size=28, is_3d=False)
+    assert one.shape == (1, 28, 28, 3)
     # NaN refused
     with pytest.raises(CbmirError, match="NaN"):
         prepare_images(np.full((28, 28), np.nan, np.float32), size=28, is_3d=False)
@@ -909,7 +910,8 @@ def test_verify_fails_on_deleted_point_and_altered_label(tmp_path, clean_store, 
     root2 = _copy_store(clean_store, tmp_path / "s2")
     with EdgeStore(root2) as s:
         old = s.get_points(NAME, "test", [3], with_vectors=False)[1][0]["label"]
-        s._shard(NAME).update(qe.UpdateOperation.set_payload([point_id("test", 3)], {"label": 1 - old}))
+        s._shard(NAME).update(  # noqa: SLF001 - damage a stored payload underneath the store
+            qe.UpdateOperation.set_payload([point_id("test", 3)], {"label": 1 - old}))
     code, out, err = run_main("verify", "-d", FLAG, "-m", "hog", "--data-dir", data_dir, "--store-path", root2)
     assert code == 1
     assert f"test: 1 label(s) differ from the source (row 3: stored {1 - old} vs file {old})" in out
@@ -1129,7 +1131,8 @@ def test_evaluating_an_unfinished_collection_is_refused(tmp_path, clean_store):
 def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_path, data_dir):
     """`run --random-init` and `benchmark --random-init` write the same `_randinit` collection (never the
     pretrained model's name); evaluate / export / verify find it with --random-init."""
-    from cbmir.evaluation.grid import Cell, _collection_for
+    from cbmir.grid import Cell
+    from cbmir.grid.cell import collection_for
 
     store = tmp_path / "s"
     base = ["-d", FLAG, "-m", "resnet50", "--store-path", store]
@@ -1138,7 +1141,7 @@ def test_random_init_collection_has_one_name_in_run_benchmark_and_readers(tmp_pa
     name = "breastmnist_28_resnet50_randinit"
     assert name in out
     cell = Cell(dataset=FLAG, size=SIZE, model="resnet50", backend="torch", distance="cosine", random_init=True)
-    assert _collection_for(cell, "concat", False) == name
+    assert collection_for(cell, "concat") == name
     code, out, err = run_main("evaluate", *base, "--random-init")
     assert code == 0 and "RANDOM-INIT" in out + err, err
     _one_error(*run_main("evaluate", *base), "breastmnist_28_resnet50'", "does not exist", name)

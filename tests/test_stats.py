@@ -72,7 +72,7 @@ def test_blocked_resampling_path(monkeypatch):
     values = (np.random.default_rng(11).random(600) < 0.4).astype(float)
     mean, lo, hi = st.bootstrap_ci(values, n_boot=999)
     assert lo < mean < hi
-    boot = st._bootstrap_means(values, 999, np.random.default_rng(0))
+    boot = st._bootstrap_means(values, 999, np.random.default_rng(0))  # noqa: SLF001 - the resampling itself
     assert boot.shape == (999,)
     assert abs(boot.mean() - values.mean()) < 0.01
 

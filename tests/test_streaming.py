@@ -15,7 +15,7 @@ import pytest
 
 from cbmir.core.errors import CbmirError
 
-from cbmir.ingest.base import Batch, ExtractorSpec
+from cbmir.ingest.base import Batch
 from cbmir.ingest.npz_stream import NpyMemberReader
 from cbmir.ingest.pipeline import BackgroundWriter, prefetch
 
@@ -65,7 +65,7 @@ def test_medmnist_reader_streams_synthetic_file(tmp_path, monkeypatch, compresse
     """The MedMNIST reader on a file written by the benchmark's incremental npz writer."""
     from medmnist import INFO
 
-    from cbmir.evaluation.bench import write_synthetic_medmnist_npz
+    from cbmir.benchmarks.bench import write_synthetic_medmnist_npz
     from cbmir.ingest.medmnist_data import open_medmnist
 
     n = {"train": 70, "val": 3, "test": 9}

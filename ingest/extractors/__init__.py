@@ -3,7 +3,8 @@
 Each public module of this package registers its entries and builders at import time
 (``hog``: handcrafted baseline; ``timm_cnn``: ImageNet CNNs on PyTorch via timm; ``keras_cnn``:
 the same CNNs on Keras/TensorFlow; ``foundation``, ``medclip``, ``conch``: foundation models;
-``weights``: shared weights-loading helpers; ``availability``: :func:`weights_available`). See :mod:`cbmir.ingest.extractors.registry`.
+``weights``: shared weights-loading helpers; ``availability``: :func:`weights_available`).
+See :mod:`cbmir.ingest.extractors.registry`.
 """
 
 from cbmir.ingest.extractors.availability import weights_available

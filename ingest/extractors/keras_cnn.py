@@ -305,7 +305,7 @@ class KerasCNNExtractor:
         }
 
 
-class _null:
+class _null:  # noqa: N801 - a no-op context manager, named like contextlib.nullcontext
     def __enter__(self):
         return None
 

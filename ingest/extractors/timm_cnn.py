@@ -115,11 +115,12 @@ def restore_zero_init_norms(model) -> int:
     """
     import torch
 
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm  # noqa: SLF001 - the base class of every batch norm
     n = 0
     with torch.no_grad():
         for m in model.modules():
             w = getattr(m, "weight", None)
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and w is not None and not w.any():
+            if isinstance(m, batch_norm) and w is not None and not w.any():
                 w.fill_(1.0)
                 n += 1
     return n

@@ -107,7 +107,7 @@ def http_reachable(url: str, timeout: float = 2.0) -> bool:
                 ok.append(True)
         except urllib.error.HTTPError:
             ok.append(True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any other failure of the probe: not reachable
             ok.append(False)
 
     t = threading.Thread(target=probe, daemon=True)
@@ -180,7 +180,7 @@ def fetch_hub_file(
                 hub_id, name, cache_dir=hub_cache_dir(), local_files_only=not online
             )
             return Path(path)
-        except Exception as exc:  # huggingface_hub raises many kinds (offline, 404, gated)
+        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many kinds (offline, 404, gated)
             reasons.append(f"{name}: {type(exc).__name__}")
     state = "online" if online else "offline"
     raise weights_unavailable_error(model, hub_id, f"{state}; " + ", ".join(reasons))
@@ -230,7 +230,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
             sd = load_file(str(p), device="cpu")
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one CbmirError naming it (below)
         # torch's own message is many lines of advice (weights_only=False ...): keep one line
         msg = str(exc)
         lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]

@@ -1,14 +1,14 @@
 """Dataset sources: MedMNIST and users' own archives behind one :class:`cbmir.ingest.base.DatasetSource`.
 
-=============  ========================================================  =====================================
-kind           what ``--dataset`` points at                               reader
-=============  ========================================================  =====================================
-``medmnist``   a MedMNIST flag (``breastmnist``)                           :mod:`cbmir.ingest.medmnist_data`
-``folder``     a folder: ``[train|test/]<class>/*.png|jpg|tif...``         :class:`~cbmir.ingest.sources.folder.FolderSource`
-``manifest``   a ``.csv`` / ``.tsv`` / ``.parquet`` with ``path`` ...        :class:`~cbmir.ingest.sources.manifest.ManifestSource`
-``dicom``      a folder of DICOM files (series -> volumes)                 :class:`~cbmir.ingest.sources.dicom.DicomSource`
-``nifti``      a ``.nii`` / ``.nii.gz`` / ``.npy`` volume, or a folder      :class:`~cbmir.ingest.sources.nifti.NiftiSource`
-=============  ========================================================  =====================================
+============  ==================================================  ======================================================
+kind          what ``--dataset`` points at                        reader
+============  ==================================================  ======================================================
+``medmnist``  a MedMNIST flag (``breastmnist``)                   :mod:`cbmir.ingest.medmnist_data`
+``folder``    a folder ``[train|test/]<class>/*.png|jpg|tif...``  :class:`~cbmir.ingest.sources.folder.FolderSource`
+``manifest``  a ``.csv``/``.tsv``/``.parquet`` with ``path`` ...  :class:`~cbmir.ingest.sources.manifest.ManifestSource`
+``dicom``     a folder of DICOM files (series -> volumes)         :class:`~cbmir.ingest.sources.dicom.DicomSource`
+``nifti``     a ``.nii``/``.nii.gz``/``.npy`` volume or a folder  :class:`~cbmir.ingest.sources.nifti.NiftiSource`
+============  ==================================================  ======================================================
 
 :func:`open_source` is the one entry point (the CLI's ``--source``); when ``source`` is omitted
 the kind is inferred by :func:`infer_source_kind`. Pixel rules shared by every user archive:

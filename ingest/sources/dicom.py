@@ -30,9 +30,10 @@ palette) are converted to RGB by pydicom and used as they are (2D only).
 **Payload**: ``source_path`` (first file of the item), ``label_name``, ``n_slices``,
 ``series_files``, ``slice_order``, ``photometric``, the intensity fields, and those of the tags of
 ``tags`` (default :data:`DEFAULT_TAGS`: Modality, SeriesDescription, SliceThickness, PixelSpacing
-...) that the file has (absent ones are left out). Identifying tags (:data:`IDENTIFYING_TAGS`: PatientName, PatientID, birth date, accession
-number ...) are never stored unless asked for with ``allow_identifying=True``, and never printed:
-messages name files by their path relative to the archive only.
+...) that the file has (absent ones are left out). Identifying tags (:data:`IDENTIFYING_TAGS`: PatientName,
+PatientID, birth date, accession number ...) are never stored unless asked for with
+``allow_identifying=True``, and never printed: messages name files by their path relative to the
+archive only.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def slice_values(ds, *, max_pixels: int, raw: bool = False) -> np.ndarray:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows * cols * frames > max_pixels:
-        raise PixelError(f"{rows}x{cols}x{frames} = {rows * cols * frames:,} pixels exceeds the limit of {max_pixels:,}")
+        raise PixelError(f"{rows}x{cols}x{frames} = {rows * cols * frames:,} pixels exceeds the limit of "
+                         f"{max_pixels:,}")
     try:
         arr = ds.pixel_array
     except (NotImplementedError, RuntimeError, ValueError, AttributeError, TypeError, KeyError) as exc:

@@ -222,12 +222,11 @@ def study_loop(queries: np.ndarray, database: np.ndarray, k: int) -> np.ndarray:
 
 
 def bench_search(cfg: dict, work: Path, results: dict, *, k: int = 5, batch_size: int = 256) -> None:
-    """Sections 1 (store vs raw Edge), 2 (BLAS vs faiss) and 4 (study loop)."""
-    from cbmir.evaluation.evaluate import evaluate_collection
-    from cbmir.search.blas import BlasIndex
+    """Sections 1 (store vs raw Edge), 2 (BLAS vs faiss) and 4 (study loop), on one synthetic
+    collection in ``work / "store"`` (removed at the end); figures go to ``results``."""
     from cbmir.search.edge_store import EdgeStore
 
-    n_db, n_q, dim, reps = cfg["n_db"], cfg["n_q"], cfg["dim"], cfg["reps"]
+    n_db, n_q, dim = cfg["n_db"], cfg["n_q"], cfg["dim"]
     _say(f"\n== 1. search: {n_q:,} queries x {n_db:,} database x {dim:,} dims, float32, k={k}, "
          f"batch {batch_size} ==")
     store = EdgeStore(work / "store")
@@ -237,95 +236,127 @@ def bench_search(cfg: dict, work: Path, results: dict, *, k: int = 5, batch_size
         build_synthetic_collection(store, name, n_db, n_q, dim)
         _say(f"built the collection in {time.perf_counter() - t0:.1f} s (upserts through the store)")
         _, q_vec, _ = store.fetch(name, "test")
-
-        t_ours, t_ref = Timing(), Timing()
-        for rep in range(reps):  # each batch: raw engine and store back to back, alternating which goes first
-            proxy = RawAlongside(store, raw_first=rep % 2 == 0)
-            c, w = time.process_time(), time.perf_counter()
-            ev = evaluate_collection(proxy, name, k=k, batch_size=batch_size, latency_sample=0, progress=False)
-            w, c = time.perf_counter() - w, time.process_time() - c
-            t_ours.wall.append(w - proxy.raw_wall)
-            t_ours.cpu.append(c - proxy.raw_cpu)
-            t_ref.wall.append(proxy.raw_wall)
-            t_ref.cpu.append(proxy.raw_cpu)
-        raw_ids = np.concatenate(proxy.raw_ids)
-        same = float((ev.topk_indices == (raw_ids & ((1 << 40) - 1))).all(axis=1).mean())
-        ratio = t_ours.wall_s / t_ref.wall_s
-        _say("evaluate_collection ran with the raw engine's query_batch on the same batch right before or after "
-             "each of its batched searches (alternating); the raw calls are timed apart and subtracted")
-        _say(f"cbmir evaluate_collection (end to end): {t_ours.text()}")
-        own_search = ev.timings["search_s"] - proxy.raw_wall  # evaluate's search loop minus the raw calls
-        _say(f"   last run: fetch {ev.timings['fetch_s']:.2f} s, search {own_search:.2f} s "
-             f"({own_search / n_q * 1e3:.2f} ms/query), metrics: "
-             + ", ".join(f"{m} {100 * v:.2f}" for m, v in ev.metrics.items()))
-        _say(f"raw Edge query_batch (exact, filter):   {t_ref.text()}")
-        _say(f"ratio {ratio:.3f} (cpu ratio {t_ours.cpu_s / t_ref.cpu_s:.3f}); same top-k as raw Edge for "
-             f"{100 * same:.2f}% of queries (raw Edge breaks score ties arbitrarily)")
-        results["search"] = {"ours_wall_s": t_ours.wall, "ours_cpu_s": t_ours.cpu, "raw_wall_s": t_ref.wall,
-                             "raw_cpu_s": t_ref.cpu, "ratio": ratio, "fetch_s": ev.timings["fetch_s"],
-                             "search_s": own_search, "same_topk_as_raw": same}
-
-        _say(f"\n== 2. blas: --search-backend blas vs faiss IndexFlatIP, same vectors ==")
-        t0 = time.perf_counter()
-        index = BlasIndex.from_store(store, name, "train")
-        _say(f"read {len(index.indices):,} database vectors back from the store in {time.perf_counter() - t0:.1f} s")
-        x = index.vectors
-        import faiss
-
-        flat = faiss.IndexFlatIP(x.shape[1])
-        flat.add(x)  # a copy of the vectors, like BlasIndex's (not timed on either side)
-        n_chunks = max(1, -(-n_q // 2048))
-        chunks = np.array_split(np.arange(n_q), n_chunks)
-        t_blas, t_faiss = Timing(), Timing()
-        for rep in range(reps):  # query chunks of <= 2,048, alternating which side goes first
-            wb = cb = wf = cf = 0.0
-            parts_b, parts_f = [], []
-            for ci, rows in enumerate(chunks):
-                qc = q_vec[rows]
-                for side in (("blas", "faiss") if (ci + rep) % 2 == 0 else ("faiss", "blas")):
-                    c, w = time.process_time(), time.perf_counter()
-                    if side == "blas":
-                        parts_b.append(index.search(qc, k).indices)
-                        wb, cb = wb + time.perf_counter() - w, cb + time.process_time() - c
-                    else:
-                        parts_f.append(flat.search(qc, k)[1])
-                        wf, cf = wf + time.perf_counter() - w, cf + time.process_time() - c
-            t_blas.wall.append(wb)
-            t_blas.cpu.append(cb)
-            t_faiss.wall.append(wf)
-            t_faiss.cpu.append(cf)
-        res_idx, fi = np.concatenate(parts_b), np.concatenate(parts_f)
-        ratio_b = t_blas.wall_s / t_faiss.wall_s
-        eq_store = bool(np.array_equal(res_idx, ev.topk_indices))
-        eq_faiss = float((res_idx == fi).all(axis=1).mean())
-        _say(f"cbmir blas exact_topk:  {t_blas.text()}")
-        _say(f"faiss IndexFlatIP:      {t_faiss.text()}")
-        _say(f"ratio {ratio_b:.3f} (cpu ratio {t_blas.cpu_s / t_faiss.cpu_s:.3f}); identical to the store's "
-             f"results: {eq_store}; same top-k as faiss for {100 * eq_faiss:.2f}% of queries")
-        _say(f"store end to end vs blas search: {t_ours.wall_s / t_blas.wall_s:.2f}x (DESIGN.md §5 asks 1.5x; "
-             "information)")
-        results["blas"] = {"blas_wall_s": t_blas.wall, "blas_cpu_s": t_blas.cpu, "faiss_wall_s": t_faiss.wall,
-                           "faiss_cpu_s": t_faiss.cpu, "ratio": ratio_b, "identical_to_store": eq_store,
-                           "same_as_faiss": eq_faiss, "store_vs_blas": t_ours.wall_s / t_blas.wall_s}
-
-        nl = cfg["loop_queries"]
-        _say(f"\n== 4. the study's loop: per query, per database row, np.linalg.norm; {nl} queries ==")
-        t = Timing()
-        loop_ids = _timed(lambda: study_loop(q_vec[:nl], x, k), t)
-        per_q_loop = t.wall_s / nl
-        per_q_store = t_ours.wall_s / n_q
-        per_q_blas = t_blas.wall_s / n_q
-        _say(f"study loop: {per_q_loop * 1e3:.1f} ms/query -> {per_q_loop * n_q / 60:.1f} min for all {n_q:,} "
-             f"queries (extrapolated)")
-        _say(f"cbmir: {per_q_store * 1e3:.2f} ms/query through the store ({per_q_loop / per_q_store:.0f}x faster), "
-             f"{per_q_blas * 1e3:.3f} ms/query with --search-backend blas ({per_q_loop / per_q_blas:.0f}x faster)")
-        _say(f"(the loop ranks by Euclidean distance on these unit vectors, the same order as cosine: top-k "
-             f"equal for {100 * float((loop_ids == res_idx[:nl]).all(axis=1).mean()):.0f}% of its queries)")
-        results["study_loop"] = {"ms_per_query": per_q_loop * 1e3, "speedup_store": per_q_loop / per_q_store,
-                                 "speedup_blas": per_q_loop / per_q_blas}
+        ev, t_ours = _search_store_vs_raw(store, name, cfg, results, k=k, batch_size=batch_size)
+        x, res_idx, t_blas = _search_blas_vs_faiss(store, name, q_vec, ev, t_ours, cfg, results, k=k)
+        _search_study_loop(q_vec, x, res_idx, t_ours, t_blas, cfg, results, k=k)
     finally:
         store.close()
         shutil.rmtree(work / "store", ignore_errors=True)
+
+
+def _search_store_vs_raw(store, name: str, cfg: dict, results: dict, *, k: int, batch_size: int) -> tuple:
+    """Section 1: ``evaluate_collection`` end to end beside the raw engine's batched exact queries
+    (:class:`RawAlongside`), ``cfg["reps"]`` times. Returns ``(last evaluation, cbmir's Timing)``."""
+    from cbmir.evaluation.evaluate import evaluate_collection
+
+    n_q = cfg["n_q"]
+    t_ours, t_ref = Timing(), Timing()
+    for rep in range(cfg["reps"]):  # each batch: raw engine and store back to back, alternating which goes first
+        proxy = RawAlongside(store, raw_first=rep % 2 == 0)
+        c, w = time.process_time(), time.perf_counter()
+        ev = evaluate_collection(proxy, name, k=k, batch_size=batch_size, latency_sample=0, progress=False)
+        w, c = time.perf_counter() - w, time.process_time() - c
+        t_ours.wall.append(w - proxy.raw_wall)
+        t_ours.cpu.append(c - proxy.raw_cpu)
+        t_ref.wall.append(proxy.raw_wall)
+        t_ref.cpu.append(proxy.raw_cpu)
+    raw_ids = np.concatenate(proxy.raw_ids)
+    same = float((ev.topk_indices == (raw_ids & ((1 << 40) - 1))).all(axis=1).mean())
+    ratio = t_ours.wall_s / t_ref.wall_s
+    _say("evaluate_collection ran with the raw engine's query_batch on the same batch right before or after "
+         "each of its batched searches (alternating); the raw calls are timed apart and subtracted")
+    _say(f"cbmir evaluate_collection (end to end): {t_ours.text()}")
+    own_search = ev.timings["search_s"] - proxy.raw_wall  # evaluate's search loop minus the raw calls
+    _say(f"   last run: fetch {ev.timings['fetch_s']:.2f} s, search {own_search:.2f} s "
+         f"({own_search / n_q * 1e3:.2f} ms/query), metrics: "
+         + ", ".join(f"{m} {100 * v:.2f}" for m, v in ev.metrics.items()))
+    _say(f"raw Edge query_batch (exact, filter):   {t_ref.text()}")
+    _say(f"ratio {ratio:.3f} (cpu ratio {t_ours.cpu_s / t_ref.cpu_s:.3f}); same top-k as raw Edge for "
+         f"{100 * same:.2f}% of queries (raw Edge breaks score ties arbitrarily)")
+    results["search"] = {"ours_wall_s": t_ours.wall, "ours_cpu_s": t_ours.cpu, "raw_wall_s": t_ref.wall,
+                         "raw_cpu_s": t_ref.cpu, "ratio": ratio, "fetch_s": ev.timings["fetch_s"],
+                         "search_s": own_search, "same_topk_as_raw": same}
+    return ev, t_ours
+
+
+def _search_blas_vs_faiss(store, name: str, q_vec: np.ndarray, ev, t_ours: Timing, cfg: dict, results: dict, *,
+                          k: int) -> tuple:
+    """Section 2: ``--search-backend blas`` against faiss ``IndexFlatIP`` on the vectors read back,
+    query chunk by query chunk (<= 2,048), alternating which side goes first.
+
+    Returns:
+        ``(database vectors float32 (N, dim), blas top-k rows int64 (Q, k), blas Timing)``.
+    """
+    import faiss
+
+    from cbmir.search.blas import BlasIndex
+
+    n_q = cfg["n_q"]
+    _say("\n== 2. blas: --search-backend blas vs faiss IndexFlatIP, same vectors ==")
+    t0 = time.perf_counter()
+    index = BlasIndex.from_store(store, name, "train")
+    _say(f"read {len(index.indices):,} database vectors back from the store in {time.perf_counter() - t0:.1f} s")
+    x = index.vectors
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)  # a copy of the vectors, like BlasIndex's (not timed on either side)
+    chunks = np.array_split(np.arange(n_q), max(1, -(-n_q // 2048)))
+    t_blas, t_faiss = Timing(), Timing()
+    for rep in range(cfg["reps"]):  # query chunks of <= 2,048, alternating which side goes first
+        parts_b, parts_f = [], []
+        for ci, rows in enumerate(chunks):
+            qc = q_vec[rows]
+            for side in (("blas", "faiss") if (ci + rep) % 2 == 0 else ("faiss", "blas")):
+                if side == "blas":
+                    parts_b.append(_timed_in(lambda: index.search(qc, k).indices, t_blas, first=ci == 0))
+                else:
+                    parts_f.append(_timed_in(lambda: flat.search(qc, k)[1], t_faiss, first=ci == 0))
+    res_idx, fi = np.concatenate(parts_b), np.concatenate(parts_f)
+    ratio_b = t_blas.wall_s / t_faiss.wall_s
+    eq_store = bool(np.array_equal(res_idx, ev.topk_indices))
+    eq_faiss = float((res_idx == fi).all(axis=1).mean())
+    _say(f"cbmir blas exact_topk:  {t_blas.text()}")
+    _say(f"faiss IndexFlatIP:      {t_faiss.text()}")
+    _say(f"ratio {ratio_b:.3f} (cpu ratio {t_blas.cpu_s / t_faiss.cpu_s:.3f}); identical to the store's "
+         f"results: {eq_store}; same top-k as faiss for {100 * eq_faiss:.2f}% of queries")
+    _say(f"store end to end vs blas search: {t_ours.wall_s / t_blas.wall_s:.2f}x (DESIGN.md §5 asks 1.5x; "
+         "information)")
+    results["blas"] = {"blas_wall_s": t_blas.wall, "blas_cpu_s": t_blas.cpu, "faiss_wall_s": t_faiss.wall,
+                       "faiss_cpu_s": t_faiss.cpu, "ratio": ratio_b, "identical_to_store": eq_store,
+                       "same_as_faiss": eq_faiss, "store_vs_blas": t_ours.wall_s / t_blas.wall_s}
+    return x, res_idx, t_blas
+
+
+def _timed_in(fn: Callable, t: Timing, *, first: bool):
+    """``fn()``, its wall and CPU seconds added to the current run of ``t`` (a new run when ``first``)."""
+    if first:
+        t.wall.append(0.0)
+        t.cpu.append(0.0)
+    c, w = time.process_time(), time.perf_counter()
+    out = fn()
+    t.wall[-1] += time.perf_counter() - w
+    t.cpu[-1] += time.process_time() - c
+    return out
+
+
+def _search_study_loop(q_vec: np.ndarray, x: np.ndarray, res_idx: np.ndarray, t_ours: Timing, t_blas: Timing,
+                       cfg: dict, results: dict, *, k: int) -> None:
+    """Section 4: the published code's per-row loop on ``cfg["loop_queries"]`` queries, extrapolated
+    to all queries and compared per query with cbmir's store and blas timings."""
+    n_q, nl = cfg["n_q"], cfg["loop_queries"]
+    _say(f"\n== 4. the study's loop: per query, per database row, np.linalg.norm; {nl} queries ==")
+    t = Timing()
+    loop_ids = _timed(lambda: study_loop(q_vec[:nl], x, k), t)
+    per_q_loop = t.wall_s / nl
+    per_q_store = t_ours.wall_s / n_q
+    per_q_blas = t_blas.wall_s / n_q
+    _say(f"study loop: {per_q_loop * 1e3:.1f} ms/query -> {per_q_loop * n_q / 60:.1f} min for all {n_q:,} "
+         f"queries (extrapolated)")
+    _say(f"cbmir: {per_q_store * 1e3:.2f} ms/query through the store ({per_q_loop / per_q_store:.0f}x faster), "
+         f"{per_q_blas * 1e3:.3f} ms/query with --search-backend blas ({per_q_loop / per_q_blas:.0f}x faster)")
+    _say(f"(the loop ranks by Euclidean distance on these unit vectors, the same order as cosine: top-k "
+         f"equal for {100 * float((loop_ids == res_idx[:nl]).all(axis=1).mean()):.0f}% of its queries)")
+    results["study_loop"] = {"ms_per_query": per_q_loop * 1e3, "speedup_store": per_q_loop / per_q_store,
+                             "speedup_blas": per_q_loop / per_q_blas}
 
 
 # ----------------------------------------------------------------------------- 3. ingest
@@ -482,7 +513,7 @@ def bench_ingest(cfg: dict, work: Path, results: dict, *, batch_size: int = 256)
     dt = time.perf_counter() - t0
     _say(f"wrote {path.name}: {size / GB:.2f} GB in {dt:.1f} s ({size / GB / dt:.2f} GB/s), bounded memory")
     args = {"data_dir": str(data_dir), "store": str(work / "ingest_store"), "n": n, "batch_size": batch_size}
-    cmd = [sys.executable, "-m", "cbmir.evaluation.bench", "--ingest-child", json.dumps(args)]
+    cmd = [sys.executable, "-m", "cbmir.benchmarks.bench", "--ingest-child", json.dumps(args)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
@@ -617,7 +648,7 @@ def run_bench(*, quick: bool = False, work_dir: str | os.PathLike | None = None,
 
 
 def main(argv=None) -> None:
-    """``python -m cbmir.evaluation.bench [--quick] ...`` (same as ``cbmir bench``)."""
+    """``python -m cbmir.benchmarks.bench [--quick] ...`` (same as ``cbmir bench``)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,0 +1,112 @@
+"""Display names of the report: the paper's model names, dataset names, row labels and their order.
+
+Rows of random-weight runs are labelled ``RANDOM-INIT``; ``hog`` is the "handcrafted baseline"
+(DESIGN.md §3). Naming a dataset does not import medmnist (and torch) for the study's datasets.
+"""
+
+from __future__ import annotations
+
+from cbmir.evaluation.reference import DATASETS_2D, DATASETS_3D
+
+__all__ = ["PAPER_MODEL_NAMES", "PAPER_MODEL_ORDER", "HOG_LABEL", "paper_model_name", "dataset_display_name",
+           "row_label", "model_order", "dataset_order", "dataset_class_names"]
+
+
+#: cbmir registry names -> the paper's model names (``paper_results.csv``).
+PAPER_MODEL_NAMES: dict[str, str] = {
+    "vgg19": "VGG19",
+    "resnet50": "ResNet50",
+    "densenet121": "DenseNet121",
+    "efficientnetv2m": "EfficientNetV2M",
+    "medclip": "MedCLIP",
+    "biomedclip": "BiomedCLIP",
+    "openclip": "OpenCLIP",
+    "openclip-vitg14": "OpenCLIP",
+    "openclip_vitg14": "OpenCLIP",
+    "conch": "CONCH",
+    "uni": "UNI",
+}
+#: The paper's models in the order of its tables.
+PAPER_MODEL_ORDER = ("VGG19", "ResNet50", "DenseNet121", "EfficientNetV2M", "MedCLIP", "BiomedCLIP",
+                     "OpenCLIP", "CONCH", "UNI")
+#: Row label of the weights-free HOG baseline.
+HOG_LABEL = "HOG (handcrafted baseline)"
+
+
+def paper_model_name(model: str) -> str | None:
+    """The paper's name of cbmir model ``model`` (``resnet50`` -> ``ResNet50``); None if not in the study."""
+    key = str(model).strip().lower()
+    if key in PAPER_MODEL_NAMES:
+        return PAPER_MODEL_NAMES[key]
+    for name in PAPER_MODEL_ORDER:
+        if key == name.lower():
+            return name
+    return None
+
+
+#: MedMNIST v2 flags -> display names (medmnist 3.0.2 ``INFO[flag]["python_class"]``), so that naming a
+#: dataset does not import medmnist (and torch).
+_DATASET_NAMES = {
+    **{n.lower(): n for n in ("PathMNIST", "ChestMNIST", "DermaMNIST", "OCTMNIST", "PneumoniaMNIST", "RetinaMNIST",
+                              "BreastMNIST", "BloodMNIST", "TissueMNIST", "OrganAMNIST", "OrganCMNIST", "OrganSMNIST",
+                              "OrganMNIST3D", "NoduleMNIST3D", "AdrenalMNIST3D", "FractureMNIST3D", "VesselMNIST3D",
+                              "SynapseMNIST3D")},
+    **{d.lower(): d for d in (*DATASETS_2D, *DATASETS_3D)},
+}
+
+
+def dataset_display_name(flag: str) -> str:
+    """Display name of a MedMNIST flag: the paper's spelling, else medmnist's class name
+    (``vesselmnist3d`` -> ``VesselMNIST3D``), else the flag."""
+    key = str(flag).lower()
+    if key in _DATASET_NAMES:
+        return _DATASET_NAMES[key]
+    try:
+        from medmnist import INFO
+
+        return str(INFO[key]["python_class"])
+    except Exception:  # noqa: BLE001 - display only
+        return str(flag)
+
+
+def row_label(model: str, random_init: bool = False, family: str | None = None, backend: str | None = None) -> str:
+    """Row label of a model: the paper's name, ``HOG (handcrafted baseline)`` for ``hog``, a
+    ``RANDOM-INIT`` suffix for random weights and ``[keras]`` for a non-default backend."""
+    if str(model).lower() == "hog" or family in ("handcrafted", "handcrafted baseline"):
+        name = HOG_LABEL if str(model).lower() == "hog" else f"{model} (handcrafted baseline)"
+    else:
+        name = paper_model_name(model) or str(model)
+    if backend and backend not in ("torch", "numpy", "nan"):
+        name += f" [{backend}]"
+    if random_init:
+        name += " RANDOM-INIT"
+    return name
+
+
+def model_order(label: str) -> tuple:
+    """Sort key of a row label: HOG first, then the paper's models in its order, then the others."""
+    base = label.replace(" RANDOM-INIT", "")
+    if base.startswith("HOG"):
+        return (0, 0, label)
+    for i, name in enumerate(PAPER_MODEL_ORDER):
+        if base.startswith(name):
+            return (1, i, label)
+    return (2, 0, label)
+
+
+def dataset_order(flag: str) -> tuple:
+    """Sort key of a dataset flag: the paper's 2D then 3D datasets in its order, then the others."""
+    order = [d.lower() for d in (*DATASETS_2D, *DATASETS_3D)]
+    f = str(flag).lower()
+    return (order.index(f), f) if f in order else (len(order), f)
+
+
+def dataset_class_names(dataset: str) -> list[str] | None:
+    """MedMNIST class names of ``dataset`` by label index (medmnist ``INFO``); None when unknown."""
+    try:
+        from medmnist import INFO
+
+        lab = INFO[str(dataset).lower()]["label"]
+        return [lab[k] for k in sorted(lab, key=int)]
+    except Exception:  # noqa: BLE001 - legend only
+        return None
