@@ -49,6 +49,15 @@ RandomInitReadOpt = typer.Option(False, "--random-init", help="the collection bu
 RECREATE_HELP = ("replace an existing collection: built beside it and swapped in when complete (the old one stays "
                  "intact until then; re-running resumes)")
 FitOpt = typer.Option("stretch", "--fit", help="user archive 2D resize: stretch | pad | crop")
+InputSizeOpt = typer.Option("native", "--input-size", help="ImageNet CNNs: native (the study's: each image at its "
+                            "own size, 28 -> 32 px) or N: every image / slice resized to N x N (collection _in<N>)")
+
+
+def _input_size(value: str):
+    """``--input-size`` as :func:`cbmir.core.input_size.parse_input_size` reads it (None = native)."""
+    from cbmir.core.input_size import parse_input_size
+
+    return parse_input_size(value)
 
 
 def _arch(source=None, name=None, strict=False, intensity=None, window=None, slice_axis=None, dicom_mode="auto",
@@ -192,7 +201,7 @@ def _check_archive_unchanged(name: str, meta, dataset: str, size: int, arch: dic
 
 
 def _collection(dataset: str, size: int, model: str, backend: str, distance: str, aggregation: str,
-                arch: Optional[dict] = None, random_init: bool = False) -> str:
+                arch: Optional[dict] = None, random_init: bool = False, input_size: Optional[int] = None) -> str:
     from cbmir.ingest.sources import dataset_identity
     from cbmir.search.schema import collection_name
 
@@ -202,7 +211,7 @@ def _collection(dataset: str, size: int, model: str, backend: str, distance: str
     agg = aggregation if is_3d else "concat"
     random_init = random_init and get_spec(model).weights_source != "none"  # hog has no weights to randomise
     return collection_name(ds_name, size, model.lower(), backend="numpy" if model == "hog" else backend,
-                           distance=distance, aggregation=agg, random_init=random_init)
+                           distance=distance, aggregation=agg, random_init=random_init, input_size=input_size)
 
 
 def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
@@ -215,9 +224,10 @@ def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
 
 
 def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate, splits, aggregation,
-               progress=True, arch: Optional[dict] = None):
-    from cbmir.ingest.extractors import check_weights, get_spec
+               progress=True, arch: Optional[dict] = None, input_size: Optional[int] = None):
+    from cbmir.ingest.extractors import check_input_size, check_weights, get_spec
 
+    check_input_size(get_spec(model), input_size)
     if backend == "torch" and "torch" not in get_spec(model).backends:
         backend = None  # the default --backend does not apply to numpy-only models (hog)
     # fail fast (seconds): weights are checked before torch / TensorFlow / medmnist are imported
@@ -235,7 +245,7 @@ def _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
 
         torch.set_num_threads(int(s.threads))
     extractor = create_extractor(model.lower(), weights=weights, random_init=random_init, device=s.device,
-                                 batch_size=s.batch_size, backend=backend)
+                                 batch_size=s.batch_size, backend=backend, input_size=input_size)
     embedder = make_embedder(extractor, size=size, is_3d=source.is_3d, aggregation=aggregation)
     store = open_store(s)
     try:
@@ -332,12 +342,13 @@ def ingest_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-               fit: str = FitOpt) -> None:
+               fit: str = FitOpt, input_size: str = InputSizeOpt) -> None:
     """Embed a dataset's splits and upsert them into its collection (idempotent, resumable)."""
     s = _settings(data_dir, store_path, qdrant_url, device, batch_size, distance, threads)
     store, _ = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
                           tuple(x.strip() for x in splits.split(",") if x.strip()), volume_aggregation,
-                          arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
+                          arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit),
+                          input_size=_input_size(input_size))
     store.close()
 
 
@@ -348,7 +359,7 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
                  store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                  source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                  dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt,
-                 random_init: bool = RandomInitReadOpt) -> None:
+                 random_init: bool = RandomInitReadOpt, input_size: str = InputSizeOpt) -> None:
     """Query every test point against the train points of a collection; print the study's metrics."""
     from cbmir.evaluation.evaluate import evaluate_collection
     from cbmir.ingest.sources import check_evaluable
@@ -358,7 +369,8 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
     _check_k(k)
     _check_output(output)
     arch = _arch(source, name, dicom_mode=dicom_mode)
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init,
+                       _input_size(input_size))
     with open_store(s) as store:
         meta = _stored_meta(store, name, random_init)
         _check_archive_unchanged(name, meta, dataset, size, arch)
@@ -381,7 +393,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
             source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
             intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
             slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-            fit: str = FitOpt, search_backend: str = SearchBackendOpt) -> None:
+            fit: str = FitOpt, search_backend: str = SearchBackendOpt, input_size: str = InputSizeOpt) -> None:
     """Ingest (train = database, test = queries), then evaluate: the study's protocol in one command."""
     from cbmir.evaluation.evaluate import evaluate_collection
     from cbmir.ingest.sources import check_evaluable
@@ -393,7 +405,8 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
     t0 = time.perf_counter()
     store, rep = _do_ingest(s, dataset, size, model, weights, random_init, backend, recreate,
                             ("train", "test"), volume_aggregation,
-                            arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit))
+                            arch=_arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit),
+                            input_size=_input_size(input_size))
     t_ingest = time.perf_counter() - t0
     with store:
         _notes(check_evaluable(store, rep.collection))
@@ -423,7 +436,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-               fit: str = FitOpt, random_init: bool = RandomInitReadOpt) -> None:
+               fit: str = FitOpt, random_init: bool = RandomInitReadOpt, input_size: str = InputSizeOpt) -> None:
     """Top-k database images for a stored point (``--query-index``) or a file (``--image``: any image format,
     DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as ingest)."""
     from cbmir.client import SearchClient
@@ -443,7 +456,8 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
         if dataset is None or model is None:
             raise CbmirError("give --collection NAME, or --dataset with --size and --model")
         arch = _arch(source, name, dicom_mode=dicom_mode)
-        collection = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
+        collection = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init,
+                                 _input_size(input_size))
     if exclude_self and image is not None:
         raise CbmirError("--exclude-self needs --query-index (a stored point has an id; an image file has none)")
     client = SearchClient(open_store(s))
@@ -493,7 +507,8 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                output: Path = typer.Option(..., "--output", "-o", help="npz file to write"),
                store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
-               dicom_mode: str = DicomModeOpt, random_init: bool = RandomInitReadOpt) -> None:
+               dicom_mode: str = DicomModeOpt, random_init: bool = RandomInitReadOpt,
+               input_size: str = InputSizeOpt) -> None:
     """Write a collection's vectors read back from the store: ``train_vectors`` (N, D) float32,
     ``train_labels`` (N,), ``test_vectors``, ``test_labels``, rows in split order."""
     from cbmir.search.store import open_store
@@ -503,7 +518,8 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
         output = Path(f"{output}.npz")
     _check_output(output)
     arch = _arch(source, name, dicom_mode=dicom_mode)
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, arch, random_init,
+                       _input_size(input_size))
     arrays = {}
     with open_store(s) as store:
         _check_archive_unchanged(name, _stored_meta(store, name, random_init), dataset, size, arch)
@@ -520,7 +536,8 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
                distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
                data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
-               qdrant_url: Optional[str] = UrlOpt, random_init: bool = RandomInitReadOpt) -> None:
+               qdrant_url: Optional[str] = UrlOpt, random_init: bool = RandomInitReadOpt,
+               input_size: str = InputSizeOpt) -> None:
     """Check a collection against its source: counts per split, duplicate ids, labels, dims, non-finite
     vectors. Prints one line, ``OK ...`` (exit 0) or ``FAIL: <problems>`` (exit 1)."""
     from cbmir.evaluation.verify import verify_collection
@@ -530,7 +547,8 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 
     s = _settings(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, distance=distance)
     get_spec(model)  # unknown model: CbmirError listing the valid ones
-    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, random_init=random_init)
+    name = _collection(dataset, size, model, backend, s.distance, volume_aggregation, random_init=random_init,
+                       input_size=_input_size(input_size))
     source = open_source(dataset, size, data_dir=s.data_dir)
     with open_store(s) as store:
         rep = verify_collection(store, name, source)
@@ -540,9 +558,17 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 
 
 @app.command("models")
-def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+               check: bool = typer.Option(False, "--check", help="weights sanity check: every model with local "
+                                          "pretrained weights classifies two photographs through its own "
+                                          "preprocessing (a cat, an espresso); one PASS/FAIL/skipped line each; "
+                                          "exit 1 on a FAIL")) -> None:
     """List the extractor registry: name, family, dim, backends, input policy, weights source, licence."""
     from cbmir.ingest.extractors import list_specs, weights_available
+
+    if check:
+        _models_check(as_json)
+        return
 
     rows = [{"name": sp.name, "family": sp.family, "dim": sp.dim, "backends": list(sp.backends),
              "input_policy": sp.input_policy, "weights_source": sp.weights_source, "licence": sp.licence,
@@ -562,6 +588,19 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-reada
         typer.echo(f"{'':<16} licence: {r['licence']}")
 
 
+def _models_check(as_json: bool) -> None:
+    """``cbmir models --check``: :func:`cbmir.ingest.extractors.sanity.check_models`, one line per model."""
+    from cbmir.ingest.extractors.sanity import FAIL, check_models
+
+    results = check_models()
+    if as_json:
+        typer.echo(json.dumps([vars(r) for r in results], indent=2))
+    for r in ([] if as_json else results):
+        typer.echo(r.line())
+    if any(r.status == FAIL for r in results):
+        raise typer.Exit(1)
+
+
 @app.command("benchmark")
 def benchmark_cmd(
         config: Optional[Path] = typer.Option(None, "--config", help="grid file (.yaml/.yml/.toml); flags override it"),
@@ -570,6 +609,8 @@ def benchmark_cmd(
         sizes: Optional[str] = typer.Option(None, "--sizes", help="comma-separated sizes, e.g. 28,64 [28]"),
         backends: Optional[str] = typer.Option(None, "--backends", help="comma-separated: torch,keras [torch]"),
         distances: Optional[str] = typer.Option(None, "--distances", help="cosine,euclidean [cosine]"),
+        input_sizes: Optional[str] = typer.Option(None, "--input-sizes", help="ImageNet CNNs: comma-separated "
+                                                  "native and/or sides, e.g. native,224 [native]"),
         random_init: Optional[bool] = typer.Option(None, "--random-init/--pretrained",
                                                    help="random CNN weights (smoke runs; labelled RANDOM-INIT)"),
         results: Optional[Path] = typer.Option(None, "--results", help="results CSV [results/results.csv]"),
@@ -590,7 +631,8 @@ def benchmark_cmd(
 
     cfg = config_from_cli(
         config, datasets=parse_list(datasets), models=parse_list(models), sizes=parse_list(sizes),
-        backends=parse_list(backends), distances=parse_list(distances), random_init=random_init,
+        backends=parse_list(backends), distances=parse_list(distances), input_sizes=parse_list(input_sizes),
+        random_init=random_init,
         results=results, save_per_query=save_per_query, retry_failed=retry_failed, k=k,
         volume_aggregation=volume_aggregation, download=download, data_dir=data_dir, store_path=store_path,
         qdrant_url=qdrant_url, device=device, batch_size=batch_size, threads=threads, progress=progress)

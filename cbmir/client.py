@@ -95,7 +95,8 @@ class SearchClient:
         key = (collection, weights)
         if key not in self._extractors:
             ext = create_extractor(meta.model, weights=weights, random_init=meta.random_init, device=device,
-                                   backend=meta.backend if meta.backend != "numpy" else None)
+                                   backend=meta.backend if meta.backend != "numpy" else None,
+                                   input_size=meta.input_size)
             self._extractors[key] = make_embedder(ext, size=meta.size, is_3d=meta.is_3d,
                                                   aggregation=meta.aggregation if meta.is_3d else "concat")
         vecs = self._extractors[key].embed(images)

@@ -5,13 +5,14 @@ Every *cell* of the grid is one run of the study's protocol (DESIGN.md §1): ing
 collection, then query every test image against the database (:func:`cbmir.evaluation.evaluate.evaluate_collection`).
 
 Results go to **one tidy table** (``--results``, default ``results/results.csv``; Parquet for a ``.parquet`` path), one row per
-cell, keyed by :data:`KEY` = ``(dataset, size, model, backend, distance, random_init)``. The table
+cell, keyed by :data:`KEY` = ``(dataset, size, model, backend, distance, random_init, input_size)``. The table
 is rewritten atomically (temporary file + ``os.replace``) after every cell, so an interrupted grid
 loses at most the cell in progress. Columns (:data:`COLUMNS`; units in the names or below):
 
 * key and status: ``dataset`` (MedMNIST flag), ``size`` (px / volume side), ``model``,
   ``backend``, ``distance`` (``cosine`` | ``euclidean``), ``random_init`` (bool), ``status``
-  (``ok`` | ``failed``), ``error`` (one line, ``ExceptionType: message``; empty when ok);
+  (``ok`` | ``failed``), ``error`` (one line, ``ExceptionType: message``; empty when ok), ``input_size``
+  (CNN input-size policy: ``native``, the study's, or a side such as ``224``; ``native`` in older tables);
 * identity: ``family``, ``collection``, ``engine``, ``store``, ``weights`` (identity recorded in
   the collection: hub id, ``sha256:...``, ``random-init`` or ``none``), ``dim``, ``is_3d``,
   ``aggregation``, ``k``, ``n_queries``, ``n_database``, ``device``, ``threads`` (torch CPU threads);
@@ -55,6 +56,7 @@ is then True and its extraction timings are those of the replay, i.e. mostly the
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -73,6 +75,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cbmir.core.errors import CbmirError
+from cbmir.core.input_size import input_size_label, parse_input_size
 from cbmir.core.splits import CODE_SPLITS, SPLIT_CODES
 
 from cbmir.ingest.base import Batch
@@ -95,7 +98,7 @@ __all__ = [
 ]
 
 #: Columns that identify a cell (one row per key in the results table).
-KEY: tuple[str, ...] = ("dataset", "size", "model", "backend", "distance", "random_init")
+KEY: tuple[str, ...] = ("dataset", "size", "model", "backend", "distance", "random_init", "input_size")
 
 #: Metric columns (percent), as in :data:`cbmir.evaluation.reference.METRICS`.
 METRIC_COLUMNS: tuple[str, ...] = ("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5")
@@ -164,6 +167,8 @@ class GridConfig:
         backends: extractor backends (``torch``, ``keras``); a model that lists a single backend
             (``hog``: ``numpy``) always uses it.
         distances: ``cosine`` and/or ``euclidean``.
+        input_sizes: CNN input-size policies (``native`` and/or sides such as 224; None = native); models
+            with their own fixed preprocessing (HOG, foundation models) run at ``native`` only.
         random_init: random weights for models that have weights (smoke runs; rows are labelled
             RANDOM-INIT in every report). Weights-free models (``hog``) are unaffected.
         weights: optional ``{model: local weights file}``.
@@ -188,6 +193,7 @@ class GridConfig:
     dataset_sizes: dict[str, list[int]] = field(default_factory=dict)
     backends: list[str] = field(default_factory=lambda: ["torch"])
     distances: list[str] = field(default_factory=lambda: ["cosine"])
+    input_sizes: list = field(default_factory=lambda: [None])
     random_init: bool = False
     weights: dict[str, str] = field(default_factory=dict)
     results: Path = Path("results/results.csv")
@@ -218,6 +224,8 @@ class GridConfig:
         self.sizes = _as_sizes(self.sizes)
         self.backends = [b.lower() for b in _as_list(self.backends)] or ["torch"]
         self.distances = [d.lower() for d in _as_list(self.distances)] or ["cosine"]
+        self.input_sizes = list(dict.fromkeys(parse_input_size(v, option="input_sizes")
+                                              for v in _as_list(self.input_sizes))) or [None]
         bad = [d for d in self.distances if d not in ("cosine", "euclidean")]
         if bad:
             raise CbmirError(f"unknown distance(s) {bad}; valid: cosine, euclidean")
@@ -321,19 +329,23 @@ class Cell:
     backend: str
     distance: str
     random_init: bool
+    input_size: int | None = None
 
     @property
     def key(self) -> tuple:
-        return (self.dataset, int(self.size), self.model, self.backend, self.distance, bool(self.random_init))
+        return (self.dataset, int(self.size), self.model, self.backend, self.distance, bool(self.random_init),
+                input_size_label(self.input_size))
 
     @property
     def features_key(self) -> tuple:
         """Cells with the same features (they differ only in distance)."""
-        return (self.dataset, int(self.size), self.model, self.backend, bool(self.random_init))
+        return (self.dataset, int(self.size), self.model, self.backend, bool(self.random_init),
+                *([f"in{self.input_size}"] if self.input_size is not None else []))
 
     def label(self) -> str:
         ri = " RANDOM-INIT" if self.random_init else ""
-        return f"{self.dataset}@{self.size} {self.model}/{self.backend} {self.distance}{ri}"
+        ins = f" input {self.input_size}" if self.input_size is not None else ""
+        return f"{self.dataset}@{self.size} {self.model}/{self.backend}{ins} {self.distance}{ri}"
 
 
 def _spec_or_none(model: str):
@@ -355,14 +367,15 @@ def _resolve_backend(spec, backend: str) -> str:
 
 
 def _has_weights(spec) -> bool:
-    return spec is None or str(spec.weights_source).lower() not in ("none", "")
+    return spec is None or spec.has_weights
 
 
 def expand_cells(config: GridConfig) -> list[Cell]:
-    """All cells of ``config`` in run order: dataset, size, model, backend, distance.
+    """All cells of ``config`` in run order: dataset, size, model, backend, input size, distance.
 
     Cells that differ only in distance are adjacent, so features are extracted once. A model
-    listing a single backend collapses the backends axis; ``random_init`` is False for
+    listing a single backend collapses the backends axis, a model with its own fixed preprocessing
+    the input-size axis (``native`` only); ``random_init`` is False for
     weights-free models. Unknown names still yield cells here; :func:`run_grid` refuses them first
     (:func:`validate_grid`).
 
@@ -379,14 +392,15 @@ def expand_cells(config: GridConfig) -> list[Cell]:
         for size in config.dataset_sizes.get(dataset, config.sizes):
             for model in config.models:
                 spec = _spec_or_none(model)
-                for backend in config.backends:
+                resizable = spec is None or spec.preprocess_cfg.resizable
+                for backend, input_size, distance in itertools.product(
+                        config.backends, config.input_sizes if resizable else [None], config.distances):
                     b = _resolve_backend(spec, backend)
                     ri = bool(config.random_init and _has_weights(spec))
-                    for distance in config.distances:
-                        cell = Cell(dataset, int(size), model, b, distance, ri)
-                        if cell.key not in seen:
-                            seen.add(cell.key)
-                            cells.append(cell)
+                    cell = Cell(dataset, int(size), model, b, distance, ri, input_size)
+                    if cell.key not in seen:
+                        seen.add(cell.key)
+                        cells.append(cell)
     return cells
 
 
@@ -463,6 +477,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
         df[c] = df[c].map(_to_bool)
     for c in ("dataset", "model", "backend", "distance", "status"):
         df[c] = df[c].astype(str)
+    df["input_size"] = df["input_size"].map(_input_size_of)
     df["error"] = ["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in df["error"]]
     return df
 
@@ -481,7 +496,15 @@ def _is_parquet(path: Path) -> bool:
 
 def _key_of(row: Mapping) -> tuple:
     return (str(row["dataset"]), int(row["size"]), str(row["model"]), str(row["backend"]),
-            str(row["distance"]), _to_bool(row["random_init"]))
+            str(row["distance"]), _to_bool(row["random_init"]), _input_size_of(row.get("input_size")))
+
+
+def _input_size_of(v) -> str:
+    """A table's ``input_size`` value as its label: ``native`` (also for a missing value: older tables) or
+    the side as text (``224``, also when read back as ``224.0``)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in ("", "native", "nan"):
+        return "native"
+    return str(int(float(v)))
 
 
 def _k_of(row: Mapping) -> int | None:
@@ -800,7 +823,8 @@ def _collection_for(cell: Cell, aggregation: str, is_3d: bool) -> str:
     from cbmir.search.schema import collection_name
 
     return collection_name(cell.dataset, cell.size, cell.model, backend=cell.backend, distance=cell.distance,
-                           aggregation=aggregation if is_3d else "concat", random_init=cell.random_init)
+                           aggregation=aggregation if is_3d else "concat", random_init=cell.random_init,
+                           input_size=cell.input_size)
 
 
 def _settings_for(config: GridConfig):
@@ -868,7 +892,7 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
     t0 = time.perf_counter()
     extractor = create_extractor(cell.model, weights=config.weights.get(cell.model),
                                  random_init=cell.random_init, device=s.device, batch_size=s.batch_size,
-                                 backend=cell.backend)
+                                 backend=cell.backend, input_size=cell.input_size)
     model_load_s = time.perf_counter() - t0
     embedder = make_embedder(extractor, size=cell.size, is_3d=source.is_3d, aggregation=aggregation)
     dim = int(embedder.dim)
@@ -947,7 +971,8 @@ def run_cell(cell: Cell, config: GridConfig, *, results_dir: Path, ingest_log: d
     row = {
         "dataset": cell.dataset, "size": int(cell.size), "model": cell.model, "backend": cell.backend,
         "distance": cell.distance, "random_init": bool(cell.random_init), "status": "ok", "error": "",
-        "family": "handcrafted baseline" if spec.family == "handcrafted" else spec.family,
+        "input_size": input_size_label(cell.input_size),
+        "family": "handcrafted baseline" if spec.baseline else spec.family,
         "collection": name, "engine": ev.engine, "store": store_loc, "weights": meta.weights, "dim": int(meta.dim),
         "is_3d": bool(meta.is_3d), "aggregation": meta.aggregation, "k": int(ev.k),
         "n_queries": int(ev.n_queries), "n_database": int(ev.n_database), "device": _resolved_device(s.device),
@@ -988,6 +1013,7 @@ def _failed_row(cell: Cell, error: BaseException, started: str, wall: float) -> 
     return {
         "dataset": cell.dataset, "size": int(cell.size), "model": cell.model, "backend": cell.backend,
         "distance": cell.distance, "random_init": bool(cell.random_init), "status": "failed",
+        "input_size": input_size_label(cell.input_size),
         "error": _one_line(error), "cell_wall_s": wall, "started_at": started, "finished_at": _now(),
         **software_versions(),
     }
