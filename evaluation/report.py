@@ -54,6 +54,7 @@ __all__ = [
     "ReportOutput",
     "build_report",
     "paper_model_name",
+    "is_baseline",
     "dataset_display_name",
     "row_label",
     "prepare_results",
@@ -71,20 +72,6 @@ __all__ = [
     "SANITY_REFERENCE",
 ]
 
-#: cbmir registry names -> the paper's model names (``paper_results.csv``).
-PAPER_MODEL_NAMES: dict[str, str] = {
-    "vgg19": "VGG19",
-    "resnet50": "ResNet50",
-    "densenet121": "DenseNet121",
-    "efficientnetv2m": "EfficientNetV2M",
-    "medclip": "MedCLIP",
-    "biomedclip": "BiomedCLIP",
-    "openclip": "OpenCLIP",
-    "openclip-vitg14": "OpenCLIP",
-    "openclip_vitg14": "OpenCLIP",
-    "conch": "CONCH",
-    "uni": "UNI",
-}
 _PAPER_MODEL_ORDER = ("VGG19", "ResNet50", "DenseNet121", "EfficientNetV2M", "MedCLIP", "BiomedCLIP",
                       "OpenCLIP", "CONCH", "UNI")
 HOG_LABEL = "HOG (handcrafted baseline)"
@@ -109,11 +96,29 @@ _PAPER_TIMING_NOTE = (
 
 
 # ----------------------------------------------------------------------------- names and labels
+def _spec(model: str):
+    """The registry entry of ``model`` (None for a name the registry does not know)."""
+    from cbmir.ingest.extractors import get_spec
+
+    try:
+        return get_spec(str(model))
+    except CbmirError:
+        return None
+
+
+def is_baseline(model: str) -> bool:
+    """Whether ``model`` is a weights-free baseline (its registry entry's ``baseline``, e.g. ``hog``)."""
+    spec = _spec(model)
+    return bool(spec is not None and spec.baseline)
+
+
 def paper_model_name(model: str) -> str | None:
-    """The paper's name of cbmir model ``model`` (``resnet50`` -> ``ResNet50``); None if not in the study."""
+    """The paper's name of cbmir model ``model`` (its entry's ``paper_name``: ``resnet50`` -> ``ResNet50``, or
+    the paper's own spelling); None if not in the study."""
     key = str(model).strip().lower()
-    if key in PAPER_MODEL_NAMES:
-        return PAPER_MODEL_NAMES[key]
+    spec = _spec(key)
+    if spec is not None:
+        return spec.paper_name or None
     for name in _PAPER_MODEL_ORDER:
         if key == name.lower():
             return name
@@ -145,15 +150,20 @@ def dataset_display_name(flag: str) -> str:
         return str(flag)
 
 
-def row_label(model: str, random_init: bool = False, family: str | None = None, backend: str | None = None) -> str:
-    """Row label of a model: the paper's name, ``HOG (handcrafted baseline)`` for ``hog``, a
-    ``RANDOM-INIT`` suffix for random weights and ``[keras]`` for a non-default backend."""
-    if str(model).lower() == "hog" or family in ("handcrafted", "handcrafted baseline"):
-        name = HOG_LABEL if str(model).lower() == "hog" else f"{model} (handcrafted baseline)"
+def row_label(model: str, random_init: bool = False, family: str | None = None, backend: str | None = None,
+              input_size: str | None = None) -> str:
+    """Row label of a model: its display name (the paper's for the study's models), ``(handcrafted baseline)``
+    after a weights-free baseline (``HOG (handcrafted baseline)``), ``[keras]`` for a non-default backend,
+    ``[input 224]`` for a CNN input size other than ``native`` and a ``RANDOM-INIT`` suffix for random weights."""
+    spec = _spec(model)
+    if (spec is not None and spec.baseline) or family in ("handcrafted", "handcrafted baseline"):
+        name = f"{spec.display_name if spec is not None else model} (handcrafted baseline)"
     else:
-        name = paper_model_name(model) or str(model)
+        name = (spec.display_name if spec is not None else None) or paper_model_name(model) or str(model)
     if backend and backend not in ("torch", "numpy", "nan"):
         name += f" [{backend}]"
+    if input_size not in (None, "", "native", "nan"):
+        name += f" [input {input_size}]"
     if random_init:
         name += " RANDOM-INIT"
     return name
@@ -161,7 +171,7 @@ def row_label(model: str, random_init: bool = False, family: str | None = None, 
 
 def _model_order(label: str) -> tuple:
     base = label.replace(" RANDOM-INIT", "")
-    if base.startswith("HOG"):
+    if "(handcrafted baseline)" in base:
         return (0, 0, label)
     for i, name in enumerate(_PAPER_MODEL_ORDER):
         if base.startswith(name):
@@ -185,16 +195,18 @@ def prepare_results(df: pd.DataFrame) -> pd.DataFrame:
     """
     df = df.copy()
     defaults = {"status": "ok", "random_init": False, "distance": "cosine", "backend": "torch", "family": None,
-                "is_3d": None, "error": ""}
+                "is_3d": None, "error": "", "input_size": "native"}
     for c, v in defaults.items():
         if c not in df.columns:
             df[c] = v
-    from cbmir.evaluation.grid import _to_bool
+    from cbmir.evaluation.grid import _input_size_of, _to_bool
 
     df["random_init"] = df["random_init"].map(_to_bool)
     df["size"] = df["size"].astype(int)
-    df["label"] = [row_label(m, ri, fam if isinstance(fam, str) else None, str(b))
-                   for m, ri, fam, b in zip(df["model"], df["random_init"], df["family"], df["backend"])]
+    df["input_size"] = df["input_size"].map(_input_size_of)
+    df["label"] = [row_label(m, ri, fam if isinstance(fam, str) else None, str(b), ins)
+                   for m, ri, fam, b, ins in zip(df["model"], df["random_init"], df["family"], df["backend"],
+                                                 df["input_size"])]
     df["dataset_name"] = [dataset_display_name(d) for d in df["dataset"]]
     df["paper_model"] = [paper_model_name(m) for m in df["model"]]
 
@@ -326,7 +338,7 @@ def robustness_table(df: pd.DataFrame, distance: str, metric: str = "ACC@1") -> 
             continue
         sub = rows[(rows["dataset"] == r["dataset"]) & (rows["label"] == r["model"])]
         sizes = sorted(int(s) for s in sub["size"])
-        pm = paper_model_name(sub["model"].iloc[0]) if not str(r["model"]).startswith("HOG") else None
+        pm = paper_model_name(sub["model"].iloc[0]) if not is_baseline(sub["model"].iloc[0]) else None
         p = pub[(pub["dataset"].str.lower() == str(r["dataset"]).lower()) & (pub["model"] == pm)] if pm else pub.iloc[0:0]
         same = p[p["size"].isin(sizes)][metric]
         out.append({
@@ -1066,11 +1078,11 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
                "n queries": int(g["n_queries"].iloc[0]) if "n_queries" in g and pd.notna(g["n_queries"].iloc[0]) else None,
                "majority class ACC@1": float(maj.iloc[0]) if len(maj) else float("nan")}
         for dist in distances:
-            h = g[(g["model"] == "hog") & (g["distance"] == dist)]
+            h = g[g["model"].map(is_baseline) & (g["distance"] == dist)]
             rec[f"HOG ACC@1 ({dist})"] = float(h["ACC@1"].iloc[0]) if len(h) else "not run"
         ref = SANITY_REFERENCE.get((str(d).lower(), int(s)))
         rec["HOG ACC@1 design ref."] = ref[2] if ref else float("nan")
-        best = g[g["model"] != "hog"]
+        best = g[~g["model"].map(is_baseline)]
         if len(best):
             b = best.loc[best["ACC@1"].astype(float).idxmax()]
             rec["best other ACC@1"] = f"{float(b['ACC@1']):.2f} ({b['label']}, {b['distance']})"
