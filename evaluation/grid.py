@@ -225,7 +225,7 @@ class GridConfig:
         self.backends = [b.lower() for b in _as_list(self.backends)] or ["torch"]
         self.distances = [d.lower() for d in _as_list(self.distances)] or ["cosine"]
         self.input_sizes = list(dict.fromkeys(parse_input_size(v, option="input_sizes")
-                                              for v in _as_list(self.input_sizes))) or [None]
+                                              for v in _as_list(self.input_sizes, lambda v: v))) or [None]
         bad = [d for d in self.distances if d not in ("cosine", "euclidean")]
         if bad:
             raise CbmirError(f"unknown distance(s) {bad}; valid: cosine, euclidean")
@@ -333,8 +333,10 @@ class Cell:
 
     @property
     def key(self) -> tuple:
+        """The cell's :data:`KEY` values; a ``native`` cell leaves out ``input_size`` (its key as before the
+        column existed, so older tables and their rows keep their keys)."""
         return (self.dataset, int(self.size), self.model, self.backend, self.distance, bool(self.random_init),
-                input_size_label(self.input_size))
+                *([input_size_label(self.input_size)] if self.input_size is not None else []))
 
     @property
     def features_key(self) -> tuple:
@@ -466,7 +468,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     except Exception as e:
         raise CbmirError(f"results table {p} does not parse as {'Parquet' if _is_parquet(p) else 'CSV'}: "
                          f"{e}") from None
-    missing = [c for c in KEY if c not in df.columns]
+    missing = [c for c in KEY if c not in df.columns and c != "input_size"]  # input_size: native before issue 18
     if missing:
         raise CbmirError(f"results table {p} lacks key column(s) {missing}; is it a cbmir results table?")
     for c in COLUMNS:
@@ -495,8 +497,9 @@ def _is_parquet(path: Path) -> bool:
 
 
 def _key_of(row: Mapping) -> tuple:
+    ins = _input_size_of(row.get("input_size"))
     return (str(row["dataset"]), int(row["size"]), str(row["model"]), str(row["backend"]),
-            str(row["distance"]), _to_bool(row["random_init"]), _input_size_of(row.get("input_size")))
+            str(row["distance"]), _to_bool(row["random_init"]), *([ins] if ins != "native" else []))
 
 
 def _input_size_of(v) -> str:
