@@ -1102,6 +1102,9 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
             lines.append(f"HOG was not run with the {dist} distance for: {', '.join(partial)} "
                          "(its other-distance result is in the table).\n")
 
+    from cbmir.evaluation.study_rows import side_by_side_section
+
+    lines += side_by_side_section(ok, distances, markdown_table)
     # ------------------------------------------------------------------ S1-S4
     lines.append("## Per-size results (layout of the study's Tables S1-S4)\n")
     lines.append("Ours, the paper's value (`paper`) and ours - paper (`Δ`, percentage points). The paper's "
