@@ -74,7 +74,6 @@ __all__ = [
 
 _PAPER_MODEL_ORDER = ("VGG19", "ResNet50", "DenseNet121", "EfficientNetV2M", "MedCLIP", "BiomedCLIP",
                       "OpenCLIP", "CONCH", "UNI")
-HOG_LABEL = "HOG (handcrafted baseline)"
 
 #: Weights-free sanity reference measured while designing cbmir (DESIGN.md §3; not from the study):
 #: HOG (skimage, 9 orientations, 4x4 cells, 2x2 blocks), cosine, train = database, test = queries,

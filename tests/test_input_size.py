@@ -171,3 +171,20 @@ def test_cli_run_with_input_size_names_and_records_it(data_dir, tmp_path):
     bad = CliRunner().invoke(app, ["run", "-d", "breastmnist", "-m", "hog", "--input-size", "224",
                                    "--store-path", str(tmp_path / "s")], env=env)
     assert bad.exit_code != 0 and "own fixed input rule" in str(bad.exception or bad.output)
+
+
+def test_keras_backend_resizes_to_the_input_size_before_preprocess_input():
+    """The Keras extractor's input step (no TensorFlow needed): native 28 -> 32, input_size N -> N, 64 stays 64."""
+    from cbmir.ingest.extractors.keras_cnn import KerasCNNExtractor
+
+    def bare(input_size):
+        ext = KerasCNNExtractor.__new__(KerasCNNExtractor)
+        ext.input_size, ext._preprocess_input = input_size, (lambda x: x)
+        return ext
+
+    imgs = np.random.default_rng(3).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    assert bare(None).preprocess(imgs).shape == (2, 32, 32, 3)
+    assert bare(96).preprocess(imgs).shape == (2, 96, 96, 3)
+    big = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(bare(None).preprocess(big), big.astype(np.float32))
+    assert get_spec("resnet50").preprocess_cfg.resizable and "keras" in get_spec("resnet50").backends
