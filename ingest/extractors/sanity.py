@@ -13,13 +13,15 @@ handling), at the weights' native input side (``preprocess_cfg.input_size``), af
   for the images as given (RGB) than for the same images with their channels reversed (BGR). A model fed
   the wrong channel order still names a cat and an espresso (ImageNet CNNs are robust to it), but it is
   less sure of them: measured on EfficientNet-Lite0/1/2, the probability of the expected classes drops
-  from 0.89/0.75/0.87 to 0.85/0.54/0.63 (chelsea) when the channels are reversed.
+  from 0.88/0.83/0.84 to 0.86/0.75/0.64 (chelsea) and from 0.96/0.67/0.91 to 0.90/0.61/0.77 (coffee) when
+  the channels are reversed.
 
-What it catches (measured on the three EfficientNet-Lite entries): keys mapped onto the wrong layers,
-random weights, a forgotten ``/ 255`` (top-1 becomes 844 / 971 / 700), image bytes read as
-channels-first, reversed channel order. What it does not catch: a mild change of mean / std (ImageNet's or
-CLIP's instead of the weights' 0.5 / 0.5: same top-1 classes), so the entry's mean / std stay the record
-of truth (:class:`~cbmir.ingest.base.PreprocessCfg`).
+What it catches (measured on the three EfficientNet-Lite entries): a forgotten ``/ 255`` (chelsea's top-1
+becomes 721 / 619 / 434), image bytes read as channels-first, reversed channel order. What it does not catch:
+a mild change of mean / std (ImageNet's or CLIP's instead of the weights' 0.5 / 0.5: same top-1 classes),
+or symmetric instead of TensorFlow ``SAME`` padding (same top-1 classes at the native side, very different
+features at 32 px: :mod:`cbmir.ingest.extractors.efficientnet_lite`). It proves gross errors absent; the
+entry's typed preprocessing (:class:`~cbmir.ingest.base.PreprocessCfg`) stays the record of the details.
 """
 
 from __future__ import annotations
