@@ -6,6 +6,7 @@ Every user-facing error is a :class:`cbmir.core.errors.CbmirError`, printed as o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -573,19 +574,22 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-reada
     rows = [{"name": sp.name, "family": sp.family, "dim": sp.dim, "backends": list(sp.backends),
              "input_policy": sp.input_policy, "weights_source": sp.weights_source, "licence": sp.licence,
              "weights_available_locally": weights_available(sp),
-             "weights_available_by_backend": {b: weights_available(sp, b) for b in sp.backends}}
+             "weights_available_by_backend": {b: weights_available(sp, b) for b in sp.backends},
+             "display_name": sp.display_name, "baseline": sp.baseline,
+             "weights": dataclasses.asdict(sp.weights_cfg), "preprocessing": dataclasses.asdict(sp.preprocess_cfg)}
             for sp in list_specs()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'name':<16} {'family':<27} {'dim':>5}  {'backends':<12} {'local weights':<17} source")
+    w = max(16, *(len(r["name"]) for r in rows))
+    typer.echo(f"{'name':<{w}} {'family':<27} {'dim':>5}  {'backends':<12} {'local weights':<17} source")
     for r in rows:
         local = ",".join(f"{b}:{'yes' if ok else 'no'}" for b, ok in r["weights_available_by_backend"].items()) \
             if len(r["backends"]) > 1 else ("yes" if r["weights_available_locally"] else "no")
-        typer.echo(f"{r['name']:<16} {r['family']:<27} {r['dim']:>5}  {','.join(r['backends']):<12} "
+        typer.echo(f"{r['name']:<{w}} {r['family']:<27} {r['dim']:>5}  {','.join(r['backends']):<12} "
                    f"{local:<17} {r['weights_source']}")
-        typer.echo(f"{'':<16} input: {r['input_policy']}")
-        typer.echo(f"{'':<16} licence: {r['licence']}")
+        typer.echo(f"{'':<{w}} input: {r['input_policy']}")
+        typer.echo(f"{'':<{w}} licence: {r['licence']}")
 
 
 def _models_check(as_json: bool) -> None:
