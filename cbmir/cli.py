@@ -6,6 +6,7 @@ Every user-facing error is a :class:`cbmir.core.errors.CbmirError`, printed as o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -49,6 +50,15 @@ RandomInitReadOpt = typer.Option(False, "--random-init", help="the collection bu
 RECREATE_HELP = ("replace an existing collection: built beside it and swapped in when complete (the old one stays "
                  "intact until then; re-running resumes)")
 FitOpt = typer.Option("stretch", "--fit", help="user archive 2D resize: stretch | pad | crop")
+InputSizeOpt = typer.Option("native", "--input-size", help="ImageNet CNNs: native (the study's: each image at its "
+                            "own size, 28 -> 32 px) or N: every image / slice resized to N x N (collection _in<N>)")
+
+
+def _input_size(value: str):
+    """``--input-size`` as :func:`cbmir.core.input_size.parse_input_size` reads it (None = native)."""
+    from cbmir.core.input_size import parse_input_size
+
+    return parse_input_size(value)
 
 
 def _arch(source=None, name=None, strict=False, intensity=None, window=None, slice_axis=None, dicom_mode="auto",
@@ -71,11 +81,12 @@ def _app(**overrides):
     return App(load_settings(**overrides))
 
 
-def _ref(s, dataset, size, model, backend, aggregation, arch=None, random_init=False):
+def _ref(s, dataset, size, model, backend, aggregation, arch=None, random_init=False, input_size="native"):
     from cbmir.app.collections import ArchiveOptions, CollectionRef
 
     return CollectionRef(dataset=dataset, size=size, model=model, backend=backend, distance=s.distance,
-                         aggregation=aggregation, random_init=random_init, archive=arch or ArchiveOptions())
+                         aggregation=aggregation, random_init=random_init, archive=arch or ArchiveOptions(),
+                         input_size=_input_size(input_size))
 
 
 def _notes(notes: list[str]) -> None:
@@ -202,12 +213,13 @@ def ingest_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-               fit: str = FitOpt) -> None:
+               fit: str = FitOpt, input_size: str = InputSizeOpt) -> None:
     """Embed a dataset's splits and upsert them into its collection (idempotent, resumable)."""
     with _app(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
               batch_size=batch_size, distance=distance, threads=threads) as a:
         ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
-                   _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit), random_init)
+                   _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit),
+                   random_init, input_size=input_size)
         _do_ingest(a, ref, weights, recreate, tuple(x.strip() for x in splits.split(",") if x.strip()))
 
 @app.command("evaluate")
@@ -217,7 +229,7 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
                  store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                  source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                  dicom_mode: str = DicomModeOpt, search_backend: str = SearchBackendOpt,
-                 random_init: bool = RandomInitReadOpt,
+                 random_init: bool = RandomInitReadOpt, input_size: str = InputSizeOpt,
                  query_split: str = typer.Option("test", "--query-split", help="split whose points are the queries"),
                  database_split: str = typer.Option("train", "--database-split",
                                                     help="split searched; the query split too: leave-one-out")) -> None:
@@ -232,7 +244,7 @@ def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mo
     _check_output(output)
     with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
         ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
-                   _arch(source, name, dicom_mode=dicom_mode), random_init)
+                   _arch(source, name, dicom_mode=dicom_mode), random_init, input_size=input_size)
         name, meta = open_collection(a.store, ref)
         ev, notes = evaluate(a, name, k=k, search_backend=search_backend, query_split=query_split,
                              database_split=database_split)
@@ -252,7 +264,7 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
             source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
             intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
             slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-            fit: str = FitOpt, search_backend: str = SearchBackendOpt) -> None:
+            fit: str = FitOpt, search_backend: str = SearchBackendOpt, input_size: str = InputSizeOpt) -> None:
     """Ingest (train = database, test = queries), then evaluate: the study's protocol in one command."""
     from cbmir.app.evaluating import check_k, evaluate, result_dict
     from cbmir.evaluation.evaluate import SEARCH_BACKENDS
@@ -264,7 +276,8 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
     with _app(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
               batch_size=batch_size, distance=distance, threads=threads) as a:
         ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
-                   _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit), random_init)
+                   _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit),
+                   random_init, input_size=input_size)
         t0 = time.perf_counter()
         rep = _do_ingest(a, ref, weights, recreate, ("train", "test"), evaluable=True)
         t_ingest = time.perf_counter() - t0
@@ -296,7 +309,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-               fit: str = FitOpt, random_init: bool = RandomInitReadOpt) -> None:
+               fit: str = FitOpt, random_init: bool = RandomInitReadOpt, input_size: str = InputSizeOpt) -> None:
     """Top-k database images for a stored point (``--query-index``) or a file (``--image``: any image format,
     DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as ingest)."""
     from cbmir.app import FileOptions, SearchRequest, open_collection, search
@@ -311,7 +324,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
     with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
         if collection is None:  # resolved from --dataset: the archive must be the one ingested
             ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
-                       _arch(source, name, dicom_mode=dicom_mode), random_init)
+                       _arch(source, name, dicom_mode=dicom_mode), random_init, input_size=input_size)
             collection, _ = open_collection(a.store, ref)
         req = SearchRequest(collection=collection, k=k, database_split=database_split, filter=flt,
                             exclude_self=exclude_self, distance=distance, weights=weights,
@@ -361,7 +374,8 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                output: Path = typer.Option(..., "--output", "-o", help="npz file to write"),
                store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
-               dicom_mode: str = DicomModeOpt, random_init: bool = RandomInitReadOpt) -> None:
+               dicom_mode: str = DicomModeOpt, random_init: bool = RandomInitReadOpt,
+               input_size: str = InputSizeOpt) -> None:
     """Write a collection's vectors read back from the store: ``train_vectors`` (N, D) float32,
     ``train_labels`` (N,), ``test_vectors``, ``test_labels``, rows in split order."""
     from cbmir.app.collections import open_collection
@@ -372,7 +386,7 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
     arrays = {}
     with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
         ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
-                   _arch(source, name, dicom_mode=dicom_mode), random_init)
+                   _arch(source, name, dicom_mode=dicom_mode), random_init, input_size=input_size)
         name, _ = open_collection(a.store, ref)
         for split in ("train", "test"):
             idx, vec, pay = a.store.fetch(name, split)
@@ -386,7 +400,8 @@ def export_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
                distance: Optional[str] = DistanceOpt, volume_aggregation: str = AggOpt,
                data_dir: Optional[Path] = DataDirOpt, store_path: Optional[Path] = StoreOpt,
-               qdrant_url: Optional[str] = UrlOpt, random_init: bool = RandomInitReadOpt) -> None:
+               qdrant_url: Optional[str] = UrlOpt, random_init: bool = RandomInitReadOpt,
+               input_size: str = InputSizeOpt) -> None:
     """Check a collection against its source: counts per split, duplicate ids, labels, dims, non-finite
     vectors. Prints one line, ``OK ...`` (exit 0) or ``FAIL: <problems>`` (exit 1)."""
     from cbmir.app.collections import randinit_hint, resolve_name
@@ -395,7 +410,7 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
 
     with _app(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
         name = resolve_name(_ref(a.settings, dataset, size, model, backend, volume_aggregation,
-                                 random_init=random_init))
+                                 random_init=random_init, input_size=input_size))
         source = open_source(dataset, size, data_dir=a.settings.data_dir)
         rep = verify_collection(a.store, name, source)
         hint = "" if rep.ok else randinit_hint(a.store, name, random_init)
@@ -403,26 +418,50 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
     raise typer.Exit(0 if rep.ok else 1)
 
 @app.command("models")
-def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+               check: bool = typer.Option(False, "--check", help="weights sanity check: every model with local "
+                                          "pretrained weights classifies two photographs through its own "
+                                          "preprocessing (a cat, an espresso); one PASS/FAIL/skipped line each; "
+                                          "exit 1 on a FAIL")) -> None:
     """List the extractor registry: name, family, dim, backends, input policy, weights source, licence."""
     from cbmir.ingest.extractors import list_specs, weights_available
+
+    if check:
+        _models_check(as_json)
+        return
 
     rows = [{"name": sp.name, "family": sp.family, "dim": sp.dim, "backends": list(sp.backends),
              "input_policy": sp.input_policy, "weights_source": sp.weights_source, "licence": sp.licence,
              "weights_available_locally": weights_available(sp),
-             "weights_available_by_backend": {b: weights_available(sp, b) for b in sp.backends}}
+             "weights_available_by_backend": {b: weights_available(sp, b) for b in sp.backends},
+             "display_name": sp.display_name, "baseline": sp.baseline,
+             "weights": dataclasses.asdict(sp.weights_cfg), "preprocessing": dataclasses.asdict(sp.preprocess_cfg)}
             for sp in list_specs()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'name':<16} {'family':<27} {'dim':>5}  {'backends':<12} {'local weights':<17} source")
+    w = max(16, *(len(r["name"]) for r in rows))
+    typer.echo(f"{'name':<{w}} {'family':<27} {'dim':>5}  {'backends':<12} {'local weights':<17} source")
     for r in rows:
         local = ",".join(f"{b}:{'yes' if ok else 'no'}" for b, ok in r["weights_available_by_backend"].items()) \
             if len(r["backends"]) > 1 else ("yes" if r["weights_available_locally"] else "no")
-        typer.echo(f"{r['name']:<16} {r['family']:<27} {r['dim']:>5}  {','.join(r['backends']):<12} "
+        typer.echo(f"{r['name']:<{w}} {r['family']:<27} {r['dim']:>5}  {','.join(r['backends']):<12} "
                    f"{local:<17} {r['weights_source']}")
-        typer.echo(f"{'':<16} input: {r['input_policy']}")
-        typer.echo(f"{'':<16} licence: {r['licence']}")
+        typer.echo(f"{'':<{w}} input: {r['input_policy']}")
+        typer.echo(f"{'':<{w}} licence: {r['licence']}")
+
+
+def _models_check(as_json: bool) -> None:
+    """``cbmir models --check``: :func:`cbmir.ingest.extractors.sanity.check_models`, one line per model."""
+    from cbmir.ingest.extractors.sanity import FAIL, check_models
+
+    results = check_models()
+    if as_json:
+        typer.echo(json.dumps([vars(r) for r in results], indent=2))
+    for r in ([] if as_json else results):
+        typer.echo(r.line())
+    if any(r.status == FAIL for r in results):
+        raise typer.Exit(1)
 
 
 @app.command("benchmark")
@@ -433,6 +472,8 @@ def benchmark_cmd(
         sizes: Optional[str] = typer.Option(None, "--sizes", help="comma-separated sizes, e.g. 28,64 [28]"),
         backends: Optional[str] = typer.Option(None, "--backends", help="comma-separated: torch,keras [torch]"),
         distances: Optional[str] = typer.Option(None, "--distances", help="cosine,euclidean [cosine]"),
+        input_sizes: Optional[str] = typer.Option(None, "--input-sizes", help="ImageNet CNNs: comma-separated "
+                                                  "native and/or sides, e.g. native,224 [native]"),
         random_init: Optional[bool] = typer.Option(None, "--random-init/--pretrained",
                                                    help="random CNN weights (smoke runs; labelled RANDOM-INIT)"),
         results: Optional[Path] = typer.Option(None, "--results", help="results CSV [results/results.csv]"),
@@ -453,7 +494,8 @@ def benchmark_cmd(
 
     cfg = config_from_cli(
         config, datasets=parse_list(datasets), models=parse_list(models), sizes=parse_list(sizes),
-        backends=parse_list(backends), distances=parse_list(distances), random_init=random_init,
+        backends=parse_list(backends), distances=parse_list(distances), input_sizes=parse_list(input_sizes),
+        random_init=random_init,
         results=results, save_per_query=save_per_query, retry_failed=retry_failed, k=k,
         volume_aggregation=volume_aggregation, download=download, data_dir=data_dir, store_path=store_path,
         qdrant_url=qdrant_url, device=device, batch_size=batch_size, threads=threads, progress=progress)

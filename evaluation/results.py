@@ -1,14 +1,15 @@
 """The results table of the benchmark grid and its per-query files: columns, reading, writing.
 
 The grid (:mod:`cbmir.grid`) writes **one tidy table** (CSV, or Parquet for a ``.parquet`` path), one
-row per cell, keyed by :data:`KEY` = ``(dataset, size, model, backend, distance, random_init)``; the
+row per cell, keyed by :data:`KEY` = ``(dataset, size, model, backend, distance, random_init, input_size)``; the
 report (:mod:`cbmir.evaluation.report`) reads it. The table is rewritten atomically (temporary file +
 ``os.replace``) after every cell, so an interrupted grid loses at most the cell in progress. Columns
 (:data:`COLUMNS`; units in the names or below):
 
 * key and status: ``dataset`` (MedMNIST flag), ``size`` (px / volume side), ``model``,
   ``backend``, ``distance`` (``cosine`` | ``euclidean``), ``random_init`` (bool), ``status``
-  (``ok`` | ``failed``), ``error`` (one line, ``ExceptionType: message``; empty when ok);
+  (``ok`` | ``failed``), ``error`` (one line, ``ExceptionType: message``; empty when ok), ``input_size``
+  (CNN input-size policy: ``native``, the study's, or a side such as ``224``; ``native`` in older tables);
 * identity: ``family``, ``collection``, ``engine``, ``store``, ``weights`` (identity recorded in
   the collection: hub id, ``sha256:...``, ``random-init`` or ``none``), ``dim``, ``is_3d``,
   ``aggregation``, ``k``, ``n_queries``, ``n_database``, ``device``, ``threads`` (torch CPU threads);
@@ -58,6 +59,7 @@ __all__ = [
     "upsert_row",
     "to_frame",
     "key_of",
+    "input_size_of",
     "k_of",
     "to_bool",
     "load_per_query",
@@ -66,7 +68,7 @@ __all__ = [
 ]
 
 #: Columns that identify a cell (one row per key in the results table).
-KEY: tuple[str, ...] = ("dataset", "size", "model", "backend", "distance", "random_init")
+KEY: tuple[str, ...] = ("dataset", "size", "model", "backend", "distance", "random_init", "input_size")
 
 #: Metric columns (percent), as in :data:`cbmir.evaluation.reference.METRICS`.
 METRIC_COLUMNS: tuple[str, ...] = ("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5")
@@ -109,7 +111,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     except Exception as e:  # noqa: BLE001 - any parser error becomes one line naming the file
         raise CbmirError(f"results table {p} does not parse as {'Parquet' if _is_parquet(p) else 'CSV'}: "
                          f"{e}") from None
-    missing = [c for c in KEY if c not in df.columns]
+    missing = [c for c in KEY if c not in df.columns and c != "input_size"]  # input_size: native before issue 18
     if missing:
         raise CbmirError(f"results table {p} lacks key column(s) {missing}; is it a cbmir results table?")
     for c in COLUMNS:
@@ -120,6 +122,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
         df[c] = df[c].map(to_bool)
     for c in ("dataset", "model", "backend", "distance", "status"):
         df[c] = df[c].astype(str)
+    df["input_size"] = df["input_size"].map(input_size_of)
     df["error"] = ["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in df["error"]]
     return df
 
@@ -138,9 +141,19 @@ def _is_parquet(path: Path) -> bool:
 
 
 def key_of(row: Mapping) -> tuple:
-    """The :data:`KEY` of a row, typed (``size`` int, ``random_init`` bool)."""
+    """The :data:`KEY` of a row, typed (``size`` int, ``random_init`` bool); a ``native`` row leaves out
+    ``input_size`` (its key as before the column existed, so older tables keep their keys)."""
+    ins = input_size_of(row.get("input_size"))
     return (str(row["dataset"]), int(row["size"]), str(row["model"]), str(row["backend"]),
-            str(row["distance"]), to_bool(row["random_init"]))
+            str(row["distance"]), to_bool(row["random_init"]), *([ins] if ins != "native" else []))
+
+
+def input_size_of(v) -> str:
+    """A table's ``input_size`` value as its label: ``native`` (also for a missing value: older tables) or
+    the side as text (``224``, also when read back as ``224.0``)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip().lower() in ("", "native", "nan"):
+        return "native"
+    return str(int(float(v)))
 
 
 def k_of(row: Mapping) -> int | None:

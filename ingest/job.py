@@ -81,7 +81,7 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
         preprocessing="; ".join(x for x in (str(ident.get("preprocessing", "")),
                                             str(getattr(source, "preprocessing", "") or "")) if x),
         is_3d=bool(source.is_3d), aggregation=getattr(embedder, "aggregation", "none"),
-        extra=_source_extra(source),
+        extra=_source_extra(source), input_size=ident.get("input_size"),
     )
 
 
@@ -179,7 +179,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     meta = build_meta(source, embedder, distance=distance)
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
                                          distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat",
-                                         random_init=meta.random_init)
+                                         random_init=meta.random_init, input_size=meta.input_size)
     target, meta = _open_target(store, name, meta, source, splits=splits, recreate=recreate)
     report = IngestReport(collection=name, meta=meta)
     for split in splits:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cbmir.core.errors import CbmirError
+from cbmir.core.input_size import input_size_suffix
 from cbmir.core.splits import CODE_SPLITS as _CODE_SPLITS
 from cbmir.core.splits import SPLIT_CODES
 _INDEX_BITS = 40
@@ -30,16 +31,21 @@ def collection_name(
     distance: str = "cosine",
     aggregation: str = "concat",
     random_init: bool = False,
+    input_size: int | None = None,
 ) -> str:
     """Name of the collection of (dataset, size, model), e.g. ``breastmnist_28_hog``.
 
-    Defaults (torch backend, cosine distance, concat slice aggregation, pretrained weights) add no
-    suffix; random weights (``--random-init``) add ``_randinit`` last, so a smoke-test collection never
+    Defaults (torch backend, ``native`` input size, cosine distance, concat slice aggregation, pretrained
+    weights) add no suffix; a fixed CNN input size adds ``_in<N>`` after the backend
+    (``breastmnist_28_efficientnet_lite0_in224``, :mod:`cbmir.core.input_size`); random weights
+    (``--random-init``) add ``_randinit`` last, so a smoke-test collection never
     takes the name of the pretrained one (``breastmnist_28_resnet50_randinit``).
     """
     parts = [dataset, str(size), model]
     if backend not in ("torch", "numpy"):
         parts.append(backend)
+    if input_size is not None:
+        parts.append(input_size_suffix(input_size))
     if aggregation != "concat":
         parts.append(aggregation)
     if distance != "cosine":
@@ -102,6 +108,8 @@ class CollectionMeta:
             ``dim`` exceeds :data:`MAX_VECTOR_DIM`. Cosine vectors are L2-normalised as a whole
             before chunking; the score of a point is the sum of its chunk scores.
         extra: free-form extra facts (source kind, version) — not checked for compatibility.
+        input_size: the CNN input-size policy: None = ``native`` (the study's), else the side N every
+            image (or slice) was resized to (:mod:`cbmir.core.input_size`). Absent in older metadata (native).
     """
 
     dataset: str
@@ -117,9 +125,10 @@ class CollectionMeta:
     aggregation: str = "none"
     layout: list = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    input_size: int | None = None
 
     CHECKED = ("dataset", "size", "model", "backend", "dim", "distance", "weights",
-               "random_init", "preprocessing", "is_3d", "aggregation")
+               "random_init", "preprocessing", "is_3d", "aggregation", "input_size")
 
     def __post_init__(self) -> None:
         if self.distance not in DISTANCES:
@@ -134,7 +143,7 @@ class CollectionMeta:
     #: JSON type of every field, checked by :meth:`from_dict` (stored metadata may be damaged)
     _TYPES = {"dataset": str, "size": int, "model": str, "backend": str, "dim": int, "distance": str,
               "weights": str, "random_init": bool, "preprocessing": str, "is_3d": bool, "aggregation": str,
-              "layout": list, "extra": dict}
+              "layout": list, "extra": dict, "input_size": (int, type(None))}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CollectionMeta":
@@ -151,8 +160,9 @@ class CollectionMeta:
             raise ValueError(f"missing key(s) {', '.join(missing)}")
         for k, t in cls._TYPES.items():
             v = d.get(k, None)
-            if k in d and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
-                raise ValueError(f"{k} = {v!r} is not a {t.__name__}")
+            ints = int in (t if isinstance(t, tuple) else (t,))
+            if k in d and (not isinstance(v, t) or (ints and isinstance(v, bool))):
+                raise ValueError(f"{k} = {v!r} is not a {getattr(t, '__name__', 'int or null')}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -164,7 +174,8 @@ class CollectionMeta:
     def describe(self) -> str:
         """One-line human description (model, backend, dim, weights, distance)."""
         ri = " RANDOM-INIT" if self.random_init else ""
-        return (f"{self.dataset}@{self.size} model={self.model} backend={self.backend} dim={self.dim} "
+        ins = f" input_size={self.input_size}" if self.input_size is not None else ""
+        return (f"{self.dataset}@{self.size} model={self.model} backend={self.backend}{ins} dim={self.dim} "
                 f"distance={self.distance} weights={self.weights}{ri} preprocessing={self.preprocessing!r}")
 
 

@@ -51,6 +51,8 @@ class CollectionRef:
         aggregation: 3D slice aggregation: ``concat`` (the study), ``mean`` or ``max``.
         random_init: the smoke-test collection built with random weights (``_randinit``).
         archive: :class:`ArchiveOptions`.
+        input_size: CNN input-size policy: None = ``native`` (the study's), else N (``_in<N>``;
+            :mod:`cbmir.core.input_size`).
     """
 
     dataset: str
@@ -61,6 +63,7 @@ class CollectionRef:
     aggregation: str = "concat"
     random_init: bool = False
     archive: ArchiveOptions = field(default_factory=ArchiveOptions)
+    input_size: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -80,7 +83,7 @@ class CollectionRef:
         """``random_init`` unless the model has no weights to randomise (weights-free baselines)."""
         from cbmir.ingest.extractors import get_spec
 
-        return self.random_init and get_spec(self.model_name).weights_source != "none"
+        return self.random_init and get_spec(self.model_name).has_weights
 
 
 def resolve_name(ref: CollectionRef) -> str:
@@ -97,7 +100,7 @@ def resolve_name(ref: CollectionRef) -> str:
     backend = ref.resolved_backend() or "numpy"
     return collection_name(ds_name, ref.size, ref.model_name, backend=backend, distance=ref.distance,
                            aggregation=ref.aggregation if is_3d else "concat",
-                           random_init=ref.effective_random_init())
+                           random_init=ref.effective_random_init(), input_size=ref.input_size)
 
 
 def randinit_hint(store, name: str, random_init: bool) -> str:
@@ -183,7 +186,7 @@ def collection_info(store, name: str) -> dict:
             "family": getattr(spec, "family", None), "display_name": getattr(spec, "display_name", meta.model),
             "dim": meta.dim, "distance": meta.distance, "engine": store.engine, "counts": counts,
             "class_names": {str(k): v for k, v in class_names(meta).items()}, "random_init": meta.random_init,
-            "baseline": bool(getattr(spec, "baseline", spec is not None and spec.weights_source == "none")),
+            "baseline": bool(spec is not None and spec.baseline),
             "is_3d": meta.is_3d}
 
 

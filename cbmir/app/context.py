@@ -96,7 +96,7 @@ class App:
         return self._store
 
     def embedder(self, meta, *, weights: str | None = None):
-        """The embedder that built a collection (its model, backend, weights kind, size and 3D handling),
+        """The embedder that built a collection (its model, backend, weights kind, size, input size and 3D handling),
         built once per (collection configuration, weights) and cached.
 
         Args:
@@ -107,7 +107,7 @@ class App:
             CbmirError: the weights cannot be loaded here (names the model and ``--weights``).
         """
         key = (meta.model, meta.backend, meta.random_init, meta.size, meta.is_3d, meta.aggregation, meta.weights,
-               weights)
+               weights, meta.input_size)
         with self._lock:
             emb = self._embedders.get(key)
             if emb is None:
@@ -116,7 +116,8 @@ class App:
 
                 ext = create_extractor(meta.model, weights=weights, random_init=meta.random_init,
                                        device=self.settings.device, batch_size=self.settings.batch_size,
-                                       backend=meta.backend if meta.backend != "numpy" else None)
+                                       backend=meta.backend if meta.backend != "numpy" else None,
+                                       input_size=meta.input_size)
                 emb = make_embedder(ext, size=meta.size, is_3d=meta.is_3d,
                                     aggregation=meta.aggregation if meta.is_3d else "concat")
                 self._embedders[key] = emb

@@ -13,10 +13,12 @@ def check_model_weights(ref: CollectionRef, weights: str | None = None) -> None:
     TensorFlow or medmnist are imported and before the dataset is opened.
 
     Raises:
-        CbmirError: unknown model; weights unreachable or gated (naming the access step and ``--weights``).
+        CbmirError: unknown model; an input size the model does not take; weights unreachable or gated
+            (naming the access step and ``--weights``).
     """
-    from cbmir.ingest.extractors import check_weights
+    from cbmir.ingest.extractors import check_input_size, check_weights, get_spec
 
+    check_input_size(get_spec(ref.model_name), ref.input_size)
     check_weights(ref.model_name, weights=weights, random_init=ref.random_init, backend=ref.resolved_backend())
 
 
@@ -59,7 +61,7 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
         torch.set_num_threads(int(s.threads))
     t0 = time.perf_counter()
     extractor = create_extractor(ref.model_name, weights=weights, random_init=ref.random_init, device=s.device,
-                                 batch_size=s.batch_size, backend=backend)
+                                 batch_size=s.batch_size, backend=backend, input_size=ref.input_size)
     model_load_s = time.perf_counter() - t0
     embedder = make_embedder(extractor, size=ref.size, is_3d=source.is_3d, aggregation=ref.aggregation)
     if evaluable:

@@ -21,6 +21,7 @@ import numpy as np
 
 from cbmir.core.errors import CbmirError
 from cbmir.core.files import save_npz_atomic
+from cbmir.core.input_size import input_size_label
 from cbmir.evaluation.results import PER_QUERY_DIR, software_versions
 from cbmir.grid.cache import CACHE_DIR, FeatureCache, RecordingEmbedder, cache_wrappers
 from cbmir.grid.config import Cell, GridConfig
@@ -46,7 +47,8 @@ def cell_ref(cell: Cell, aggregation: str = "concat"):
     from cbmir.app import CollectionRef
 
     return CollectionRef(dataset=cell.dataset, size=cell.size, model=cell.model, backend=cell.backend,
-                         distance=cell.distance, aggregation=aggregation, random_init=cell.random_init)
+                         distance=cell.distance, aggregation=aggregation, random_init=cell.random_init,
+                         input_size=cell.input_size)
 
 
 def collection_for(cell: Cell, aggregation: str = "concat") -> str:
@@ -253,7 +255,8 @@ def _ok_row(cell: Cell, run: _CellRun, *, device: str, per_query_file: str, star
     return {
         "dataset": cell.dataset, "size": int(cell.size), "model": cell.model, "backend": cell.backend,
         "distance": cell.distance, "random_init": bool(cell.random_init), "status": "ok", "error": "",
-        "family": "handcrafted baseline" if run.spec.family == "handcrafted" else run.spec.family,
+        "input_size": input_size_label(cell.input_size),
+        "family": "handcrafted baseline" if run.spec.baseline else run.spec.family,
         "collection": run.name, "engine": ev.engine, "store": run.store_loc, "weights": meta.weights,
         "dim": int(meta.dim), "is_3d": bool(meta.is_3d), "aggregation": meta.aggregation, "k": int(ev.k),
         "n_queries": int(ev.n_queries), "n_database": int(ev.n_database), "device": device,
@@ -282,6 +285,7 @@ def failed_row(cell: Cell, error: BaseException, started: str, wall: float) -> d
     return {
         "dataset": cell.dataset, "size": int(cell.size), "model": cell.model, "backend": cell.backend,
         "distance": cell.distance, "random_init": bool(cell.random_init), "status": "failed",
+        "input_size": input_size_label(cell.input_size),
         "error": _one_line(error), "cell_wall_s": wall, "started_at": started, "finished_at": utc_now(),
         **software_versions(),
     }

@@ -7,12 +7,15 @@ flags, :func:`config_from_cli`); :func:`expand_cells` turns it into :class:`Cell
 
 from __future__ import annotations
 
+import itertools
+
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from cbmir.core.errors import CbmirError
+from cbmir.core.input_size import input_size_label, parse_input_size
 
 __all__ = [
     "GridConfig",
@@ -69,6 +72,8 @@ class GridConfig:
         backends: extractor backends (``torch``, ``keras``); a model that lists a single backend
             (``hog``: ``numpy``) always uses it.
         distances: ``cosine`` and/or ``euclidean``.
+        input_sizes: CNN input-size policies (``native`` and/or sides such as 224; None = native); models
+            with their own fixed preprocessing (HOG, foundation models) run at ``native`` only.
         random_init: random weights for models that have weights (smoke runs; rows are labelled
             RANDOM-INIT in every report). Weights-free models (``hog``) are unaffected.
         weights: optional ``{model: local weights file}``.
@@ -93,6 +98,7 @@ class GridConfig:
     dataset_sizes: dict[str, list[int]] = field(default_factory=dict)
     backends: list[str] = field(default_factory=lambda: ["torch"])
     distances: list[str] = field(default_factory=lambda: ["cosine"])
+    input_sizes: list = field(default_factory=lambda: [None])
     random_init: bool = False
     weights: dict[str, str] = field(default_factory=dict)
     results: Path = Path("results/results.csv")
@@ -123,6 +129,8 @@ class GridConfig:
         self.sizes = _as_sizes(self.sizes)
         self.backends = [b.lower() for b in _as_list(self.backends)] or ["torch"]
         self.distances = [d.lower() for d in _as_list(self.distances)] or ["cosine"]
+        self.input_sizes = list(dict.fromkeys(parse_input_size(v, option="input_sizes")
+                                              for v in _as_list(self.input_sizes, lambda v: v))) or [None]
         bad = [d for d in self.distances if d not in ("cosine", "euclidean")]
         if bad:
             raise CbmirError(f"unknown distance(s) {bad}; valid: cosine, euclidean")
@@ -226,19 +234,25 @@ class Cell:
     backend: str
     distance: str
     random_init: bool
+    input_size: int | None = None
 
     @property
     def key(self) -> tuple:
-        return (self.dataset, int(self.size), self.model, self.backend, self.distance, bool(self.random_init))
+        """The cell's :data:`~cbmir.evaluation.results.KEY` values; a ``native`` cell leaves out ``input_size``
+        (its key as before the column existed, so older tables and their rows keep their keys)."""
+        return (self.dataset, int(self.size), self.model, self.backend, self.distance, bool(self.random_init),
+                *([input_size_label(self.input_size)] if self.input_size is not None else []))
 
     @property
     def features_key(self) -> tuple:
         """Cells with the same features (they differ only in distance)."""
-        return (self.dataset, int(self.size), self.model, self.backend, bool(self.random_init))
+        return (self.dataset, int(self.size), self.model, self.backend, bool(self.random_init),
+                *([f"in{self.input_size}"] if self.input_size is not None else []))
 
     def label(self) -> str:
         ri = " RANDOM-INIT" if self.random_init else ""
-        return f"{self.dataset}@{self.size} {self.model}/{self.backend} {self.distance}{ri}"
+        ins = f" input {self.input_size}" if self.input_size is not None else ""
+        return f"{self.dataset}@{self.size} {self.model}/{self.backend}{ins} {self.distance}{ri}"
 
 
 def _spec_or_none(model: str):
@@ -260,14 +274,15 @@ def _resolve_backend(spec, backend: str) -> str:
 
 
 def _has_weights(spec) -> bool:
-    return spec is None or str(spec.weights_source).lower() not in ("none", "")
+    return spec is None or spec.has_weights
 
 
 def expand_cells(config: GridConfig) -> list[Cell]:
-    """All cells of ``config`` in run order: dataset, size, model, backend, distance.
+    """All cells of ``config`` in run order: dataset, size, model, backend, input size, distance.
 
     Cells that differ only in distance are adjacent, so features are extracted once. A model
-    listing a single backend collapses the backends axis; ``random_init`` is False for
+    listing a single backend collapses the backends axis, a model with its own fixed preprocessing
+    the input-size axis (``native`` only); ``random_init`` is False for
     weights-free models. Unknown names still yield cells here; :func:`run_grid` refuses them first
     (:func:`validate_grid`).
 
@@ -284,14 +299,15 @@ def expand_cells(config: GridConfig) -> list[Cell]:
         for size in config.dataset_sizes.get(dataset, config.sizes):
             for model in config.models:
                 spec = _spec_or_none(model)
-                for backend in config.backends:
+                resizable = spec is None or spec.preprocess_cfg.resizable
+                for backend, input_size, distance in itertools.product(
+                        config.backends, config.input_sizes if resizable else [None], config.distances):
                     b = _resolve_backend(spec, backend)
                     ri = bool(config.random_init and _has_weights(spec))
-                    for distance in config.distances:
-                        cell = Cell(dataset, int(size), model, b, distance, ri)
-                        if cell.key not in seen:
-                            seen.add(cell.key)
-                            cells.append(cell)
+                    cell = Cell(dataset, int(size), model, b, distance, ri, input_size)
+                    if cell.key not in seen:
+                        seen.add(cell.key)
+                        cells.append(cell)
     return cells
 
 

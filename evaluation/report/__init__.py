@@ -39,7 +39,7 @@ scikit-learn imported when drawing), :mod:`~cbmir.evaluation.report.published` (
 
 from cbmir.evaluation.report.build import build_report
 from cbmir.evaluation.report.figures import plot_acc1_by_size
-from cbmir.evaluation.report.labels import dataset_display_name, paper_model_name, row_label
+from cbmir.evaluation.report.labels import dataset_display_name, is_baseline, paper_model_name, row_label
 from cbmir.evaluation.report.markdown import ReportOutput, markdown_table
 from cbmir.evaluation.report.merge import read_results_tables
 from cbmir.evaluation.report.rows import prepare_results
@@ -59,6 +59,7 @@ __all__ = [
     "build_report",
     "read_results_tables",
     "paper_model_name",
+    "is_baseline",
     "dataset_display_name",
     "row_label",
     "prepare_results",

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from cbmir.core.errors import CbmirError
 from cbmir.evaluation.report.figures import figures_section
-from cbmir.evaluation.report.markdown import ReportOutput
+from cbmir.evaluation.report.markdown import ReportOutput, markdown_table
 from cbmir.evaluation.report.merge import read_results_tables
 from cbmir.evaluation.report.published import published_only, published_section
 from cbmir.evaluation.report.rows import ok_rows, prepare_results
@@ -102,6 +102,9 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     runs_section(lines, df, ok, tables, distances)
     ties_section(lines, out, df, results_dir)
     baselines_section(lines, out, ok, distances)
+    from cbmir.evaluation.report.study_rows import side_by_side_section
+
+    lines += side_by_side_section(ok, distances, markdown_table)
     per_size_section(lines, out, df, ok, distances)
     averages_section(lines, out, df, distances)
     published_section(lines, out)

@@ -1,43 +1,47 @@
 """Display names of the report: the paper's model names, dataset names, row labels and their order.
 
-Rows of random-weight runs are labelled ``RANDOM-INIT``; ``hog`` is the "handcrafted baseline"
-(DESIGN.md §3). Naming a dataset does not import medmnist (and torch) for the study's datasets.
+Rows of random-weight runs are labelled ``RANDOM-INIT``; a registry entry with ``baseline`` (``hog``) is a
+"handcrafted baseline" (DESIGN.md §3); names come from the registry's ``display_name`` / ``paper_name``.
+Naming a dataset does not import medmnist (and torch) for the study's datasets.
 """
 
 from __future__ import annotations
 
 from cbmir.evaluation.reference import DATASETS_2D, DATASETS_3D
 
-__all__ = ["PAPER_MODEL_NAMES", "PAPER_MODEL_ORDER", "HOG_LABEL", "paper_model_name", "dataset_display_name",
+__all__ = ["PAPER_MODEL_ORDER", "is_baseline", "paper_model_name", "dataset_display_name",
            "row_label", "model_order", "dataset_order", "dataset_class_names"]
 
 
-#: cbmir registry names -> the paper's model names (``paper_results.csv``).
-PAPER_MODEL_NAMES: dict[str, str] = {
-    "vgg19": "VGG19",
-    "resnet50": "ResNet50",
-    "densenet121": "DenseNet121",
-    "efficientnetv2m": "EfficientNetV2M",
-    "medclip": "MedCLIP",
-    "biomedclip": "BiomedCLIP",
-    "openclip": "OpenCLIP",
-    "openclip-vitg14": "OpenCLIP",
-    "openclip_vitg14": "OpenCLIP",
-    "conch": "CONCH",
-    "uni": "UNI",
-}
 #: The paper's models in the order of its tables.
 PAPER_MODEL_ORDER = ("VGG19", "ResNet50", "DenseNet121", "EfficientNetV2M", "MedCLIP", "BiomedCLIP",
                      "OpenCLIP", "CONCH", "UNI")
-#: Row label of the weights-free HOG baseline.
-HOG_LABEL = "HOG (handcrafted baseline)"
+
+
+def _spec(model: str):
+    """The registry entry of ``model`` (None for a name the registry does not know)."""
+    from cbmir.core.errors import CbmirError
+    from cbmir.ingest.extractors import get_spec
+
+    try:
+        return get_spec(str(model))
+    except CbmirError:
+        return None
+
+
+def is_baseline(model: str) -> bool:
+    """Whether ``model`` is a weights-free baseline (its registry entry's ``baseline``, e.g. ``hog``)."""
+    spec = _spec(model)
+    return bool(spec is not None and spec.baseline)
 
 
 def paper_model_name(model: str) -> str | None:
-    """The paper's name of cbmir model ``model`` (``resnet50`` -> ``ResNet50``); None if not in the study."""
+    """The paper's name of cbmir model ``model`` (its entry's ``paper_name``: ``resnet50`` -> ``ResNet50``, or
+    the paper's own spelling); None if not in the study."""
     key = str(model).strip().lower()
-    if key in PAPER_MODEL_NAMES:
-        return PAPER_MODEL_NAMES[key]
+    spec = _spec(key)
+    if spec is not None:
+        return spec.paper_name or None
     for name in PAPER_MODEL_ORDER:
         if key == name.lower():
             return name
@@ -69,24 +73,29 @@ def dataset_display_name(flag: str) -> str:
         return str(flag)
 
 
-def row_label(model: str, random_init: bool = False, family: str | None = None, backend: str | None = None) -> str:
-    """Row label of a model: the paper's name, ``HOG (handcrafted baseline)`` for ``hog``, a
-    ``RANDOM-INIT`` suffix for random weights and ``[keras]`` for a non-default backend."""
-    if str(model).lower() == "hog" or family in ("handcrafted", "handcrafted baseline"):
-        name = HOG_LABEL if str(model).lower() == "hog" else f"{model} (handcrafted baseline)"
+def row_label(model: str, random_init: bool = False, family: str | None = None, backend: str | None = None,
+              input_size: str | None = None) -> str:
+    """Row label of a model: its display name (the paper's for the study's models), ``(handcrafted baseline)``
+    after a weights-free baseline (``HOG (handcrafted baseline)``), ``[keras]`` for a non-default backend,
+    ``[input 224]`` for a CNN input size other than ``native`` and a ``RANDOM-INIT`` suffix for random weights."""
+    spec = _spec(model)
+    if (spec is not None and spec.baseline) or family in ("handcrafted", "handcrafted baseline"):
+        name = f"{spec.display_name if spec is not None else model} (handcrafted baseline)"
     else:
-        name = paper_model_name(model) or str(model)
+        name = (spec.display_name if spec is not None else None) or paper_model_name(model) or str(model)
     if backend and backend not in ("torch", "numpy", "nan"):
         name += f" [{backend}]"
+    if input_size not in (None, "", "native", "nan"):
+        name += f" [input {input_size}]"
     if random_init:
         name += " RANDOM-INIT"
     return name
 
 
 def model_order(label: str) -> tuple:
-    """Sort key of a row label: HOG first, then the paper's models in its order, then the others."""
+    """Sort key of a row label: baselines first, then the paper's models in its order, then the others."""
     base = label.replace(" RANDOM-INIT", "")
-    if base.startswith("HOG"):
+    if "(handcrafted baseline)" in base:
         return (0, 0, label)
     for i, name in enumerate(PAPER_MODEL_ORDER):
         if base.startswith(name):

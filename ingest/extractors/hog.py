@@ -49,6 +49,8 @@ HOG = register(
         licence="no weights (scikit-image, BSD-3-Clause)",
         backends=("numpy",),
         builder="hog",
+        display_name="HOG",
+        baseline=True,
         options=dict(HOG_PARAMS),
     )
 )

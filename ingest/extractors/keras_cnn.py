@@ -46,7 +46,7 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import ExtractorSpec, uint8_image_batch
-from cbmir.ingest.extractors.registry import register_builder, register_weights_check
+from cbmir.ingest.extractors.registry import register_availability, register_builder, register_weights_check
 from cbmir.ingest.extractors.weights import RANDOM_INIT, file_identity, http_reachable, model_identity
 
 MIN_SIDE = 32
@@ -183,6 +183,8 @@ class KerasCNNExtractor:
         random_init: seeded random weights (tests / smoke runs only).
         device: ``auto`` (TensorFlow's default placement), ``cpu``, ``cuda`` / ``cuda:N`` (GPU N).
         batch_size: images per forward pass.
+        input_size: None (``native``: own size, sides < 32 px upsampled to 32) or a side ``N``: every
+            image resized to ``N x N`` (bicubic) before ``preprocess_input`` (:mod:`cbmir.core.input_size`).
 
     Raises:
         CbmirError: TensorFlow missing; weights file missing / unreadable / not fitting;
@@ -191,7 +193,9 @@ class KerasCNNExtractor:
     """
 
     def __init__(self, spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                 batch_size=64) -> None:
+                 batch_size=64, input_size: int | None = None) -> None:
+        self.input_size = None if input_size is None else int(input_size)
+        self.min_side = MIN_SIDE if self.input_size is None else 1  # volumes: 28 -> 32^3 only for native
         app = spec.options.get("keras_app")
         if app not in KERAS_APPS:
             raise CbmirError(f"model {spec.name!r} has no Keras application")
@@ -255,13 +259,16 @@ class KerasCNNExtractor:
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(B, H, W, 1|3)`` -> float32 ``(B, H', W', 3)`` model input: gray -> RGB, sides
-        < 32 upsampled to 32 (bicubic), then the application's ``preprocess_input``."""
+        < 32 upsampled to 32 (bicubic; or every image to ``input_size``), then the application's
+        ``preprocess_input``."""
         from cbmir.ingest.transforms import resize_batch, to_rgb
 
         x = np.array(to_rgb(np.asarray(images)), dtype=np.float32)  # fresh copy: preprocess_input
         h, w = x.shape[1:3]                                          # works in place
-        if min(h, w) < MIN_SIDE:  # as the torch backend: float bicubic, clipped to 0..255
-            x = np.clip(resize_batch(x, (max(h, MIN_SIDE), max(w, MIN_SIDE)), "bicubic"), 0.0, 255.0)
+        n = self.input_size
+        target = (n, n) if n is not None else (max(h, MIN_SIDE), max(w, MIN_SIDE))
+        if target != (h, w):  # as the torch backend: float bicubic, clipped to 0..255
+            x = np.clip(resize_batch(x, target, "bicubic"), 0.0, 255.0)
         return np.asarray(self._preprocess_input(x), dtype=np.float32)
 
     def extract(self, images: np.ndarray) -> np.ndarray:
@@ -301,7 +308,10 @@ class KerasCNNExtractor:
             **model_identity(self.spec, backend="keras", weights_id=self.weights_id,
                              architecture=f"keras.applications.{self.app}(include_top=False, pooling='avg')"),
             "preprocessing": (f"own size; sides < {MIN_SIDE} px upsampled to {MIN_SIDE} (bicubic); "
-                              f"gray -> RGB; {self._pre_desc}; last conv block + global average pooling"),
+                              f"gray -> RGB; {self._pre_desc}; last conv block + global average pooling"
+                              + (f"; --input-size {self.input_size}: every image resized to {self.input_size}x"
+                                 f"{self.input_size} bicubic" if self.input_size is not None else "")),
+            "input_size": self.input_size,
         }
 
 
@@ -331,11 +341,18 @@ def _tf_device(device: str | None) -> str | None:
 
 
 def build_keras_cnn(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                    batch_size=64, **_ignored) -> KerasCNNExtractor:
+                    batch_size=64, input_size=None, **_ignored) -> KerasCNNExtractor:
     """Builder ``imagenet_cnn`` for the keras backend (see :class:`KerasCNNExtractor`)."""
     return KerasCNNExtractor(spec, weights=weights, random_init=random_init, device=device,
-                             batch_size=batch_size)
+                             batch_size=batch_size, input_size=input_size)
+
+
+def keras_weights_cached(spec: ExtractorSpec) -> bool:
+    """Whether the entry's Keras application weights (``*_notop.h5``) are in the Keras cache."""
+    app = spec.options.get("keras_app")
+    return app in KERAS_APPS and keras_cache_file(app).is_file()
 
 
 register_builder("imagenet_cnn", build_keras_cnn, backend="keras")
 register_weights_check("imagenet_cnn", check_keras_weights, backend="keras")
+register_availability("imagenet_cnn", keras_weights_cached, backend="keras")

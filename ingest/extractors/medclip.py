@@ -49,15 +49,21 @@ from cbmir.ingest.extractors.foundation import (
     _pre,
     build_tower,
     resolve_weights_path,
+    with_preprocess_cfg,
 )
-from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
+from cbmir.ingest.extractors.registry import (
+    register,
+    register_availability,
+    register_builder,
+    register_weights_check,
+)
 from cbmir.ingest.extractors.weights import file_identity
 
 IMG_MEAN = 0.5862785803043838
 IMG_STD = 0.27950088968644304
 WEIGHTS_TXT = "https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_vit_weight.txt"
 
-MEDCLIP = register(ExtractorSpec(
+MEDCLIP = register(with_preprocess_cfg(ExtractorSpec(
     name="medclip",
     family="radiology vision-language",
     dim=512,
@@ -66,6 +72,8 @@ MEDCLIP = register(ExtractorSpec(
     licence="MedCLIP release (github.com/RyanWangZf/MedCLIP); not on the Hugging Face hub",
     backends=("torch",),
     builder="medclip",
+    display_name="MedCLIP",
+    paper_name="MedCLIP",
     options={
         "arch": "medclip_vit",
         "hub_files": ("pytorch_model.bin",),
@@ -79,7 +87,7 @@ MEDCLIP = register(ExtractorSpec(
                    f"./pretrained/medclip-vit."),
         "paper": "Wang et al., MedCLIP, EMNLP 2022 (arXiv:2210.10163)",
     },
-))
+)))
 
 
 def default_dirs() -> list[Path]:
@@ -248,3 +256,4 @@ def medclip_weights_path(spec: ExtractorSpec, weights=None, **_ignored) -> Path:
 
 register_builder("medclip", build_medclip, backend="torch")
 register_weights_check("medclip", medclip_weights_path, backend="torch")
+register_availability("medclip", lambda spec: find_local_weights() is not None)

@@ -33,6 +33,7 @@ cannot be obtained; must not import torch / TensorFlow (see :func:`check_weights
 _SPECS: dict[str, ExtractorSpec] = {}
 _BUILDERS: dict[tuple[str, str | None], Builder] = {}
 _WEIGHTS_CHECKS: dict[tuple[str, str | None], WeightsCheck] = {}
+_AVAILABILITY: dict[tuple[str, str | None], Callable[..., bool]] = {}
 _LOADED = False
 _LOAD_LOCK = threading.RLock()
 _SKIP_MODULES = {"registry"}
@@ -72,6 +73,26 @@ def register_weights_check(
         ValueError: a different function is already registered for ``(name, backend)``.
     """
     return _register_fn(_WEIGHTS_CHECKS, "weights check", name, fn, backend, replace)
+
+
+def register_availability(
+    name: str, fn: Callable[..., bool], *, backend: str | None = None, replace: bool = False
+) -> Callable[..., bool]:
+    """Add how builder ``name`` (for ``backend``; ``None``: any) tells whether an entry's pretrained weights
+    are on this machine: ``fn(spec) -> bool``, local files only (no network, no torch / TensorFlow import).
+    Entries without one use the generic rule of :func:`cbmir.ingest.extractors.availability.weights_available`.
+
+    Raises:
+        ValueError: a different function is already registered for ``(name, backend)``.
+    """
+    return _register_fn(_AVAILABILITY, "availability check", name, fn, backend, replace)
+
+
+def availability_check(spec: ExtractorSpec, backend: str) -> Callable[..., bool] | None:
+    """The availability function registered for ``spec.builder`` and ``backend`` (else for any backend),
+    or None."""
+    _ensure_loaded()
+    return _AVAILABILITY.get((spec.builder, backend)) or _AVAILABILITY.get((spec.builder, None))
 
 
 def _register_fn(table: dict, what: str, name: str, fn, backend, replace: bool):
@@ -180,6 +201,8 @@ def create_extractor(
     device: str = "auto",
     batch_size: int = 64,
     backend: str | None = None,
+    input_size: int | None = None,
+    keep_head: bool = False,
 ) -> Extractor:
     """Build the extractor registered as ``name`` - the one factory for every model.
 
@@ -192,19 +215,25 @@ def create_extractor(
         batch_size: images per forward pass inside :meth:`Extractor.extract`.
         backend: ``torch``, ``keras``, ``numpy``...; ``None`` = ``torch`` when the model has
             it, else the model's only / first backend.
+        input_size: None (``native``, the study's policy) or a side N: every image resized to N x N
+            (models whose ``preprocess_cfg.resizable``: the ImageNet CNNs; :mod:`cbmir.core.input_size`).
+        keep_head: keep the ImageNet classifier (``extractor.logits``), for the weights sanity check
+            (:func:`cbmir.ingest.extractors.sanity.check_pretrained`); families without one ignore it.
 
     Returns:
         An :class:`~cbmir.ingest.base.Extractor`: ``extract(uint8 (B, H, W, 3)) -> float32 (B, dim)``.
 
     Raises:
         CbmirError: unknown name or backend, no builder installed for the backend, both
-            ``weights`` and ``random_init`` given, ``batch_size < 1``, or any error of the
-            builder (e.g. weights unreachable: names the model and ``--weights``).
+            ``weights`` and ``random_init`` given, ``batch_size < 1``, an ``input_size`` for a model
+            with its own fixed preprocessing, or any error of the builder (e.g. weights
+            unreachable: names the model and ``--weights``).
     """
     spec = get_spec(name)
     chosen = resolve_backend(spec, backend)
     if weights is not None and random_init:
         raise CbmirError(f"give either --weights or --random-init for {spec.name!r}, not both")
+    check_input_size(spec, input_size)
     if int(batch_size) < 1:
         raise CbmirError(f"batch_size must be >= 1, got {batch_size}")
     fn = _BUILDERS.get((spec.builder, chosen)) or _BUILDERS.get((spec.builder, None))
@@ -221,4 +250,20 @@ def create_extractor(
         device=device,
         batch_size=int(batch_size),
         backend=chosen,
+        **({"input_size": int(input_size)} if input_size is not None else {}),
+        **({"keep_head": True} if keep_head else {}),
     )
+
+
+def check_input_size(spec: ExtractorSpec, input_size: int | None) -> None:
+    """Refuse ``--input-size N`` for a model that does not take it (not ``preprocess_cfg.resizable``).
+
+    Raises:
+        CbmirError: names the model, its own input rule and ``--input-size native``.
+    """
+    if input_size is None or spec.preprocess_cfg.resizable:
+        return
+    raise CbmirError(f"--input-size {input_size}: model {spec.name!r} has its own fixed input rule "
+                     f"({spec.input_policy}); use --input-size native (the default) for it. A fixed input "
+                     f"size applies to the ImageNet CNNs: "
+                     f"{', '.join(s.name for s in list_specs() if s.preprocess_cfg.resizable)}")

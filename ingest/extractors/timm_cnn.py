@@ -36,7 +36,7 @@ import numpy as np
 
 from cbmir.core.errors import CbmirError
 
-from cbmir.ingest.base import ExtractorSpec, uint8_image_batch
+from cbmir.ingest.base import ExtractorSpec, PreprocessCfg, WeightsCfg, uint8_image_batch
 from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
 from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
@@ -58,32 +58,44 @@ _POLICY = (
 )
 
 
-def _cnn(
-    name: str, dim: int, timm_name: str, keras_app: str, licence: str, drop=()
-) -> ExtractorSpec:
-    """One registry entry of an ImageNet CNN (timm model id + Keras application name)."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_HALF = (0.5, 0.5, 0.5)
+
+
+def cnn_preprocess(mean, std, input_size: int, policy: str = _POLICY) -> PreprocessCfg:
+    """Preprocessing of an ImageNet CNN entry: the study's input policy (``--input-size`` may replace it),
+    bicubic resizing, the weights' ``mean`` / ``std`` and native ``input_size`` (timm ``pretrained_cfg``)."""
+    return PreprocessCfg(policy=policy, input_size=int(input_size), interpolation="bicubic",
+                         mean=tuple(mean), std=tuple(std), resizable=True)
+
+
+def _cnn(name: str, dim: int, timm_name: str, keras_app: str, licence: str, display: str,
+         pre: PreprocessCfg, drop=()) -> ExtractorSpec:
+    """One registry entry of an ImageNet CNN of the study (timm model id + Keras application name)."""
     return register(
         ExtractorSpec(
             name=name,
             family="imagenet-cnn",
             dim=dim,
-            input_policy=_POLICY,
-            weights_source=f"hf-hub:timm/{timm_name}",
-            licence=licence,
             backends=("torch", "keras"),
             builder="imagenet_cnn",
             options={"timm_name": timm_name, "keras_app": keras_app, "drop": tuple(drop)},
+            weights_cfg=WeightsCfg("hub", hub_id=f"timm/{timm_name}", licence=licence, imagenet_head=True),
+            preprocess_cfg=pre,
+            display_name=display,
+            paper_name=display,
         )
     )
 
 
 _TV = "BSD-3-Clause (torchvision weights)"
-VGG19 = _cnn("vgg19", 512, "vgg19.tv_in1k", "VGG19", _TV, drop=("pre_logits",))
-RESNET50 = _cnn("resnet50", 2048, "resnet50.tv_in1k", "ResNet50", _TV)
-DENSENET121 = _cnn("densenet121", 1024, "densenet121.tv_in1k", "DenseNet121", _TV)
-EFFICIENTNETV2M = _cnn(
-    "efficientnetv2m", 1280, "tf_efficientnetv2_m.in1k", "EfficientNetV2M", "Apache-2.0"
-)
+_TV_PRE = cnn_preprocess(IMAGENET_MEAN, IMAGENET_STD, 224)
+VGG19 = _cnn("vgg19", 512, "vgg19.tv_in1k", "VGG19", _TV, "VGG19", _TV_PRE, drop=("pre_logits",))
+RESNET50 = _cnn("resnet50", 2048, "resnet50.tv_in1k", "ResNet50", _TV, "ResNet50", _TV_PRE)
+DENSENET121 = _cnn("densenet121", 1024, "densenet121.tv_in1k", "DenseNet121", _TV, "DenseNet121", _TV_PRE)
+EFFICIENTNETV2M = _cnn("efficientnetv2m", 1280, "tf_efficientnetv2_m.in1k", "EfficientNetV2M", "Apache-2.0",
+                       "EfficientNetV2M", cnn_preprocess(_HALF, _HALF, 384))
 
 
 #: Recorded in the identity of random-init models (see :func:`restore_zero_init_norms`).
@@ -155,28 +167,40 @@ class TimmCNNExtractor:
         device: see :func:`resolve_device`.
         batch_size: images per forward pass at 128 px and above; smaller inputs are packed into
             larger passes of about as many pixels (:meth:`forward_batch`).
+        input_size: None (``native``, the study's policy: own size, sides < 32 px upsampled to 32)
+            or a side ``N``: every image resized to ``N x N`` (bicubic) before normalisation
+            (:mod:`cbmir.core.input_size`).
+        keep_head: keep the ImageNet classifier for :meth:`logits` (the weights sanity check);
+            only with the entry's pretrained weights.
 
     Attributes:
-        model: the trimmed ``torch.nn.Module`` (eval mode, on ``device``).
-        mean, std: per-channel normalisation of the weights (``pretrained_cfg``).
+        model: the ``torch.nn.Module`` (eval mode, on ``device``), trimmed unless ``keep_head``.
+        mean, std: per-channel normalisation of the weights (the entry's ``preprocess_cfg``, else
+            timm's ``pretrained_cfg``).
+        input_size: as given; min_side: 32 for ``native`` (volumes are resized to 32^3 at 28), else 1.
         precision: ``bf16-autocast`` on CUDA, ``fp32`` on CPU.
 
     Raises:
         CbmirError: weights file unreadable / not matching, or hub unreachable with no cached
-            copy (names the model, ``--weights PATH`` and the hub id; raised within seconds).
+            copy (names the model, ``--weights PATH`` and the hub id; raised within seconds);
+            ``keep_head`` with ``weights`` or ``random_init``.
     """
 
     def __init__(self, spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                 batch_size=64) -> None:
-        hub_path = None
+                 batch_size=64, input_size: int | None = None, keep_head: bool = False) -> None:
+        if keep_head and (weights is not None or random_init):
+            raise CbmirError(f"keep_head needs the pretrained weights of {spec.name!r} (not --weights / --random-init)")
+        located = None
         if weights is None and not random_init:  # fail fast offline, before the slow torch import
-            hub_path = fetch_hub_file(f"timm/{spec.options['timm_name']}", spec.name)
+            located = self.locate_pretrained(spec)
         import timm
         import torch
 
         self.spec = spec
         self.batch_size = int(batch_size)
         self.device = resolve_device(device)
+        self.input_size = None if input_size is None else int(input_size)
+        self.min_side = MIN_SIDE if self.input_size is None else 1
         timm_name = spec.options["timm_name"]
         drop = tuple(spec.options.get("drop", ()))
         self.random_init = bool(random_init)
@@ -184,6 +208,7 @@ class TimmCNNExtractor:
             sd = load_state_dict_file(weights)
             model = self._empty_model(timm_name, drop)
             ignore = (model.pretrained_cfg.get("classifier", ""), *drop)
+            sd = self.adapt_state_dict(sd, model, str(weights))
             load_into_model(model, sd, source=str(weights), ignore=[p for p in ignore if p])
             self.weights_id = file_identity(weights)
         elif random_init:
@@ -192,23 +217,47 @@ class TimmCNNExtractor:
             self._trim(model, drop)
             self.weights_id = RANDOM_INIT
         else:
-            hub_id = f"timm/{timm_name}"
-            sd = load_state_dict_file(hub_path)
-            # timm loads this in-memory state dict (with its checkpoint filter): no network.
-            model = timm.create_model(
-                timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}
-            )
-            model.pretrained_cfg.pop("state_dict", None)  # do not keep a second copy alive
-            del sd
-            self._trim(model, drop)
-            self.weights_id = f"hf-hub:{hub_id}"
+            model, self.weights_id = self.load_pretrained(spec, located)
+            if not keep_head:
+                self._trim(model, drop)
+        self.has_head = bool(keep_head)
+        pre = spec.preprocess_cfg
         cfg = model.pretrained_cfg
-        self.mean = tuple(float(v) for v in cfg["mean"])
-        self.std = tuple(float(v) for v in cfg["std"])
+        self.mean = tuple(float(v) for v in (pre.mean if pre and pre.mean else cfg["mean"]))
+        self.std = tuple(float(v) for v in (pre.std if pre and pre.std else cfg["std"]))
         # channels-last (NHWC) convolutions: our batches are NHWC already, and oneDNN / cuDNN run
         # them faster (CPU, 32 px: DenseNet121 2.6x, VGG19 1.6x); features equal NCHW to ~1e-6
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
+
+    @staticmethod
+    def locate_pretrained(spec: ExtractorSpec):
+        """Where the entry's pretrained weights are (the timm hub checkpoint, from the network or the
+        HF cache); no torch import, so it fails within seconds offline.
+
+        Raises:
+            CbmirError: the checkpoint cannot be obtained (names the model and ``--weights``).
+        """
+        return fetch_hub_file(f"timm/{spec.options['timm_name']}", spec.name)
+
+    @staticmethod
+    def adapt_state_dict(sd, model, source: str):
+        """A ``--weights`` state dict in the model's key layout (hook for families whose files use another
+        layout; here: unchanged)."""
+        return sd
+
+    @staticmethod
+    def load_pretrained(spec: ExtractorSpec, located) -> tuple:
+        """``(model, weights identity)``: the full timm model (classifier included) with the weights at
+        ``located`` (:meth:`locate_pretrained`)."""
+        import timm
+
+        timm_name = spec.options["timm_name"]
+        sd = load_state_dict_file(located)
+        # timm loads this in-memory state dict (with its checkpoint filter): no network.
+        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd})
+        model.pretrained_cfg.pop("state_dict", None)  # do not keep a second copy alive
+        return model, f"hf-hub:timm/{timm_name}"
 
     @classmethod
     def _empty_model(cls, timm_name: str, drop):
@@ -263,23 +312,29 @@ class TimmCNNExtractor:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def extract(self, images: np.ndarray) -> np.ndarray:
-        """Embed a batch: uint8 ``(B, H, W, 3)`` (or 1-channel) -> float32 ``(B, spec.dim)``.
+    def target_side(self, h: int, w: int) -> tuple[int, int] | None:
+        """Model input side for ``h x w`` images, or None when they go in as they are: ``(N, N)`` for
+        ``input_size`` N, else ``native`` (sides under 32 px upsampled to 32)."""
+        if self.input_size is not None:
+            target = (self.input_size, self.input_size)
+        elif min(h, w) < MIN_SIDE:
+            target = (max(h, MIN_SIDE), max(w, MIN_SIDE))
+        else:
+            return None
+        return None if target == (h, w) else target
 
-        Runs in forward passes of :meth:`forward_batch` images (``batch_size``, more for inputs
-        under 128 px) under ``torch.inference_mode()``.
-
-        Raises:
-            ValueError: not a uint8 ``(B, H, W, 1|3)`` batch.
-        """
+    def _pooled(self, images: np.ndarray, head: bool = False) -> np.ndarray:
+        """uint8 images -> float32 pooled features ``(B, dim)``, or ImageNet logits ``(B, 1000)`` when
+        ``head``; the preprocessing of :meth:`extract` (to RGB, resize, /255, mean/std) in forward passes of
+        :meth:`forward_batch` images."""
         import torch
 
         from cbmir.ingest.transforms import normalize, resize_batch, to_rgb
 
         images = uint8_image_batch(images, self.spec.name)
         h, w = images.shape[1:3]
-        target = (max(h, MIN_SIDE), max(w, MIN_SIDE)) if min(h, w) < MIN_SIDE else None
-        out = np.empty((len(images), self.spec.dim), dtype=np.float32)
+        target = self.target_side(h, w)
+        parts = []
         step = self.forward_batch(*(target or (h, w)))
         with torch.inference_mode():
             for lo in range(0, len(images), step):
@@ -296,9 +351,38 @@ class TimmCNNExtractor:
                 x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
                 with self._autocast():
                     fmap = self.model.forward_features(x)
-                feats = fmap.float().mean(dim=(2, 3))
-                out[lo : lo + len(feats)] = feats.cpu().numpy()
-        return out
+                    out = self.model.forward_head(fmap) if head else fmap.mean(dim=(2, 3))
+                parts.append(out.float().cpu().numpy())
+        width = 0 if head else self.spec.dim
+        return np.concatenate(parts) if parts else np.empty((0, width), dtype=np.float32)
+
+    def extract(self, images: np.ndarray) -> np.ndarray:
+        """Embed a batch: uint8 ``(B, H, W, 3)`` (or 1-channel) -> float32 ``(B, spec.dim)``.
+
+        Runs in forward passes of :meth:`forward_batch` images (``batch_size``, more for inputs
+        under 128 px) under ``torch.inference_mode()``.
+
+        Raises:
+            ValueError: not a uint8 ``(B, H, W, 1|3)`` batch.
+        """
+        return self._pooled(images).astype(np.float32, copy=False)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """ImageNet-1k logits float32 ``(B, 1000)`` of uint8 ``(B, H, W, 3)`` images, through exactly the
+        preprocessing of :meth:`extract` (the weights sanity check, :mod:`cbmir.ingest.extractors.sanity`).
+
+        Raises:
+            CbmirError: the extractor was built without ``keep_head``.
+        """
+        if not self.has_head:
+            raise CbmirError(f"{self.spec.name}: built without its classifier (create_extractor(..., keep_head=True))")
+        return self._pooled(images, head=True).astype(np.float32, copy=False)
+
+    def describe_input(self) -> str:
+        """The input-size part of the preprocessing description (``""`` for ``native``)."""
+        if self.input_size is None:
+            return ""
+        return f"; --input-size {self.input_size}: every image resized to {self.input_size}x{self.input_size} bicubic"
 
     def identity(self, size: int | None = None) -> dict:
         """Identity recorded in collection metadata (stable across devices and precisions)."""
@@ -306,18 +390,19 @@ class TimmCNNExtractor:
             **model_identity(self.spec, backend="torch", weights_id=self.weights_id,
                              architecture=f"timm:{self.spec.options['timm_name']}"),
             "preprocessing": (
-                f"{self.spec.input_policy}; mean={list(self.mean)} std={list(self.std)}; "
+                f"{self.spec.input_policy}{self.describe_input()}; mean={list(self.mean)} std={list(self.std)}; "
                 "last conv block + global average pooling"
                 + (f"; {RANDOM_INIT_RECIPE}" if self.weights_id == RANDOM_INIT else "")
             ),
+            "input_size": self.input_size,
         }
 
 
 def build_timm_cnn(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                   batch_size=64, **_ignored) -> TimmCNNExtractor:
+                   batch_size=64, input_size=None, keep_head=False, **_ignored) -> TimmCNNExtractor:
     """Builder ``imagenet_cnn`` for the torch backend (see :class:`TimmCNNExtractor`)."""
     return TimmCNNExtractor(spec, weights=weights, random_init=random_init, device=device,
-                            batch_size=batch_size)
+                            batch_size=batch_size, input_size=input_size, keep_head=keep_head)
 
 
 def check_timm_cnn_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:
