@@ -173,7 +173,7 @@ def _print_ingest(store, rep, splits) -> None:
 def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
     from cbmir.ingest.extractors import get_spec
 
-    baseline = get_spec(meta.model).weights_source == "none"
+    baseline = get_spec(meta.model).baseline
     tag = " [RANDOM-INIT]" if meta.random_init else (" [handcrafted baseline]" if baseline else "")
     splits = "" if (ev.query_split, ev.database_split) == ("test", "train") else \
         f" ({ev.query_split} queries, {ev.database_split} database)"

@@ -56,7 +56,7 @@ def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> d
         "search_backend": getattr(ev, "search_backend", "store"),
         "dataset": meta.dataset, "size": meta.size, "model": meta.model, "backend": meta.backend,
         "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
-        "family": "handcrafted baseline" if get_spec(meta.model).weights_source == "none" else None,
+        "family": "handcrafted baseline" if get_spec(meta.model).baseline else None,
         "n_queries": ev.n_queries, "n_database": ev.n_database,
         "query_split": ev.query_split, "database_split": ev.database_split, "leave_one_out": ev.leave_one_out,
         "n_unlabelled_queries": ev.n_unlabelled_queries, "n_unlabelled_database": ev.n_unlabelled_database,
