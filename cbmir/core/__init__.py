@@ -3,7 +3,7 @@ atomic file writes and file locks. It imports nothing of cbmir above it and no h
 
 Layers, each importing only those below it (DESIGN.md §8)::
 
-    cli / client / service          (entry points)
+    cli / client / grid / service / benchmarks   (entry points)
     app                             (the application layer: one function per use case)
     evaluation   ingest             (metrics, reports / sources, extractors, jobs)
     search                          (vector store, engines, exact top-k)
