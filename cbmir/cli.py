@@ -493,6 +493,31 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down siz
               extract=extract, json_out=output, keep=keep)
 
 
+@app.command("serve")
+def serve_cmd(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; anything but loopback "
+                                       "needs an API key"),
+              port: int = typer.Option(8000, "--port"),
+              store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
+              data_dir: Optional[Path] = DataDirOpt,
+              api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CBMIR_API_KEY", show_envvar=False,
+                                                    help="require this key on /api (X-API-Key or Authorization: "
+                                                         "Bearer); prefer the variable CBMIR_API_KEY"),
+              max_upload_mb: float = typer.Option(32.0, "--max-upload-mb", help="larger uploads get 413"),
+              idle_release_s: float = typer.Option(5.0, "--idle-release-s",
+                                                   help="release embedded-store collections after this many idle "
+                                                        "seconds so other cbmir commands can use them (0: never)"),
+              device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [CBMIR_DEVICE]")) -> None:
+    """HTTP search service: JSON API under /api, OpenAPI at /openapi.json, docs at /docs (README "Search service")."""
+    from cbmir.app import load_settings
+    from cbmir.service import ServiceConfig, check_bind, serve
+
+    config = ServiceConfig(api_key=api_key or None, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                           idle_release_s=idle_release_s)
+    check_bind(host, config.api_key)  # before the store is opened
+    settings = load_settings(store_path=store_path, qdrant_url=qdrant_url, data_dir=data_dir, device=device)
+    serve(settings, config, host=host, port=port)
+
+
 def main() -> None:
     """Console-script entry point: run the CLI, turning CbmirError into one clear line and exit code 2."""
     # typer >= 0.29 vendors click: its usage errors are typer.TyperException subclasses (ClickException,

@@ -9,3 +9,15 @@ class CbmirError(Exception):
     The CLI prints it as one ``error:`` line (exit code 2, no traceback); the HTTP service answers it
     with a 4xx JSON body.
     """
+
+
+class NotFoundError(CbmirError):
+    """A named thing (collection, stored point) does not exist; the message lists what does.
+
+    The HTTP service answers it with 404; everywhere else it is an ordinary :class:`CbmirError`.
+    """
+
+
+class StoreBusyError(CbmirError):
+    """The store (or one collection of it) is held by another process and did not come free in time;
+    the message names the holder. The HTTP service answers it with 503 and ``Retry-After``."""
