@@ -267,6 +267,8 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                filter_json: Optional[str] = typer.Option(None, "--filter", help='payload filter as JSON, e.g. '
                                                          '\'{"label": [0, 2]}\' (equality / any-of)'),
                as_json: bool = typer.Option(False, "--json", help="print the answer as JSON"),
+               gallery: Optional[Path] = typer.Option(None, "--gallery", help="also write the query and its "
+                                                      "top-k as one PNG (class names, scores, ✓/✗)"),
                weights: Optional[str] = typer.Option(None, "--weights"),
                k: int = typer.Option(5, "--k"), store_path: Optional[Path] = StoreOpt,
                qdrant_url: Optional[str] = UrlOpt,
@@ -289,6 +291,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
     if collection is None and (dataset is None or model is None):
         raise CbmirError("give --collection NAME, or --dataset with --size and --model")
     flt = _parse_filter_option(filter_json)
+    _check_output(gallery, "--gallery")
     with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
         if collection is None:  # resolved from --dataset: the archive must be the one ingested
             ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
@@ -301,10 +304,28 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                             file_options=FileOptions(intensity=intensity, window=window, slice_axis=slice_axis,
                                                      fit=fit))
         answer = search(a, req)
+        if gallery is not None:
+            _write_gallery(a, answer, req, gallery)
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), indent=1))
         return
     _print_answer(answer)
+
+
+def _write_gallery(a, answer, req, path: Path) -> None:
+    """``--gallery``: the query (a stored point's image, or the query file as embedded) and its hits."""
+    from cbmir.app.images import gallery_png
+    from cbmir.core.files import atomic_write
+    from cbmir.ingest.sources import load_query
+
+    pixels = None
+    if req.files:
+        o = req.file_options
+        pixels = load_query(req.files[0], a.store.meta(answer.collection), intensity=o.intensity, window=o.window,
+                            slice_axis=o.slice_axis, fit=o.fit)[0]
+    png = gallery_png(a, answer, query_pixels=pixels)
+    atomic_write(path, lambda fh: fh.write(png))
+    typer.echo(f"wrote {path}", err=True)
 
 
 def _parse_filter_option(text: Optional[str]):

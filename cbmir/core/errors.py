@@ -18,6 +18,12 @@ class NotFoundError(CbmirError):
     """
 
 
-class StoreBusyError(CbmirError):
+class StoreUnavailableError(CbmirError):
+    """The store cannot be used now: a Qdrant server is unreachable or refuses cbmir's key, or (the
+    subclass :class:`StoreBusyError`) another process holds a collection. Not the caller's input: the
+    HTTP service answers it with 503 and ``Retry-After``."""
+
+
+class StoreBusyError(StoreUnavailableError):
     """The store (or one collection of it) is held by another process and did not come free in time;
-    the message names the holder. The HTTP service answers it with 503 and ``Retry-After``."""
+    the message names the holder."""

@@ -10,7 +10,7 @@ Error answers (JSON ``{"detail": ...}``, never a traceback, never 5xx except 503
 | request body or parameter of the wrong type / shape | 422 (``detail`` lists each field) |
 | body over ``max_upload_bytes`` | 413 |
 | missing / wrong API key | 401 |
-| :class:`~cbmir.core.errors.StoreBusyError`, memory / file-system trouble | 503 with ``Retry-After`` |
+| :class:`~cbmir.core.errors.StoreUnavailableError` (server unreachable, collection held by another process), memory / file-system trouble | 503 with ``Retry-After`` |
 | anything else | 400 with an error id (logged with its traceback) |
 """
 
@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from cbmir.core.errors import CbmirError, NotFoundError, StoreBusyError
+from cbmir.core.errors import CbmirError, NotFoundError, StoreUnavailableError
 from cbmir.service.config import ServiceConfig
 from cbmir.service.middleware import ApiKey, BodyLimit, CatchAll
 
@@ -37,7 +37,7 @@ def cbmir_error_response(exc: CbmirError) -> JSONResponse:
     """The JSON answer of a user-facing error (status by kind: 404 / 503 / 400)."""
     if isinstance(exc, NotFoundError):
         return JSONResponse({"detail": str(exc)}, status_code=404)
-    if isinstance(exc, StoreBusyError):
+    if isinstance(exc, StoreUnavailableError):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"detail": str(exc)}, status_code=400)
 
