@@ -2,7 +2,8 @@
 table, and the same hits as ``cbmir search --json``.
 
 Collections, built once per module: BreastMNIST 28 ``hog`` (real files), a small PNG folder archive (2D,
-odd image sizes), a CT DICOM archive with a window, and a 3D ``.npy`` volume stack (all ``hog``).
+odd image sizes), a manifest over the same files (its own column names), a CT DICOM archive with a window,
+and a 3D ``.npy`` volume stack (all ``hog``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ KEY = "s3cret-key-for-tests"
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, data_dir):
-    """``(store root, medmnist source, archive roots)`` with the four collections."""
+    """``(store root, medmnist source, archive roots)`` with the five collections."""
     from cbmir.app import App, ArchiveOptions, CollectionRef, load_settings
     from cbmir.app.ingesting import ingest_collection
+    from cbmir.ingest.embedder import make_embedder
+    from cbmir.ingest.extractors import create_extractor
+    from cbmir.ingest.job import ingest
     from cbmir.ingest.medmnist_data import open_medmnist
+    from cbmir.ingest.sources import open_source
 
     base = tmp_path_factory.mktemp("service")
     root = base / "store"
@@ -48,6 +53,10 @@ def built(tmp_path_factory, data_dir):
             hu[(split, i)] = rng.integers(-600, 600, (24, 32)).astype(np.int16)
             _write_ct(ct / split / "chest" / f"{i}.dcm", hu[(split, i)], series=f"1.2.3.{int(split == 'test')}.{i}",
                       instance=1, z=0.0, window=(40, 400))
+    manifest = base / "listed.csv"  # a manifest over the same files, in another folder
+    rows = ["file,diagnosis,split"] + [f"{folder.name}/{p.relative_to(folder)},{p.parent.name},{p.parts[-3]}"
+                                       for p in sorted(folder.rglob("*.png"))]
+    manifest.write_text("\n".join(rows) + "\n")
     vols = base / "vols.npy"
     np.save(vols, rng.integers(0, 256, (5, 28, 28, 28), dtype=np.uint8))
     with App(load_settings(store_path=root, data_dir=data_dir)) as app:
@@ -56,8 +65,10 @@ def built(tmp_path_factory, data_dir):
         ingest_collection(app, CollectionRef(str(ct), 28, "hog", archive=ArchiveOptions(dicom_mode="2d")),
                           progress=False)
         ingest_collection(app, CollectionRef(str(vols), 28, "hog"), splits=("train",), progress=False)
+        src = open_source(manifest, 28, path_column="file", label_column="diagnosis")
+        ingest(src, make_embedder(create_extractor("hog"), size=28, is_3d=False), app.store, progress=False)
         names = app.store.list_collections()
-    assert names == sorted([NAME, "shapes_28_hog", "ct_28_hog", "vols_28_hog"]), names
+    assert names == sorted([NAME, "shapes_28_hog", "ct_28_hog", "vols_28_hog", "listed_28_hog"]), names
     return root, open_medmnist("breastmnist", 28, data_dir), {"folder": folder, "ct": ct, "vols": vols, "hu": hu}
 
 
@@ -98,10 +109,11 @@ def test_health_and_collections(client, built):
     r = client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["engine"] == "qdrant-edge"
     rows = {c["name"]: c for c in client.get("/api/collections").json()}
-    assert set(rows) == {NAME, "shapes_28_hog", "ct_28_hog", "vols_28_hog"}
+    assert set(rows) == {NAME, "shapes_28_hog", "ct_28_hog", "vols_28_hog", "listed_28_hog"}
     b = rows[NAME]
     assert (b["dataset"], b["size"], b["model"], b["dim"], b["distance"]) == ("breastmnist", 28, "hog", 1296, "cosine")
     assert b["counts"] == {"train": 546, "test": 156} and b["baseline"] is True and b["random_init"] is False
+    assert b["busy"] is None
     assert b["class_names"] == {"0": "malignant", "1": "normal, benign"}
     assert rows["shapes_28_hog"]["class_names"] == {"0": "round", "1": "square"}
     assert rows["vols_28_hog"]["is_3d"] is True and rows["vols_28_hog"]["counts"] == {"train": 5}
@@ -209,6 +221,13 @@ def test_point_images_are_the_source_pixels(client, built):
         orig = np.asarray(Image.open(arch["folder"] / h["payload"]["source_path"]))
         got = _decode(client.get(h["image_url"] + f"?size={max(orig.shape)}").content)
         np.testing.assert_array_equal(got, np.repeat(orig[..., None], 3, axis=2))
+    # a manifest with its own column names: reopened as ingested, the listed file
+    listed = client.post("/api/collections/listed_28_hog/search", json={"point": {"split": "test", "index": 1},
+                                                                        "k": 2}).json()["hits"]
+    for h in listed:
+        orig = np.asarray(Image.open(arch["folder"].parent / h["payload"]["source_path"]))
+        got = _decode(client.get(h["image_url"] + f"?size={max(orig.shape)}").content)
+        np.testing.assert_array_equal(got, np.repeat(orig[..., None], 3, axis=2))
     # DICOM: the CT window (40, 400) applied to the HU values, as at ingest
     hu = arch["hu"][("train", 1)].astype(np.float64)
     want = np.clip(np.round((hu - (40 - 200)) * 255 / 400), 0, 255).astype(np.uint8)
@@ -254,7 +273,8 @@ def test_api_key_missing_or_wrong_is_401_and_never_logged(built, data_dir, caplo
             wrong = c.post(url, json=body, headers={"X-API-Key": KEY[:-1] + "X"})
             assert wrong.status_code == 401 and "wrong API key" in wrong.json()["detail"]
             assert c.get("/api/collections", headers={"Authorization": "Bearer nope"}).status_code == 401
-            assert c.get("/openapi.json").status_code == 401
+            schema = c.get("/openapi.json")  # the schema is open and declares the key
+            assert schema.status_code == 200 and "APIKeyHeader" in schema.json()["components"]["securitySchemes"]
             assert c.post(url, json=body, headers={"X-API-Key": KEY}).status_code == 200
             assert c.get("/api/collections", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
             assert _upload(c, b"x").status_code == 401  # refused before the upload is read
@@ -368,7 +388,7 @@ def test_no_client_string_reaches_the_file_system(client, built, monkeypatch):
                   client.get(f"/api/collections/{name}/points/1/image"),
                   _upload(client, b"x", name=name)):
             assert r.status_code in (404, 422), (name, r.status_code, r.text)
-    assert set(read) <= {NAME, "shapes_28_hog", "ct_28_hog", "vols_28_hog"}, read
+    assert set(read) <= {NAME, "shapes_28_hog", "ct_28_hog", "vols_28_hog", "listed_28_hog"}, read
 
 
 def test_unexpected_errors_are_never_5xx_or_tracebacks(built, data_dir, monkeypatch, caplog):

@@ -105,6 +105,8 @@ def test_service_and_commands_share_the_embedded_store(tmp_path, data_dir):
             assert holder.stdout.readline().strip() == "held"
             status, body = _call(search, query)
             assert status == 503 and f"pid={holder.pid}" in body["detail"], body
+            listed = {c["name"]: c for c in _call(f"{base}/api/collections")[1]}
+            assert f"pid={holder.pid}" in listed[NAME]["busy"] and listed[NAME]["counts"] == {}
         finally:
             holder.wait(timeout=60)
         status, body = _call(search, query)

@@ -185,22 +185,30 @@ def class_name(names: dict[int, str], label: int) -> str | None:
 
 def collection_info(store, name: str) -> dict:
     """What a user needs to pick a collection: ``{name, dataset, size, model, family, display_name, dim,
-    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d}``.
+    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d, busy}``.
+
+    ``busy`` is None, or (embedded store) the message naming the process that holds the collection now;
+    its ``counts`` are then empty (they cannot be read until it is done).
 
     Raises:
         CbmirError: unknown collection (naming the existing ones).
     """
+    from cbmir.core.errors import StoreBusyError
     from cbmir.core.splits import SPLITS
 
     meta = store.meta(require_collection(store, name))
     spec = _spec_or_none(meta.model)
-    counts = {sp: n for sp in SPLITS if (n := store.count(name, sp))}
+    busy = None
+    try:
+        counts = {sp: n for sp in SPLITS if (n := store.count(name, sp))}
+    except StoreBusyError as exc:
+        counts, busy = {}, str(exc)
     return {"name": name, "dataset": meta.dataset, "size": meta.size, "model": meta.model,
             "family": getattr(spec, "family", None), "display_name": getattr(spec, "display_name", meta.model),
             "dim": meta.dim, "distance": meta.distance, "engine": store.engine, "counts": counts,
             "class_names": {str(k): v for k, v in class_names(meta).items()}, "random_init": meta.random_init,
             "baseline": bool(getattr(spec, "baseline", spec is not None and spec.weights_source == "none")),
-            "is_3d": meta.is_3d}
+            "is_3d": meta.is_3d, "busy": busy}
 
 
 def _spec_or_none(model: str):

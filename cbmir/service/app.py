@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 
 from cbmir.core.errors import CbmirError, NotFoundError, StoreUnavailableError
@@ -63,7 +64,9 @@ def create_app(app_ctx, config: ServiceConfig | None = None) -> FastAPI:
     async def _cbmir_error(request: Request, exc: CbmirError):
         return cbmir_error_response(exc)
 
-    api.include_router(router)
+    # with a key, the schema declares it (the check itself is the ApiKey middleware, before the body is read)
+    security = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))] if config.api_key else []
+    api.include_router(router, dependencies=security)
 
     @api.get("/", include_in_schema=False)
     def index():

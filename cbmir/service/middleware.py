@@ -72,7 +72,8 @@ class CatchAll:
 class ApiKey:
     """With a key configured, ``/api/...`` requests need ``X-API-Key: KEY`` or ``Authorization: Bearer
     KEY`` (401 otherwise). The key is compared with :func:`hmac.compare_digest` and never logged.
-    ``/health``, ``/`` and ``/static`` stay open (they show no data)."""
+    ``/health``, ``/``, ``/static``, ``/docs`` and ``/openapi.json`` stay open (they show no data; the
+    docs page has an "Authorize" button for the key)."""
 
     def __init__(self, app, key: str | None) -> None:
         self.app = app
@@ -97,7 +98,7 @@ class ApiKey:
 
 
 def _protected(path: str) -> bool:
-    return path.startswith("/api") or path in ("/docs", "/redoc", "/openapi.json")
+    return path == "/api" or path.startswith("/api/")
 
 
 class BodyTooLarge(HTTPException):

@@ -46,7 +46,8 @@ def search_out(answer) -> dict:
             "notes": answer.notes}
 
 
-@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
+@router.get("/health", response_model=HealthOut, response_model_exclude_none=True,
+            responses={503: {"model": HealthOut}})
 def health(request: Request):
     """Whether the store can be reached: 200 ``ok``, or 503 ``unavailable`` with the reason."""
     import cbmir

@@ -94,6 +94,7 @@ class CollectionOut(BaseModel):
     random_init: bool
     baseline: bool
     is_3d: bool
+    busy: str | None = Field(None, description="another process holds the collection now (counts unknown)")
 
 
 class CollectionDetailOut(CollectionOut):
