@@ -338,7 +338,10 @@ def _parse_filter_option(text: Optional[str]):
 
 
 def _print_answer(answer) -> None:
-    """The hits of the first query as a table: class names, scores, and ✓/✗ against a known query label."""
+    """The hits of the first query as a table: class names, scores, and ✓/✗ against a known query label;
+    then the class vote of the top-k (:func:`cbmir.app.summary.vote_summary`, as the service's summary)."""
+    from cbmir.app.summary import vote_summary
+
     q = answer.queries[0]
     what = (f"{q.split} row {q.index} (point {q.point_id}), label {q.label}"
             + (f" ({q.class_name})" if q.class_name not in (None, str(q.label)) else "")
@@ -353,6 +356,12 @@ def _print_answer(answer) -> None:
         mark = ("✓" if h.label == q.label else "✗") if known else ""
         typer.echo(f"{h.rank:>4} {h.index:>7} {h.label:>5} {str(h.class_name or ''):<16.16} {h.score:>10.6f} "
                    f"{mark:1}  {h.payload.get('image_id', '')}")
+    vote = vote_summary(answer.hits[0], q.label)
+    if vote.majority_label is not None:
+        agree = {True: ": the query's class is among the most voted",
+                 False: ": the query's class is not among the most voted"}.get(vote.query_label_in_majority, "")
+        typer.echo(f"vote: {', '.join(f'{n} {c}' for c, n in vote.votes.items())}; majority "
+                   f"{vote.majority_class_name}{agree}")
     for note in answer.notes:
         typer.echo(f"note: {note}", err=True)
 

@@ -453,6 +453,12 @@ def test_cli_gallery(built, tmp_path, data_dir):
     assert r.exit_code == 0, r.output
     img = _decode(out.read_bytes())
     assert img.ndim == 3 and img.shape[1] > 3 * img.shape[0]  # five tiles side by side
+    # the table ends with the same class vote as the service's summary
+    labels = [ln.split()[2] for ln in r.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(labels) == 4
+    n1 = labels.count("1")
+    want = f"vote: {max(n1, 4 - n1)} " + ("normal, benign" if n1 > 4 - n1 else "malignant")  # ties: label 0 first
+    assert any(ln.startswith(want) for ln in r.stdout.splitlines()), r.stdout
     r = CliRunner().invoke(cli, ["search", "--store-path", str(built[0]), "-c", NAME, "--query-index", "3",
                                  "--gallery", str(tmp_path / "no" / "g.png")])
     assert r.exit_code != 0 and "does not exist" in str(r.exception)
