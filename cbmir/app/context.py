@@ -22,7 +22,7 @@ log = logging.getLogger("cbmir.app")
 
 SETTING_OPTIONS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
                    "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device",
-                   "threads": "--threads", "lock_wait_s": "--lock-wait-s"}
+                   "threads": "--threads"}
 
 
 def file_on_path(p: Path) -> Path | None:
@@ -64,7 +64,7 @@ def _setting_problem(e: dict) -> str:
     if e.get("type") == "literal_error":
         valid = f"valid: {ctx.get('expected', '').replace(chr(39), '')}"
     elif "ge" in ctx:
-        valid = f"must be an integer >= {ctx['ge']}"
+        valid = f"must be {'a number' if isinstance(ctx['ge'], float) else 'an integer'} >= {ctx['ge']:g}"
     elif "gt" in ctx:
         valid = f"must be > {ctx['gt']}"
     else:
