@@ -299,6 +299,8 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                filter_json: Optional[str] = typer.Option(None, "--filter", help='payload filter as JSON, e.g. '
                                                          '\'{"label": [0, 2]}\' (equality / any-of)'),
                as_json: bool = typer.Option(False, "--json", help="print the answer as JSON"),
+               gallery: Optional[Path] = typer.Option(None, "--gallery", help="also write the query and its "
+                                                      "top-k as one PNG (class names, scores, ✓/✗)"),
                weights: Optional[str] = typer.Option(None, "--weights"),
                k: int = typer.Option(5, "--k"), store_path: Optional[Path] = StoreOpt,
                qdrant_url: Optional[str] = UrlOpt,
@@ -321,6 +323,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
     if collection is None and (dataset is None or model is None):
         raise CbmirError("give --collection NAME, or --dataset with --size and --model")
     flt = _parse_filter_option(filter_json)
+    _check_output(gallery, "--gallery")
     with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
         if collection is None:  # resolved from --dataset: the archive must be the one ingested
             ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
@@ -333,10 +336,28 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                             file_options=FileOptions(intensity=intensity, window=window, slice_axis=slice_axis,
                                                      fit=fit))
         answer = search(a, req)
+        if gallery is not None:
+            _write_gallery(a, answer, req, gallery)
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), indent=1))
         return
     _print_answer(answer)
+
+
+def _write_gallery(a, answer, req, path: Path) -> None:
+    """``--gallery``: the query (a stored point's image, or the query file as embedded) and its hits."""
+    from cbmir.app.images import gallery_png
+    from cbmir.core.files import atomic_write
+    from cbmir.ingest.sources import load_query
+
+    pixels = None
+    if req.files:
+        o = req.file_options
+        pixels = load_query(req.files[0], a.store.meta(answer.collection), intensity=o.intensity, window=o.window,
+                            slice_axis=o.slice_axis, fit=o.fit)[0]
+    png = gallery_png(a, answer, query_pixels=pixels)
+    atomic_write(path, lambda fh: fh.write(png))
+    typer.echo(f"wrote {path}", err=True)
 
 
 def _parse_filter_option(text: Optional[str]):
@@ -349,7 +370,10 @@ def _parse_filter_option(text: Optional[str]):
 
 
 def _print_answer(answer) -> None:
-    """The hits of the first query as a table: class names, scores, and ✓/✗ against a known query label."""
+    """The hits of the first query as a table: class names, scores, and ✓/✗ against a known query label;
+    then the class vote of the top-k (:func:`cbmir.app.summary.vote_summary`, as the service's summary)."""
+    from cbmir.app.summary import vote_summary
+
     q = answer.queries[0]
     what = (f"{q.split} row {q.index} (point {q.point_id}), label {q.label}"
             + (f" ({q.class_name})" if q.class_name not in (None, str(q.label)) else "")
@@ -364,6 +388,12 @@ def _print_answer(answer) -> None:
         mark = ("✓" if h.label == q.label else "✗") if known else ""
         typer.echo(f"{h.rank:>4} {h.index:>7} {h.label:>5} {str(h.class_name or ''):<16.16} {h.score:>10.6f} "
                    f"{mark:1}  {h.payload.get('image_id', '')}")
+    vote = vote_summary(answer.hits[0], q.label)
+    if vote.majority_label is not None:
+        agree = {True: ": the query's class is among the most voted",
+                 False: ": the query's class is not among the most voted"}.get(vote.query_label_in_majority, "")
+        typer.echo(f"vote: {', '.join(f'{n} {c}' for c, n in vote.votes.items())}; majority "
+                   f"{vote.majority_class_name}{agree}")
     for note in answer.notes:
         typer.echo(f"note: {note}", err=True)
 
@@ -552,6 +582,31 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down siz
 
     run_bench(quick=quick, work_dir=work_dir, sections=[x.strip() for x in only.split(",")] if only else None,
               extract=extract, json_out=output, keep=keep)
+
+
+@app.command("serve")
+def serve_cmd(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; anything but loopback "
+                                       "needs an API key"),
+              port: int = typer.Option(8000, "--port"),
+              store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
+              data_dir: Optional[Path] = DataDirOpt,
+              api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CBMIR_API_KEY", show_envvar=False,
+                                                    help="require this key on /api (X-API-Key or Authorization: "
+                                                         "Bearer); prefer the variable CBMIR_API_KEY"),
+              max_upload_mb: float = typer.Option(32.0, "--max-upload-mb", help="larger uploads get 413"),
+              idle_release_s: float = typer.Option(5.0, "--idle-release-s",
+                                                   help="release embedded-store collections after this many idle "
+                                                        "seconds so other cbmir commands can use them (0: never)"),
+              device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [CBMIR_DEVICE]")) -> None:
+    """HTTP search service: JSON API under /api, OpenAPI at /openapi.json, docs at /docs (README "Search service")."""
+    from cbmir.app import load_settings
+    from cbmir.service import ServiceConfig, check_bind, serve
+
+    config = ServiceConfig(api_key=api_key or None, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                           idle_release_s=idle_release_s)
+    check_bind(host, config.api_key)  # before the store is opened
+    settings = load_settings(store_path=store_path, qdrant_url=qdrant_url, data_dir=data_dir, device=device)
+    serve(settings, config, host=host, port=port)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from cbmir.core.errors import CbmirError
+from cbmir.core.errors import CbmirError, NotFoundError
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,22 @@ def open_collection(store, ref: CollectionRef) -> tuple[str, object]:
     return name, meta
 
 
+def require_collection(store, name) -> str:
+    """``name`` when it is one of the store's collections, checked **without using it as a path**: a
+    name from a request (the HTTP service) is compared with :meth:`list_collections`, never joined to the
+    store directory first.
+
+    Raises:
+        NotFoundError: not a collection of the store (names the existing ones).
+    """
+    have = store.list_collections()
+    if not isinstance(name, str) or name not in have:
+        shown = name if isinstance(name, str) and len(name) <= 200 else f"{str(name)[:200]}..."
+        raise NotFoundError(f"collection {shown!r} does not exist in the {store.engine} store "
+                            f"(existing: {', '.join(sorted(have)) or 'none'}); run `cbmir ingest` first")
+    return name
+
+
 def class_names(meta) -> dict[int, str]:
     """``{label: class name}`` recorded at ingest (MedMNIST ``INFO`` label names; archive folder or
     manifest labels); empty for collections made before class names were recorded."""
@@ -172,22 +188,30 @@ def class_name(names: dict[int, str], label: int) -> str | None:
 
 def collection_info(store, name: str) -> dict:
     """What a user needs to pick a collection: ``{name, dataset, size, model, family, display_name, dim,
-    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d}``.
+    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d, busy}``.
+
+    ``busy`` is None, or (embedded store) the message naming the process that holds the collection now;
+    its ``counts`` are then empty (they cannot be read until it is done).
 
     Raises:
         CbmirError: unknown collection (naming the existing ones).
     """
+    from cbmir.core.errors import StoreBusyError
     from cbmir.core.splits import SPLITS
 
-    meta = store.meta(name)
+    meta = store.meta(require_collection(store, name))
     spec = _spec_or_none(meta.model)
-    counts = {sp: n for sp in SPLITS if (n := store.count(name, sp))}
+    busy = None
+    try:
+        counts = {sp: n for sp in SPLITS if (n := store.count(name, sp))}
+    except StoreBusyError as exc:
+        counts, busy = {}, str(exc)
     return {"name": name, "dataset": meta.dataset, "size": meta.size, "model": meta.model,
             "family": getattr(spec, "family", None), "display_name": getattr(spec, "display_name", meta.model),
             "dim": meta.dim, "distance": meta.distance, "engine": store.engine, "counts": counts,
             "class_names": {str(k): v for k, v in class_names(meta).items()}, "random_init": meta.random_init,
             "baseline": bool(spec is not None and spec.baseline),
-            "is_3d": meta.is_3d}
+            "is_3d": meta.is_3d, "busy": busy}
 
 
 def _spec_or_none(model: str):
