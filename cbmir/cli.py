@@ -267,6 +267,8 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                filter_json: Optional[str] = typer.Option(None, "--filter", help='payload filter as JSON, e.g. '
                                                          '\'{"label": [0, 2]}\' (equality / any-of)'),
                as_json: bool = typer.Option(False, "--json", help="print the answer as JSON"),
+               gallery: Optional[Path] = typer.Option(None, "--gallery", help="also write the query and its "
+                                                      "top-k as one PNG (class names, scores, ✓/✗)"),
                weights: Optional[str] = typer.Option(None, "--weights"),
                k: int = typer.Option(5, "--k"), store_path: Optional[Path] = StoreOpt,
                qdrant_url: Optional[str] = UrlOpt,
@@ -289,6 +291,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
     if collection is None and (dataset is None or model is None):
         raise CbmirError("give --collection NAME, or --dataset with --size and --model")
     flt = _parse_filter_option(filter_json)
+    _check_output(gallery, "--gallery")
     with _app(store_path=store_path, qdrant_url=qdrant_url, distance=distance) as a:
         if collection is None:  # resolved from --dataset: the archive must be the one ingested
             ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
@@ -301,10 +304,28 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                             file_options=FileOptions(intensity=intensity, window=window, slice_axis=slice_axis,
                                                      fit=fit))
         answer = search(a, req)
+        if gallery is not None:
+            _write_gallery(a, answer, req, gallery)
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), indent=1))
         return
     _print_answer(answer)
+
+
+def _write_gallery(a, answer, req, path: Path) -> None:
+    """``--gallery``: the query (a stored point's image, or the query file as embedded) and its hits."""
+    from cbmir.app.images import gallery_png
+    from cbmir.core.files import atomic_write
+    from cbmir.ingest.sources import load_query
+
+    pixels = None
+    if req.files:
+        o = req.file_options
+        pixels = load_query(req.files[0], a.store.meta(answer.collection), intensity=o.intensity, window=o.window,
+                            slice_axis=o.slice_axis, fit=o.fit)[0]
+    png = gallery_png(a, answer, query_pixels=pixels)
+    atomic_write(path, lambda fh: fh.write(png))
+    typer.echo(f"wrote {path}", err=True)
 
 
 def _parse_filter_option(text: Optional[str]):
@@ -491,6 +512,31 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="scaled-down siz
 
     run_bench(quick=quick, work_dir=work_dir, sections=[x.strip() for x in only.split(",")] if only else None,
               extract=extract, json_out=output, keep=keep)
+
+
+@app.command("serve")
+def serve_cmd(host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; anything but loopback "
+                                       "needs an API key"),
+              port: int = typer.Option(8000, "--port"),
+              store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt,
+              data_dir: Optional[Path] = DataDirOpt,
+              api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CBMIR_API_KEY", show_envvar=False,
+                                                    help="require this key on /api (X-API-Key or Authorization: "
+                                                         "Bearer); prefer the variable CBMIR_API_KEY"),
+              max_upload_mb: float = typer.Option(32.0, "--max-upload-mb", help="larger uploads get 413"),
+              idle_release_s: float = typer.Option(5.0, "--idle-release-s",
+                                                   help="release embedded-store collections after this many idle "
+                                                        "seconds so other cbmir commands can use them (0: never)"),
+              device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [CBMIR_DEVICE]")) -> None:
+    """HTTP search service: JSON API under /api, OpenAPI at /openapi.json, docs at /docs (README "Search service")."""
+    from cbmir.app import load_settings
+    from cbmir.service import ServiceConfig, check_bind, serve
+
+    config = ServiceConfig(api_key=api_key or None, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                           idle_release_s=idle_release_s)
+    check_bind(host, config.api_key)  # before the store is opened
+    settings = load_settings(store_path=store_path, qdrant_url=qdrant_url, data_dir=data_dir, device=device)
+    serve(settings, config, host=host, port=port)
 
 
 def main() -> None:

@@ -102,6 +102,9 @@ def _source_extra(source: DatasetSource) -> dict:
     fp = getattr(source, "fingerprint", None)
     if callable(fp):
         extra["source_fingerprint"] = fp()
+    reopen = getattr(source, "reopen_spec", None)
+    if callable(reopen):  # archive root and pixel options: images of stored points (cbmir.app.images)
+        extra["archive"] = reopen()
     return extra
 
 

@@ -16,8 +16,11 @@ counted: the shard is closed and the lock released when the last store using it 
 a client and a CLI command in one process coexist. Across processes cbmir takes an advisory exclusive lock
 first (``fcntl.flock`` on ``<store_path>/.locks/<collection>.lock``, non-blocking) whenever it opens,
 creates or deletes a collection, holds it until :meth:`EdgeStore.close`, and writes the holder's
-PID, host and start time into the file; a second process gets a :class:`~cbmir.core.errors.CbmirError`
-naming the collection, the lock file and the holder. The kernel drops the lock when the holder
+PID, host, command and start time into the file. A second process waits up to ``lock_wait_s`` seconds
+for the lock (``CBMIR_LOCK_WAIT_S`` through :func:`cbmir.search.store.open_store`; 0 = not at all), then
+gets a :class:`~cbmir.core.errors.StoreBusyError` naming the collection, the lock file and the holder.
+A running ``cbmir serve`` releases its collections after a short idle time, so commands waiting on it get
+in (README, "Search service"). The kernel drops the lock when the holder
 exits, even on SIGKILL, so a stale lock file never blocks anyone. The lock files live outside the
 collection directory so that deleting / recreating a collection keeps them. Reading metadata
 (``read_meta``, ``list_collections``) takes no lock.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,7 +46,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import qdrant_edge as qe
 
-from cbmir.core.errors import CbmirError
+from cbmir.core.errors import CbmirError, StoreBusyError
 from cbmir.search.filters import Selection, as_selection
 from cbmir.search.schema import CollectionMeta, parse_meta
 from cbmir.search.store import VectorStore, engine_distance
@@ -73,6 +77,15 @@ def _split_filter(where: str | Selection | None):
     return qe.Filter(must=conds)
 
 
+def _command() -> str:
+    """What this process is, for the lock file: ``cbmir serve``, ``cbmir ingest``, or the script name."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if prog in ("cli.py", "__main__.py", "cbmir"):
+        sub = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+        return f"cbmir {sub}".strip()[:60]
+    return ("python -c" if prog == "-c" else prog)[:60]
+
+
 def _write_meta_file(d: Path, meta: CollectionMeta) -> None:
     """``d/meta.json`` replaced atomically (temporary file + ``os.replace``)."""
     tmp = d / "meta.json.tmp"
@@ -89,8 +102,9 @@ class EdgeStore(VectorStore):
 
     engine = "qdrant-edge"
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, lock_wait_s: float = 0.0) -> None:
         self.root = Path(root)
+        self.lock_wait_s = max(0.0, float(lock_wait_s))
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -140,19 +154,26 @@ class EdgeStore(VectorStore):
         except OSError as exc:
             raise CbmirError(f"cannot create the lock file {path} of the embedded store {self.root} "
                              f"({type(exc).__name__}: {exc}); the store directory must be writable") from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown process"
-            fh.close()
-            raise CbmirError(
-                f"collection {name!r} of the embedded store {self.root} is in use by another process "
-                f"({holder}; lock file {path}). Wait for it to finish, or use another --store-path "
-                "(CBMIR_STORE_PATH); nothing was changed.") from None
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                    continue
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown process"
+                fh.close()
+                waited = f" (waited {self.lock_wait_s:g} s)" if self.lock_wait_s else ""
+                raise StoreBusyError(
+                    f"collection {name!r} of the embedded store {self.root} is in use by another process "
+                    f"({holder}; lock file {path}){waited}. Wait for it to finish (or raise CBMIR_LOCK_WAIT_S), "
+                    "or use another --store-path (CBMIR_STORE_PATH); nothing was changed.") from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid={os.getpid()} host={socket.gethostname()} "
+        fh.write(f"pid={os.getpid()} host={socket.gethostname()} cmd={_command()!r} "
                  f"since={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         fh.flush()
         return fh
@@ -326,6 +347,14 @@ class EdgeStore(VectorStore):
 
     def list_collections(self) -> list[str]:
         return sorted(p.parent.name for p in self.root.glob("*/meta.json"))
+
+    def release(self) -> int:
+        """Stop using every collection this store opened (as :meth:`close`); the store stays usable and
+        reopens a collection, taking its lock again, on next use. Returns how many were released."""
+        n = len(self._locks)
+        self._unlock_all()
+        self._rerank_cache = None
+        return n
 
     def close(self) -> None:
         """Stop using every collection this store opened: shards that no other store of this process uses

@@ -36,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - older qdrant-client
     ResourceExhaustedResponse = None  # type: ignore[assignment]
 
-from cbmir.core.errors import CbmirError
+from cbmir.core.errors import CbmirError, StoreUnavailableError
 from cbmir.search.filters import Selection, as_selection
 from cbmir.search.schema import CollectionMeta, parse_meta
 from cbmir.search.store import VectorStore, engine_distance
@@ -153,7 +153,7 @@ class ServerStore(VectorStore):
                 retry, suggested, what = _transient(exc)
                 code = getattr(exc, "status_code", None)
                 if code in (401, 403):
-                    raise CbmirError(
+                    raise StoreUnavailableError(
                         f"{self._where()} answered HTTP {code} ({'Unauthorized' if code == 401 else 'Forbidden'}) "
                         f"to '{op}': the API key is missing or wrong (set CBMIR_QDRANT_API_KEY, or "
                         "qdrant_api_key in .env; the key is never printed)") from None
@@ -170,14 +170,14 @@ class ServerStore(VectorStore):
                         and isinstance(src, (httpx.ConnectError, ConnectionRefusedError))):
                     # never reached: no server there (a wrong URL or a server not started); two quick
                     # tries, not the whole retry budget (which is for a server that drops mid-run)
-                    raise CbmirError(
+                    raise StoreUnavailableError(
                         f"{self._where()} is unreachable: '{op}' failed {attempt + 1} time(s) ({what}). Start the "
                         "server (`docker compose up -d`), fix --qdrant-url / CBMIR_QDRANT_URL, or drop "
                         "--qdrant-url to use the embedded store.") from None
                 delay = suggested if suggested is not None else min(
                     self.retry_max_delay_s, self.retry_base_s * (2 ** attempt)) * random.uniform(0.75, 1.25)
                 if elapsed + delay > self.retry_total_s:
-                    raise CbmirError(
+                    raise StoreUnavailableError(
                         f"{self._where()} is unreachable or failing: '{op}' did not succeed after "
                         f"{attempt + 1} attempt(s) over {elapsed:.1f} s (retry budget {self.retry_total_s:g} s, "
                         f"CBMIR_QDRANT_RETRY_S); last error: {what}. Check that the server is running and that "

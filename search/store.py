@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from cbmir.core.errors import CbmirError
+from cbmir.core.errors import CbmirError, NotFoundError
 from cbmir.search.filters import Selection
 from cbmir.search.schema import CollectionMeta, point_id, split_and_index
 
@@ -187,6 +187,12 @@ class VectorStore(ABC):
     def close(self) -> None:
         """Flush and release the engine's resources."""
 
+    def release(self) -> int:
+        """Give up what this store holds open between uses, keeping the object usable (the next call
+        reopens it): the embedded engine closes its shards and frees their locks, so another process can
+        open them. Returns how many collections were released (0: nothing to release, e.g. a server)."""
+        return 0
+
     def __enter__(self) -> "VectorStore":
         return self
 
@@ -223,7 +229,7 @@ class VectorStore(ABC):
         m = self.read_meta(name)
         if m is None:
             have = ", ".join(sorted(self.list_collections())) or "none"
-            raise CbmirError(f"collection {name!r} does not exist in the {self.engine} store "
+            raise NotFoundError(f"collection {name!r} does not exist in the {self.engine} store "
                              f"(existing: {have}); run `cbmir ingest` first")
         return m
 
@@ -560,4 +566,5 @@ def open_store(settings=None, *, store_path=None, qdrant_url=None, api_key=None)
         return ServerStore(url=qdrant_url, api_key=api_key, timeout=timeout, retry_total_s=retry)
     from cbmir.search.edge_store import EdgeStore
 
-    return EdgeStore(store_path or ".cbmir/store")
+    wait = float(getattr(settings, "lock_wait_s", 0.0) or 0.0) if settings is not None else 0.0
+    return EdgeStore(store_path or ".cbmir/store", lock_wait_s=wait)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from cbmir.core.errors import CbmirError
+from cbmir.core.errors import CbmirError, NotFoundError
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,22 @@ def open_collection(store, ref: CollectionRef) -> tuple[str, object]:
     return name, meta
 
 
+def require_collection(store, name) -> str:
+    """``name`` when it is one of the store's collections, checked **without using it as a path**: a
+    name from a request (the HTTP service) is compared with :meth:`list_collections`, never joined to the
+    store directory first.
+
+    Raises:
+        NotFoundError: not a collection of the store (names the existing ones).
+    """
+    have = store.list_collections()
+    if not isinstance(name, str) or name not in have:
+        shown = name if isinstance(name, str) and len(name) <= 200 else f"{str(name)[:200]}..."
+        raise NotFoundError(f"collection {shown!r} does not exist in the {store.engine} store "
+                            f"(existing: {', '.join(sorted(have)) or 'none'}); run `cbmir ingest` first")
+    return name
+
+
 def class_names(meta) -> dict[int, str]:
     """``{label: class name}`` recorded at ingest (MedMNIST ``INFO`` label names; archive folder or
     manifest labels); empty for collections made before class names were recorded."""
@@ -176,7 +192,7 @@ def collection_info(store, name: str) -> dict:
     """
     from cbmir.core.splits import SPLITS
 
-    meta = store.meta(name)
+    meta = store.meta(require_collection(store, name))
     spec = _spec_or_none(meta.model)
     counts = {sp: n for sp in SPLITS if (n := store.count(name, sp))}
     return {"name": name, "dataset": meta.dataset, "size": meta.size, "model": meta.model,

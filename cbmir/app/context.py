@@ -7,16 +7,22 @@ everywhere.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from cbmir.core.errors import CbmirError
 from cbmir.core.settings import Settings, get_settings
 
 #: settings field -> its CLI option, for messages about invalid values
+log = logging.getLogger("cbmir.app")
+
 SETTING_OPTIONS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
                    "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device",
-                   "threads": "--threads"}
+                   "threads": "--threads", "lock_wait_s": "--lock-wait-s"}
 
 
 def file_on_path(p: Path) -> Path | None:
@@ -75,13 +81,26 @@ class App:
 
     Use as a context manager, or call :meth:`close`. Thread-safe for concurrent searches (the service):
     the store is opened once, and each embedder is built once under a lock.
+
+    **Sharing an embedded store with other processes** (the service): wrap each request in
+    :meth:`using_store` and call :meth:`start_idle_release`; once no request has run for the idle time,
+    the store's collections are released (their shards closed, their locks freed), so a ``cbmir ingest``
+    / ``evaluate`` / ``search`` in another process gets them. The next request opens them again (and
+    then reads the points that process wrote).
     """
 
     def __init__(self, settings: Settings | None = None, store=None) -> None:
         self.settings = settings or load_settings()
         self._store = store
         self._embedders: dict[tuple, object] = {}
+        self._cache: dict[tuple, object] = {}
         self._lock = threading.Lock()
+        self._use = threading.Condition()
+        self._active = 0
+        self._last_use = time.monotonic()
+        self._releases = 0
+        self._stop = threading.Event()
+        self._releaser: threading.Thread | None = None
 
     @property
     def store(self):
@@ -93,6 +112,65 @@ class App:
 
                     self._store = open_store(self.settings)
         return self._store
+
+    def cached(self, key: tuple, build: Callable[[], object]):
+        """``build()`` once per ``key`` for the life of this app (dataset readers for images, archive
+        sources); thread-safe."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
+
+    @contextmanager
+    def using_store(self) -> Iterator[object]:
+        """The store, held open for the duration of the ``with`` block (one request): an idle release
+        (:meth:`release_if_idle`) waits until no block is running, and a block waits for a release in
+        progress."""
+        with self._use:
+            self._active += 1
+        try:
+            yield self.store
+        finally:
+            with self._use:
+                self._active -= 1
+                self._last_use = time.monotonic()
+
+    def release_if_idle(self, idle_s: float) -> bool:
+        """Release the store's open collections (:meth:`cbmir.search.store.VectorStore.release`) when no
+        :meth:`using_store` block runs and none ended in the last ``idle_s`` seconds.
+
+        Returns:
+            True when something was released.
+        """
+        with self._use:
+            if self._store is None or self._active or time.monotonic() - self._last_use < idle_s:
+                return False
+            released = self._store.release()
+            if released:
+                self._releases += 1
+                log.info("released %d idle collection(s) of the store", released)
+            return bool(released)
+
+    def start_idle_release(self, idle_s: float) -> None:
+        """Start a daemon thread that calls :meth:`release_if_idle` about every ``idle_s / 4`` seconds
+        (0 or less: never release; the store stays held while the app lives)."""
+        if idle_s <= 0 or self._releaser is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(max(0.05, min(1.0, idle_s / 4))):
+                try:
+                    self.release_if_idle(idle_s)
+                except Exception:  # noqa: BLE001 - a failed release must not end the thread
+                    log.exception("idle release failed")
+
+        self._releaser = threading.Thread(target=loop, name="cbmir-idle-release", daemon=True)
+        self._releaser.start()
+
+    @property
+    def releases(self) -> int:
+        """How many idle releases freed something (for tests and the service's health answer)."""
+        return self._releases
 
     def embedder(self, meta, *, weights: str | None = None):
         """The embedder that built a collection (its model, backend, weights kind, size and 3D handling),
@@ -122,7 +200,11 @@ class App:
         return emb
 
     def close(self) -> None:
-        """Close the store (releases the embedded engine's locks)."""
+        """Stop the idle-release thread and close the store (releases the embedded engine's locks)."""
+        self._stop.set()
+        if self._releaser is not None:
+            self._releaser.join(timeout=5)
+            self._releaser = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -29,19 +29,22 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cbmir.app.collections import class_name, class_names
-from cbmir.core.errors import CbmirError
+from cbmir.app.collections import class_name, class_names, require_collection
+from cbmir.core.errors import CbmirError, NotFoundError
 
 
 @dataclass(frozen=True)
 class FileOptions:
     """How query files are read (pass what the collection was ingested with): pixel ``intensity`` rule,
-    ``window`` ``"CENTER,WIDTH"``, volume ``slice_axis``, 2D ``fit`` (``stretch | pad | crop``)."""
+    ``window`` ``"CENTER,WIDTH"``, volume ``slice_axis``, 2D ``fit`` (``stretch | pad | crop``), and the
+    decode limits ``max_pixels`` per image / ``max_voxels`` per volume (None: the ingest defaults)."""
 
     intensity: str | None = None
     window: str | None = None
     slice_axis: int | None = None
     fit: str = "stretch"
+    max_pixels: int | None = None
+    max_voxels: int | None = None
 
 
 @dataclass
@@ -163,7 +166,7 @@ def _stored_queries(store, name: str, req: SearchRequest, kind: str):
             try:
                 refs.append(split_and_index(int(pid)))
             except (KeyError, ValueError, TypeError):
-                raise CbmirError(f"point id {pid!r} is not a point id of collection {name!r}") from None
+                raise NotFoundError(f"point id {pid!r} is not a point id of collection {name!r}") from None
     else:
         refs = [(str(sp), ix) for sp, ix in req.points]
     vecs, infos = [], []
@@ -173,7 +176,7 @@ def _stored_queries(store, name: str, req: SearchRequest, kind: str):
             raise CbmirError(f"unknown query split {split!r}; valid: {', '.join(SPLITS)}")
         n = store.count(name, split)
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-            raise CbmirError(f"query index {index!r} is out of range: collection {name!r} has {n} {split} "
+            raise NotFoundError(f"query index {index!r} is out of range: collection {name!r} has {n} {split} "
                              f"point(s)" + (f"; valid 0..{n - 1}" if n else ""))
         v, pay = store.get_points(name, split, [int(index)])
         vecs.append(v[0])
@@ -212,8 +215,9 @@ def _read_files(meta, req: SearchRequest):
         if not p.exists():
             raise CbmirError(f"query file {f}: not found; give an existing image / volume file")
         try:
+            limits = {k: v for k, v in (("max_pixels", opts.max_pixels), ("max_voxels", opts.max_voxels)) if v}
             out.append(load_query(p, meta, intensity=opts.intensity, window=opts.window,
-                                  slice_axis=opts.slice_axis, fit=opts.fit))
+                                  slice_axis=opts.slice_axis, fit=opts.fit, **limits))
         except CbmirError as exc:
             raise CbmirError(exc if str(f) in str(exc) else f"query file {f}: {exc}") from None
         infos.append(QueryInfo("file", source=str(f)))
@@ -257,8 +261,8 @@ def search(app, req: SearchRequest) -> SearchResponse:
     from cbmir.search.filters import selection
 
     store = app.store
-    meta = store.meta(req.collection)  # unknown collection: CbmirError naming the existing ones
-    name = req.collection
+    name = require_collection(store, req.collection)  # unknown: NotFoundError naming the existing ones
+    meta = store.meta(name)
     if req.distance is not None and req.distance != meta.distance:
         raise CbmirError(f"collection {name!r} ranks by {meta.distance} distance, not {req.distance}: drop "
                          f"the distance option, or use the {req.distance} collection of this dataset and model")

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         num_workers: DataLoader workers for preprocessing (0 = in the main process).
         threads: torch intra-op CPU threads for extraction (``CBMIR_THREADS``; None = torch's default,
             one per core). On a shared or oversubscribed CPU, 1 is often several times faster.
+        lock_wait_s: seconds a command waits for an embedded-store collection that another process
+            (e.g. a running ``cbmir serve``) holds, before the error naming the holder
+            (``CBMIR_LOCK_WAIT_S``; 0 = fail at once).
     """
 
     model_config = SettingsConfigDict(env_prefix="CBMIR_", env_file=".env", extra="ignore")
@@ -48,6 +51,7 @@ class Settings(BaseSettings):
     num_workers: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)
     distance: Literal["cosine", "euclidean"] = "cosine"
+    lock_wait_s: float = Field(default=10.0, ge=0)
 
 
 def get_settings(**overrides) -> Settings:

@@ -365,6 +365,24 @@ class ArchiveSource:
         """Number of items of ``split`` (0 when the archive has no such split), unreadable ones included."""
         return len(self.items[self._check_split(split)])
 
+    def reopen_spec(self) -> dict:
+        """How to open this archive again as it was ingested: ``{"path": absolute archive path, "options":
+        keyword arguments of :func:`cbmir.ingest.sources.open_source`}``. Recorded in the collection
+        metadata at ingest (``extra["archive"]``) so that the stored points' images can be rendered from
+        their files with the same pixel rules (:mod:`cbmir.app.images`)."""
+        win = self.rule.window
+        opts = {"source": self.kind, "name": self.name, "intensity": self.rule.mode,
+                "window": f"{win[0]:g},{win[1]:g}" if win is not None else None}
+        if self.kind != "nifti":
+            opts["fit"] = self.fit
+        if getattr(self, "slice_axis", None) is not None:
+            opts["slice_axis"] = int(self.slice_axis)
+        if self.kind == "dicom":
+            opts["dicom_mode"] = getattr(self, "mode", "auto")
+        opts.update(getattr(self, "reopen_extra", {}))
+        path = getattr(self, "manifest", None) or self.root
+        return {"path": str(Path(path).resolve()), "options": opts}
+
     def fingerprint(self) -> dict[str, str]:
         """Per split (with items), sha256 over the sorted rows: key, source path, label, label name, static
         payload, and each file's path, size and ``mtime_ns`` (a cheap ``stat``, no pixel read). Stored in

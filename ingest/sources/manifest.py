@@ -149,6 +149,8 @@ class ManifestSource(ArchiveSource):
         self.manifest = self.root
         self.root = Path(root).expanduser() if root is not None else self.manifest.parent
         self.slice_axis = slice_axis
+        self.reopen_extra = {"root": str(self.root.resolve()), "path_column": path_column,
+                             "label_column": label_column, "split_column": split_column, "key_column": key_column}
         df = read_table(self.manifest)
         pcol = _column(df, path_column, True, "path")
         lcol = _column(df, label_column, False, "label")
