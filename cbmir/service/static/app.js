@@ -68,11 +68,11 @@ function badges(c) {
 const total = (counts) => Object.values(counts || {}).reduce((a, b) => a + b, 0);
 const fmtInt = (n) => Number(n).toLocaleString("en-US");
 
+/** Option text (the dataset is the option group): model, size, images, RANDOM-INIT / baseline. */
 function collectionLabel(c) {
-  const model = c.display_name || c.model;
   const tags = [c.random_init ? "RANDOM-INIT" : "", c.baseline ? "baseline" : ""].filter(Boolean);
-  return `${c.dataset} · ${c.size} px · ${model} · ${fmtInt(total(c.counts))} images` +
-    (tags.length ? ` (${tags.join(", ")})` : "");
+  return `${c.display_name || c.model} · ${c.size} px · ${fmtInt(total(c.counts))} images` +
+    (tags.length ? ` · ${tags.join(", ")}` : "");
 }
 
 function describe(c) {
@@ -310,7 +310,7 @@ function renderQuery(query, c, resp) {
   }
   const alt = `Query image (${title}${known ? `, class ${q.class_name}` : ""})`;
   ui.queryPanel.replaceChildren(
-    src ? el("img", { src, alt, class: "query-img", width: 160, height: 160 })
+    src ? el("img", { src, alt, class: "query-img", width: 128, height: 128 })
       : el("div", { class: "query-img placeholder", role: "img", "aria-label": alt }, "no preview"),
     el("div", { class: "query-text" },
       el("h2", {}, "Query"),
@@ -320,10 +320,8 @@ function renderQuery(query, c, resp) {
   ui.queryPanel.hidden = false;
 }
 
-function scoreText(c, score) {
-  const s = Number(score);
-  return c.distance === "euclidean" ? `distance ${s.toFixed(3)}` : `similarity ${s.toFixed(3)}`;
-}
+const scoreKind = (c) => (c.distance === "euclidean" ? "distance" : "similarity");
+const scoreText = (c, score) => `${scoreKind(c)} ${Number(score).toFixed(3)}`;
 
 function renderVotes(resp) {
   const s = resp.summary;
@@ -342,7 +340,9 @@ function renderRow(c, resp, comparing) {
   const qLabel = resp.query && Number.isInteger(resp.query.label) && resp.query.label >= 0 ? resp.query.label : null;
   const hits = Array.isArray(resp.hits) ? resp.hits : [];
   return el("section", { class: "row-result", "data-collection": c.name, "aria-label": `Results of ${c.name}` },
-    el("h2", {}, comparing ? `${c.display_name || c.model} — ` : "", el("span", { class: "name" }, c.name), " ", badges(c)),
+    el("h2", {}, comparing ? `${c.display_name || c.model} — ` : "", el("span", { class: "name" }, c.name), " ", badges(c),
+      el("span", { class: "muted scores" }, `scores: ${c.distance} ${scoreKind(c)}` +
+        (c.distance === "euclidean" ? ", lower is closer" : ", higher is closer"))),
     renderVotes(resp),
     (resp.notes || []).map((n) => el("p", { class: "note" }, n)),
     el("ol", { class: "hits" }, hits.map((h) => renderHit(c, h, qLabel))));
@@ -360,9 +360,10 @@ function renderHit(c, hit, qLabel) {
     el("button", { type: "button", class: "hit", onclick: () => openDetail(c, hit, same) },
       src ? el("img", { src, alt, loading: "lazy", width: 112, height: 112 })
         : el("div", { class: "placeholder", role: "img", "aria-label": alt }, "no image"),
-      el("span", { class: "hit-head" }, el("span", { class: "rank" }, `#${hit.rank}`), mark),
-      el("span", { class: "class-name" }, name),
-      el("span", { class: "score muted" }, scoreText(c, hit.score))));
+      el("span", { class: "hit-head" }, el("span", { class: "rank" }, `#${hit.rank}`), mark,
+        el("span", { class: "score muted", title: `${c.distance} ${scoreKind(c)}` },
+          el("span", { class: "sr" }, `${scoreKind(c)} `), Number(hit.score).toFixed(3))),
+      el("span", { class: "class-name" }, name)));
 }
 
 function valueText(v) {
