@@ -87,8 +87,10 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
     if len(db_idx) == 0 or len(q_idx) == 0:
         raise CbmirError(f"collection {name!r} has {len(db_idx)} {database_split} and {len(q_idx)} {query_split} "
                          "points; ingest both splits first (`cbmir ingest`)")
-    db_labels_by_row = np.full(int(db_idx.max()) + 1, -1, dtype=np.int64)
-    db_labels_by_row[db_idx] = [p["label"] for p in db_pay]
+    # database rows -> labels by sorted lookup: archive rows are 40-bit key hashes, not positions
+    order = np.argsort(db_idx, kind="stable")
+    db_rows = np.asarray(db_idx, dtype=np.int64)[order]
+    db_labels = np.asarray([db_pay[j]["label"] for j in order], dtype=np.int64)
     q_labels = np.asarray([p["label"] for p in q_pay], dtype=np.int64)
 
     t0 = time.perf_counter()
@@ -118,8 +120,8 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
         lat.append((time.perf_counter() - t) * 1e3)
     p50, p95 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 95))) if lat else (float("nan"),) * 2
 
-    topk_labels = db_labels_by_row[topk_idx]
-    values, counts = np.unique(db_labels_by_row[db_idx], return_counts=True)
+    topk_labels = db_labels[np.searchsorted(db_rows, topk_idx)]
+    values, counts = np.unique(db_labels, return_counts=True)
     majority = values[np.argmax(counts)]
     return Evaluation(
         collection=name, engine=store.engine, distance=meta.distance, k=k, n_queries=len(q_idx),

@@ -42,6 +42,7 @@ from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
     fetch_hub_file,
     file_identity,
+    hub_identity,
     load_into_model,
     load_state_dict_file,
     model_identity,
@@ -200,7 +201,7 @@ class TimmCNNExtractor:
             model.pretrained_cfg.pop("state_dict", None)  # do not keep a second copy alive
             del sd
             self._trim(model, drop)
-            self.weights_id = f"hf-hub:{hub_id}"
+            self.weights_id = hub_identity(hub_id, hub_path)
         cfg = model.pretrained_cfg
         self.mean = tuple(float(v) for v in cfg["mean"])
         self.std = tuple(float(v) for v in cfg["std"])
