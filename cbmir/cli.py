@@ -544,7 +544,7 @@ def collections_delete_cmd(ctx: typer.Context, name: str = typer.Argument(..., h
             n = sum(info["counts"].values())
             try:
                 ok = typer.confirm(f"delete collection {name!r} ({n} points, {_size_text(info['disk_bytes'])})?")
-            except (typer.Abort, EOFError):
+            except (typer.Abort, EOFError, OSError):  # no answer (end of input, no terminal): no
                 ok = False
             if not ok:
                 typer.echo(f"not deleted: {name} (pass --yes to delete without asking)")

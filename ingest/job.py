@@ -266,27 +266,29 @@ def embed_split(report: IngestReport, store: VectorStore, target: str, split: st
     zeros: list[int] = []
     rejected: list[int] = []
     bar = tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not progress, leave=False)
-    with prefetch(batches, depth=2) as batches, BackgroundWriter(max_pending=1) as writer:
-        for batch in batches:
-            if len(batch) == 0:
-                continue
-            vecs = np.asarray(embedder.embed(batch.images))
-            bad = ~np.isfinite(vecs).all(axis=1)
-            if bad.any():  # refused: never stored; listed, and the run fails at the end
-                rejected.extend(batch.indices[bad].tolist())
-                bar.update(int(bad.sum()))
-                batch, vecs = _subset(batch, ~bad), vecs[~bad]
+    try:  # the bar is cleared on any exit, so an error message starts its own line
+        with prefetch(batches, depth=2) as batches, BackgroundWriter(max_pending=1) as writer:
+            for batch in batches:
                 if len(batch) == 0:
                     continue
-            zeros.extend(batch.indices[~vecs.any(axis=1)].tolist())
-            extras = batch.extra_payload or [None] * len(batch)
-            payloads = [make_payload(dataset=meta.dataset, split=split, index=int(i), label=int(lab),
-                                     model=meta.model, size=int(meta.size), image_id=iid, extra=ex)
-                        for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
-            writer.submit(store.upsert, target, split, batch.indices.tolist(), vecs, payloads)
-            written.update(int(i) for i in batch.indices)
-            bar.update(len(batch))
-    bar.close()
+                vecs = np.asarray(embedder.embed(batch.images))
+                bad = ~np.isfinite(vecs).all(axis=1)
+                if bad.any():  # refused: never stored; listed, and the run fails at the end
+                    rejected.extend(batch.indices[bad].tolist())
+                    bar.update(int(bad.sum()))
+                    batch, vecs = _subset(batch, ~bad), vecs[~bad]
+                    if len(batch) == 0:
+                        continue
+                zeros.extend(batch.indices[~vecs.any(axis=1)].tolist())
+                extras = batch.extra_payload or [None] * len(batch)
+                payloads = [make_payload(dataset=meta.dataset, split=split, index=int(i), label=int(lab),
+                                         model=meta.model, size=int(meta.size), image_id=iid, extra=ex)
+                            for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
+                writer.submit(store.upsert, target, split, batch.indices.tolist(), vecs, payloads)
+                written.update(int(i) for i in batch.indices)
+                bar.update(len(batch))
+    finally:
+        bar.close()
     flush = getattr(store, "flush", None)
     if flush:
         flush(target)

@@ -43,7 +43,7 @@ FORMAT = "cbmir-snapshot"
 VERSION = 1
 MANIFEST = "cbmir-snapshot.json"
 PREFIX = "collection"
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16  # bytes per read; a chunk of zeros is restored as a hole
 _ZEROS = bytes(_CHUNK)
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 
