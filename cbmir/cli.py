@@ -124,6 +124,7 @@ def _do_ingest(app, ref, weights, recreate, splits, progress=True):
 
     source, rep = ingest_collection(app, ref, weights=weights, recreate=recreate, splits=splits, progress=progress)
     _print_ingest(app.store, rep, splits)
+    _notes(rep.extra.get("notes", []))
     summary = source_summary(source)
     if summary:
         typer.echo(summary)

@@ -176,6 +176,10 @@ def test_add_one_file_embeds_exactly_one_image_and_finds_it(tmp_path, breast, co
                "is a file of the collection's archive", "its label is 'benign'")
     _one_error(*run_main("add", "-c", NAME, outside, "--label", "atypical", "--store-path", store),
                "'atypical' is not a class", "0=benign, 1=malignant")
+    code, out, err = ingest(root, store, "--recreate")                   # rebuilt from the archive: said so
+    assert code == 0 and "the 1 point(s) added with `cbmir add`" in err, err
+    with edge(store) as s:
+        assert s.count(NAME) == before + 1
 
 
 def test_add_archive_file_through_the_client_updates_the_fingerprint(tmp_path, breast, counted):
@@ -551,3 +555,20 @@ def test_sync_on_the_server_code_path(tmp_path, breast, counted):
         _, _, pays = srv.fetch(NAME, "train")
         moved = [p for p in pays if p["source_path"] == "train/malignant/m.png"]
         assert len(moved) == 1 and moved[0]["label_name"] == "malignant" and srv.count(NAME, "test") == 3
+
+
+# ============================================================================ other archive kinds
+from test_sources import dicom_archive, nifti_file  # noqa: E402,F401 - fixtures
+
+
+def test_dicom_and_nifti_resync_is_all_unchanged(dicom_archive, nifti_file, tmp_path, counted):
+    """Payloads with DICOM tags and decoding facts compare equal after a round trip through the store: a
+    second ingest of an unchanged archive embeds nothing and relabels nothing."""
+    for archive in (dicom_archive, nifti_file[0]):
+        args = ("ingest", "-d", archive, "-m", "hog", "-s", "16", "--store-path", tmp_path / "store")
+        assert run_main(*args)[0] == 0
+        counted.clear()
+        code, out, err = run_main(*args)
+        assert code == 0, err
+        assert sync_line(out).startswith("0 added, 0 updated, 0 relabelled, 0 deleted,"), out
+        assert counted == []

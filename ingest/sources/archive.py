@@ -16,14 +16,16 @@ files (label -1). Hidden entries (name starting with ``.``) are skipped; files o
 listed in the summary as ignored, never dropped silently.
 
 **Row ids.** Within a split, items are sorted by their key — the relative POSIX path (``/``
-separators, code-point order, the same on every OS), or a manifest's row key — and the row
-index is the position in that list. Point ids (``split code << 40 | row``,
-:func:`cbmir.search.schema.point_id`) therefore depend only on the archive's content, and re-ingesting
-the same archive overwrites the same points. Adding or removing files shifts the rows after them,
-so a collection records a fingerprint of its source (:meth:`ArchiveSource.fingerprint`) and a
-re-run on a changed archive is refused: ingest a changed archive with ``--recreate``. An unreadable
-file keeps its row (a gap); ``cbmir verify`` re-decodes just the missing rows and accepts those that
-are still unreadable. Fixing the file changes the fingerprint, so it also needs ``--recreate``.
+separators, code-point order, the same on every OS), or a manifest's row key. A collection ingested by
+this cbmir gives each item the point id ``split code << 40 | key_index(key)``
+(:func:`cbmir.search.schema.key_index`: 40 bits of SHA-256 of the key), so the id of a file never
+changes while it stays where it is, whatever is added or removed; its payload ``index`` (the "row") is
+that number, and similarity ties are broken by it. ``cbmir ingest`` on a changed archive *syncs* its
+collection (:mod:`cbmir.ingest.sync`): only new and changed files are embedded, moved / relabelled ones
+keep their vector, removed ones are deleted. :meth:`ArchiveSource.iter_batches` still numbers rows by
+position (collections of an older cbmir, whose changed archives need ``--recreate``);
+:meth:`ArchiveSource.iter_items` streams the items a sync embeds. An unreadable file has no point;
+``cbmir verify`` re-decodes just the missing files and accepts those that are still unreadable.
 
 **Labels.** Class names are mapped to integer ids in sorted order over *all* splits together
 (so ``train`` and ``test`` agree even when a class is missing from one); the payload keeps
@@ -33,8 +35,7 @@ have label -1.
 **Unreadable files** (:class:`~cbmir.ingest.sources.pixels.PixelError`, decoder errors) are skipped and
 listed in :meth:`ArchiveSource.summary` (``problems``), or stop the run at once with ``strict``.
 If every file of a split fails, the run stops anyway (a systematic problem, not a bad file).
-A resumed ingest (``cbmir.ingest.job``) restarts a split at its first missing row, so a split with a
-skipped file is re-read from that row on every re-run (same points, overwritten).
+A sync tries an unreadable file again on every run (it has no point yet).
 """
 
 from __future__ import annotations
