@@ -222,20 +222,15 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             f"all other rows are stored. {where}: fix the extractor or the input "
             f"images, then re-run the same command to embed just these rows.")
     if target != name:
-        n_added = _added_points(store, name) if old_meta is not None and uses_key_ids(old_meta) else 0
+        from cbmir.ingest.sync import count_added
+
+        n_added = sum(count_added(store, name).values()) if old_meta is not None and uses_key_ids(old_meta) else 0
         store.replace_collection(target, name)
         if n_added:
             report.extra.setdefault("notes", []).append(
                 f"--recreate rebuilt {name!r} from its archive: the {n_added} point(s) added with `cbmir add` "
                 "(files outside the archive) are not in it; add them again")
     return report
-
-
-def _added_points(store: VectorStore, name: str) -> int:
-    """Points of ``name`` given to ``cbmir add`` that are not archive files (``origin: added``)."""
-    from cbmir.search.filters import Selection
-
-    return sum(store.count(name, Selection(sp, (("origin", ("added",)),))) for sp in SPLITS if store.count(name, sp))
 
 
 def _resume_rows(source: DatasetSource, embedder, store: VectorStore, target: str, meta: CollectionMeta, splits,

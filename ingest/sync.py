@@ -59,6 +59,7 @@ class SyncPlan:
         counts: ``added``, ``updated``, ``relabelled`` (moves included), ``deleted``, ``unchanged``,
             and ``moved`` (how many relabelled points were moves).
         examples: per count, a few relative paths (for messages).
+        status: ``(split, item key)`` -> its count (``added`` ... ``unchanged``), for the archive's items.
     """
 
     embed: dict[str, list] = field(default_factory=dict)
@@ -68,14 +69,17 @@ class SyncPlan:
     delete: list[int] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys((*COUNTS, "moved"), 0))
     examples: dict[str, list[str]] = field(default_factory=dict)
+    status: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def changes(self) -> bool:
         """True when applying the plan would change the collection."""
         return bool(any(self.embed.values()) or self.moves or self.payloads or self.delete)
 
-    def note(self, what: str, path: str) -> None:
+    def note(self, what: str, path: str, split: str | None = None, key: str | None = None) -> None:
         self.counts[what] += 1
+        if key is not None:
+            self.status[(split, key)] = what
         ex = self.examples.setdefault(what, [])
         if len(ex) < 5:
             ex.append(path)
@@ -184,13 +188,13 @@ def plan_sync(source, store, name: str, splits, *, keys: dict[str, set[str]] | N
             if not same:
                 plan.embed[sp].append((split_and_index(pid)[1], item))
                 plan.updates.add(pid)
-                plan.note("updated", item.source_path)
+                plan.note("updated", item.source_path, sp, item.key)
                 continue
             relabel = _static_differs(pay, static)
             if relabel or pay.get("stat_sha256") != stat:
                 plan.payloads.append((pid, rebase_payload(pay, static, split=sp, index=split_and_index(pid)[1],
                                                           stat=stat)))
-            plan.note("relabelled" if relabel else "unchanged", item.source_path)
+            plan.note("relabelled" if relabel else "unchanged", item.source_path, sp, item.key)
         gone += [(sp, pid, pay) for key, (pid, pay) in sorted(have.items())
                  if want is None or key in want]
         for pid, pay in added_points[sp]:  # added points follow their class name when class ids shift
@@ -200,20 +204,22 @@ def plan_sync(source, store, name: str, splits, *, keys: dict[str, set[str]] | N
     by_content: dict[str, list[tuple[str, int, dict]]] = {}
     if detect_moves and gone and new:
         for g in gone:
-            by_content.setdefault(g[2].get("content_sha256"), []).append(g)
+            if g[2].get("content_sha256"):
+                by_content.setdefault(g[2]["content_sha256"], []).append(g)
     for sp, item, stat in new:
-        match = by_content.get(source.content_digest(item)) if by_content else None
+        digest = source.content_digest(item) if by_content else None
+        match = by_content.get(digest) if digest else None
         ix = allocate_index(item.key, taken[sp])
         taken[sp][ix] = item.key
         if match:
             _, old_pid, old_pay = match.pop(0)
             plan.moves.append((old_pid, point_id(sp, ix), rebase_payload(
                 old_pay, source.static_payload(sp, item), split=sp, index=ix, stat=stat)))
-            plan.note("relabelled", item.source_path)
+            plan.note("relabelled", item.source_path, sp, item.key)
             plan.counts["moved"] += 1
         else:
             plan.embed[sp].append((ix, item))
-            plan.note("added", item.source_path)
+            plan.note("added", item.source_path, sp, item.key)
     moved = {m[0] for m in plan.moves}
     for _, pid, pay in gone:
         plan.delete.append(pid)
@@ -225,19 +231,20 @@ def plan_sync(source, store, name: str, splits, *, keys: dict[str, set[str]] | N
 
 
 def apply_sync(plan: SyncPlan, source, embedder, store, target: str, meta, *, batch_size: int, progress: bool,
-               report, name: str | None = None) -> None:
+               report, name: str | None = None, mark_pending: bool = True) -> None:
     """Apply ``plan`` to collection ``target``: moves (vectors copied), payload updates, deletes, then the
     embedding of new and changed files, split by split (the long part: resumable, see the module docstring).
 
     ``report`` (:class:`cbmir.ingest.job.IngestReport`) gets ``written``, ``seconds``, ``items_per_s``,
     ``resumed_from`` (points kept from before, per split), ``skipped`` (splits with nothing to do),
-    ``zero_vectors``, ``rejected`` and ``extra["sync"]`` (the plan's counts).
+    ``zero_vectors``, ``rejected`` and ``extra["sync"]`` (the plan's counts). With ``mark_pending`` (a whole
+    sync, not single items) the collection is marked ``sync_pending`` until :func:`record_sync`.
     """
     from cbmir.ingest.job import embed_split
 
     name = name or target
     report.extra["sync"] = dict(plan.counts)
-    if plan.changes and not (meta.extra or {}).get("sync_pending"):
+    if mark_pending and plan.changes and not (meta.extra or {}).get("sync_pending"):
         meta.extra = {**(meta.extra or {}), "sync_pending": True}
         store.write_meta(target, meta)
     by_split: dict[str, list] = {}
@@ -250,8 +257,8 @@ def apply_sync(plan: SyncPlan, source, embedder, store, target: str, meta, *, ba
         store.upsert(target, sp, [split_and_index(r[0])[1] for r in rows], np.stack([r[1] for r in rows]),
                      [r[2] for r in rows])
     store.set_payloads(target, plan.payloads)
-    if plan.delete or plan.moves:
-        store.delete_points(target, [*plan.delete, *(m[0] for m in plan.moves if m[0] not in plan.delete)])
+    if plan.delete:  # (the old points of moved files are among them: deleted after their vectors were copied)
+        store.delete_points(target, plan.delete)
     for sp, entries in plan.embed.items():
         changed = [ix for ix, _ in entries if point_id(sp, ix) in plan.updates]
         report.resumed_from[sp] = store.count(target, sp) - len(changed)
@@ -306,6 +313,16 @@ def record_if_in_sync(store, target: str, meta, source) -> bool:
         return False
     record_sync(store, target, meta, source, splits)
     return True
+
+
+def count_added(store, name: str) -> dict[str, int]:
+    """Per split, the points of ``name`` given to ``cbmir add`` that are not archive files (``origin: added``);
+    splits without any are left out."""
+    from cbmir.search.filters import Selection
+
+    counts = {sp: store.count(name, Selection(sp, (("origin", ("added",)),))) for sp in SPLITS
+              if store.count(name, sp)}
+    return {sp: n for sp, n in counts.items() if n}
 
 
 def check_same_archive(name: str, stored, source) -> None:

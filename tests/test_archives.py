@@ -193,8 +193,12 @@ def test_add_archive_file_through_the_client_updates_the_fingerprint(tmp_path, b
     counted.clear()
     with SearchClient(settings=Settings(store_path=store)) as client:
         res = client.add(NAME, new)
-        assert res.embedded == 1 and res.points[0]["split"] == "test" and counted == [1]
+        assert res.embedded == 1 and counted == [1]
+        assert res.points[0]["split"] == "test" and res.points[0]["status"] == "added"
         assert "fingerprint was updated" in " ".join(res.notes)
+        again = client.add(NAME, new)
+        assert again.embedded == 0 and again.points[0]["status"] == "unchanged"
+        assert again.points[0]["point_id"] == res.points[0]["point_id"]
         hit = client.search_by_image(NAME, new, k=1, database_split="test")[0][0]
         assert hit.payload["source_path"] == "test/malignant/late.png"
     code, out, _ = run_main("evaluate", "-d", root, *HOG28, "--name", "breast", "--store-path", store)

@@ -61,7 +61,8 @@ class NewPoint:
 @dataclass
 class AddResult:
     """Outcome of :func:`add_points`: one ``{point_id, split, index, source_path, status}`` per input
-    (``status``: ``added``, ``updated`` (re-embedded), ``relabelled`` (payload only) or ``unchanged``),
+    (``status``: ``added``, ``updated`` (re-embedded), ``relabelled`` (payload only), ``unchanged``, or
+    ``unreadable`` for an archive file that does not decode: ``point_id`` None),
     ``embedded`` (images that went through the extractor) and one-line ``notes``."""
 
     collection: str
@@ -193,13 +194,16 @@ def add_points(app, collection: str, points: Sequence[NewPoint], *, weights: str
     results: dict[int, dict] = {}
     embedded = 0
     notes: list[str] = []
+    status: dict[tuple[str, str], str] = {}
     if archive_keys:
         plan = plan_sync(source, store, collection, tuple(archive_keys), keys=archive_keys)
+        status = plan.status
         report = IngestReport(collection=collection, meta=meta)
         apply_sync(plan, source, embedder, store, collection, meta, batch_size=app.settings.batch_size,
-                   progress=False, report=report)
+                   progress=False, report=report, mark_pending=False)
         embedded += sum(report.written.values())
-        notes += [f"unreadable, not added: {p}" for p in source.problems]
+        paths = {it.source_path for kind, (_, it) in order if kind == "archive"}
+        notes += [f"unreadable, not added: {p}" for p in source.problems if p.path in paths]
         if record_if_in_sync(store, collection, meta, source):
             notes.append("the collection now equals its archive: its recorded fingerprint was updated")
     added = [(i, sp, pt) for i, (kind, (sp, pt)) in enumerate(order) if kind == "added"]
@@ -212,7 +216,8 @@ def add_points(app, collection: str, points: Sequence[NewPoint], *, weights: str
             continue
         pid = _archive_point(store, collection, sp, obj.key)
         out.append({"point_id": pid, "split": sp, "index": None if pid is None else pid & ((1 << 40) - 1),
-                    "source_path": obj.source_path, "status": "archive" if pid is not None else "unreadable"})
+                    "source_path": obj.source_path,
+                    "status": status.get((sp, obj.key), "unchanged") if pid is not None else "unreadable"})
     return AddResult(collection=collection, points=out, embedded=embedded, notes=notes)
 
 

@@ -27,7 +27,8 @@ def list_collections(app) -> list[dict]:
 def describe_collection(app, name: str) -> dict:
     """:func:`cbmir.app.collections.collection_info` plus what managing it needs: ``weights``, ``backend``,
     ``preprocessing``, ``disk_bytes`` (None on a server), ``point_ids`` (``rows`` or ``key-sha256``),
-    ``archive`` (kind and folder of a user archive), ``added`` (points given to ``cbmir add``),
+    ``archive`` (kind and folder of a user archive), ``added`` (per split, points given to ``cbmir add``
+    that are not archive files),
     ``sync_pending`` and ``staging`` (a ``--recreate`` in progress).
 
     Raises:
@@ -35,6 +36,7 @@ def describe_collection(app, name: str) -> dict:
     """
     from cbmir.app.collections import collection_info
     from cbmir.ingest.job import STAGING_SUFFIX
+    from cbmir.ingest.sync import count_added
     from cbmir.search.schema import uses_key_ids
 
     store = app.store
@@ -45,6 +47,7 @@ def describe_collection(app, name: str) -> dict:
     info.update(weights=meta.weights, backend=meta.backend, preprocessing=meta.preprocessing,
                 disk_bytes=store.disk_bytes(name), point_ids="key-sha256" if uses_key_ids(meta) else "rows",
                 archive={"kind": archive.get("kind"), "root": archive.get("root")} if archive else None,
+                added=count_added(store, name) if uses_key_ids(meta) else {},
                 sync_pending=bool(extra.get("sync_pending")), staging=name.endswith(STAGING_SUFFIX))
     return info
 
