@@ -307,6 +307,8 @@ def test_sigkill_mid_sync_then_rerun_completes_without_duplicates(tmp_path, brea
     imgs, labels, _ = breast
     root, store = make_archive(tmp_path / "breast", breast, 40, 10), tmp_path / "store"
     assert ingest(root, store)[0] == 0
+    with edge(store) as s:
+        fingerprint = s.meta(NAME).extra["source_fingerprint"]
     n_new = 150
     for i in range(100, 100 + n_new):
         _write(root / "train" / CLASSES[int(labels["train"][i])] / f"new_{i:04d}.png", imgs["train"][i])
@@ -322,6 +324,7 @@ def test_sigkill_mid_sync_then_rerun_completes_without_duplicates(tmp_path, brea
         stored = s.count(NAME, "train")
         assert 40 + 26 <= stored < 40 + n_new
         assert s.meta(NAME).extra.get("sync_pending") is True
+        assert s.meta(NAME).extra["source_fingerprint"] == fingerprint   # recorded only when a sync completes
     code, out, _ = verify(root, store)
     assert code == 1 and "sync with the archive did not finish" in out
     r = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
@@ -342,6 +345,7 @@ def test_sigkill_mid_sync_then_rerun_completes_without_duplicates(tmp_path, brea
             np.testing.assert_array_equal(idx, fidx)
             np.testing.assert_array_equal(vec, fvec)
         assert "sync_pending" not in s.meta(NAME).extra
+        assert s.meta(NAME).extra["source_fingerprint"] != fingerprint
 
 
 # ============================================================================ snapshots and collections
