@@ -137,6 +137,7 @@ def _do_ingest(app, ref, weights, recreate, splits, progress=True, evaluable=Fal
     source, rep = ingest_collection(app, ref, weights=weights, recreate=recreate, splits=splits, progress=progress,
                                     evaluable=evaluable)
     _print_ingest(app.store, rep, splits)
+    _notes(rep.extra.get("notes", []))
     summary = source_summary(source)
     if summary:
         typer.echo(summary)
@@ -146,17 +147,26 @@ def _do_ingest(app, ref, weights, recreate, splits, progress=True, evaluable=Fal
 
 
 def _print_ingest(store, rep, splits) -> None:
+    sync = rep.extra.get("sync")
     for split in splits:
         if split in rep.skipped:
             typer.echo(f"{rep.collection} [{split}]: complete, reused ({store.count(rep.collection, split)} points)")
+        elif split not in rep.seconds:  # a sync that changed payloads or deleted points, embedding nothing
+            typer.echo(f"{rep.collection} [{split}]: updated without embedding ({store.count(rep.collection, split)} "
+                       "points)")
         else:
             what = {"train": " (database creation)", "test": " (query extraction)"}.get(split, "")
             sl = rep.extra.get("slices_per_s", {}).get(split)
             sl = f", {rep.extra['slices'][split]} slices, {sl:.1f} slices/s" if sl is not None else ""
             typer.echo(f"{rep.collection} [{split}]{what}: {rep.written[split]} points in {rep.seconds[split]:.1f} s "
                        f"({rep.items_per_s[split]:.1f} items/s{sl})")
+    if sync is not None:
+        from cbmir.ingest.sync import describe_counts
+
+        typer.echo(f"{rep.collection}: sync: {describe_counts(sync)}; "
+                   f"{sum(rep.written.values())} image(s) embedded")
     for split, n_done in rep.resumed_from.items():
-        if n_done and split not in rep.skipped:
+        if n_done and split not in rep.skipped and sync is None:
             typer.echo(f"{rep.collection} [{split}]: resumed: {n_done} rows were already stored; "
                        f"{rep.written[split]} missing rows embedded in this run")
     for split, rows in rep.zero_vectors.items():
@@ -289,6 +299,8 @@ def run_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOp
 def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-c",
                                                         help="collection name (or --dataset/--size/--model)"),
                query_index: Optional[int] = typer.Option(None, "--query-index", help="row of a stored point"),
+               query_path: Optional[str] = typer.Option(None, "--query-path", help="a stored point by its file: "
+                                                        "path relative to the archive folder (or an added file)"),
                query_split: str = typer.Option("test", "--query-split"),
                database_split: str = typer.Option("train", "--database-split", help="split searched"),
                exclude_self: Optional[bool] = typer.Option(
@@ -312,12 +324,13 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
                fit: str = FitOpt, random_init: bool = RandomInitReadOpt, input_size: str = InputSizeOpt) -> None:
-    """Top-k database images for a stored point (``--query-index``) or a file (``--image``: any image format,
-    DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as ingest)."""
+    """Top-k database images for a stored point (``--query-index``, or ``--query-path`` of an archive file) or a
+    file (``--image``: any image format, DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as
+    ingest)."""
     from cbmir.app import FileOptions, SearchRequest, open_collection, search
 
-    if (query_index is None) == (image is None):
-        raise CbmirError("give exactly one of --query-index N or --image PATH")
+    if sum(q is not None for q in (query_index, query_path, image)) != 1:
+        raise CbmirError("give exactly one of --query-index N, --query-path REL or --image PATH")
     if collection is not None and (dataset is not None or model is not None):
         raise CbmirError("give either --collection NAME or --dataset with --size and --model, not both")
     if collection is None and (dataset is None or model is None):
@@ -329,8 +342,13 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
             ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
                        _arch(source, name, dicom_mode=dicom_mode), random_init, input_size=input_size)
             collection, _ = open_collection(a.store, ref)
+        if query_path is not None:
+            from cbmir.app.items import point_of_path
+
+            query_ids = [point_of_path(a.store, collection, query_path, prefer_split=query_split)]
         req = SearchRequest(collection=collection, k=k, database_split=database_split, filter=flt,
                             exclude_self=exclude_self, distance=distance, weights=weights,
+                            point_ids=query_ids if query_path is not None else None,
                             points=[(query_split, query_index)] if query_index is not None else None,
                             files=[image] if image is not None else None,
                             file_options=FileOptions(intensity=intensity, window=window, slice_axis=slice_axis,
@@ -446,6 +464,187 @@ def verify_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
         hint = "" if rep.ok else randinit_hint(a.store, name, random_init)
     typer.echo(rep.verdict() + hint)
     raise typer.Exit(0 if rep.ok else 1)
+
+# ----------------------------------------------------------------------------- living archives
+def _parse_meta(items: Optional[list[str]]) -> dict:
+    """``--meta key=value`` pairs; a value that reads as a JSON number or boolean is stored as one."""
+    out = {}
+    for it in items or []:
+        key, sep, value = it.partition("=")
+        if not sep or not key.strip():
+            raise CbmirError(f"--meta {it!r}: give key=value (e.g. --meta site=vienna)")
+        try:
+            v = json.loads(value)
+            out[key.strip()] = v if isinstance(v, (int, float, bool)) else value
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@app.command("add")
+def add_cmd(files: list[Path] = typer.Argument(..., help="image / volume files to add"),
+            collection: str = typer.Option(..., "--collection", "-c", help="collection name"),
+            label: Optional[str] = typer.Option(None, "--label", help="a class of the collection (name or id); "
+                                                "files of the archive: from the archive"),
+            split: Optional[str] = typer.Option(None, "--split", help="train (the database; default) | test | val"),
+            meta: Optional[list[str]] = typer.Option(None, "--meta", help="payload field key=value (repeat)"),
+            weights: Optional[str] = typer.Option(None, "--weights", help="local weights file or directory"),
+            store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Embed and add single files to a user-archive collection (files of its archive as the archive says;
+    other files as added points that `cbmir ingest` keeps)."""
+    from cbmir.app.items import NewPoint, add_points
+
+    fields = _parse_meta(meta)
+    with _app(store_path=store_path, qdrant_url=qdrant_url) as a:
+        res = add_points(a, collection, [NewPoint(file=f, label=label, split=split, meta=fields) for f in files],
+                         weights=weights)
+        total = a.store.count(collection)
+    for pt in res.points:
+        typer.echo(f"{pt['status']:<10} {pt['split']:<5} point {pt['point_id']} (index {pt['index']}) "
+                   f"{pt['source_path']}")
+    typer.echo(f"{collection}: {res.embedded} image(s) embedded; {total} points")
+    _notes(res.notes)
+
+
+@app.command("delete")
+def delete_cmd(collection: str = typer.Option(..., "--collection", "-c", help="collection name"),
+               point_id: Optional[list[int]] = typer.Option(None, "--point-id", help="point id (repeat)"),
+               path: Optional[list[str]] = typer.Option(None, "--path", help="file of a point: relative to the "
+                                                        "archive folder, or an added file's path (repeat)"),
+               store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Delete points of a user-archive collection by id or by file path."""
+    from cbmir.app.items import delete_points
+
+    with _app(store_path=store_path, qdrant_url=qdrant_url) as a:
+        res = delete_points(a, collection, point_ids=point_id or (), paths=path or ())
+        total = a.store.count(collection)
+    for pid, src in zip(res.deleted, res.source_paths):
+        typer.echo(f"deleted point {pid} {src}")
+    typer.echo(f"{collection}: {len(res.deleted)} point(s) deleted; {total} points")
+    _notes(res.notes)
+
+
+collections_app = typer.Typer(help="List collections (no sub-command), describe or delete one.",
+                              invoke_without_command=True, no_args_is_help=False)
+app.add_typer(collections_app, name="collections")
+
+
+def _size_text(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "-"
+
+
+def _tag(row: dict) -> str:
+    tags = [t for t, on in (("RANDOM-INIT", row.get("random_init")), ("baseline", row.get("baseline")),
+                            ("sync pending", row.get("sync_pending")), ("staging", row.get("staging"))) if on]
+    return ", ".join(tags)
+
+
+@collections_app.callback()
+def collections_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="machine-readable"),
+                    store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Every collection: name, model, size, dim, distance, points per split, disk size, RANDOM-INIT / baseline."""
+    from cbmir.app.manage import list_collections
+
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"store_path": store_path, "qdrant_url": qdrant_url}
+        return
+    with _app(store_path=store_path, qdrant_url=qdrant_url) as a:
+        rows = list_collections(a)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    typer.echo(f"{'name':<36} {'model':<16} {'size':>4} {'dim':>7} {'distance':<9} {'train/val/test':<18} "
+               f"{'disk':>9}  note")
+    for r in rows:
+        if "damaged" in r:
+            typer.echo(f"{r['name']:<36} DAMAGED: {r['damaged']}")
+            continue
+        c = r["counts"]
+        pts = "/".join(str(c.get(sp, 0)) for sp in ("train", "val", "test"))
+        typer.echo(f"{r['name']:<36} {r['model']:<16} {r['size']:>4} {r['dim']:>7} {r['distance']:<9} {pts:<18} "
+                   f"{_size_text(r['disk_bytes']):>9}  {_tag(r)}")
+    if not rows:
+        typer.echo("(no collections)")
+
+
+def _store_opts(ctx: typer.Context, store_path, qdrant_url) -> dict:
+    parent = (ctx.obj or {}) if ctx is not None else {}
+    return {"store_path": store_path or parent.get("store_path"), "qdrant_url": qdrant_url or parent.get("qdrant_url")}
+
+
+@collections_app.command("info")
+def collections_info_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="collection name"),
+                         as_json: bool = typer.Option(False, "--json", help="machine-readable"),
+                         store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Everything recorded about one collection."""
+    from cbmir.app.manage import describe_collection
+
+    with _app(**_store_opts(ctx, store_path, qdrant_url)) as a:
+        info = describe_collection(a, name)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    for key, value in info.items():
+        if key == "disk_bytes":
+            value = _size_text(value)
+        typer.echo(f"{key:<14} {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+
+
+@collections_app.command("delete")
+def collections_delete_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="collection name"),
+                           yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+                           store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Delete a collection and all its points (asks first; --yes skips the question)."""
+    from cbmir.app.manage import delete_collection, describe_collection
+
+    with _app(**_store_opts(ctx, store_path, qdrant_url)) as a:
+        info = describe_collection(a, name)
+        if not yes:
+            n = sum(info["counts"].values())
+            try:
+                ok = typer.confirm(f"delete collection {name!r} ({n} points, {_size_text(info['disk_bytes'])})?")
+            except (typer.Abort, EOFError, OSError):  # no answer (end of input, no terminal): no
+                ok = False
+            if not ok:
+                typer.echo(f"not deleted: {name} (pass --yes to delete without asking)")
+                raise typer.Exit(1)
+        n = delete_collection(a, name)
+    typer.echo(f"deleted collection {name} ({n} points)")
+
+
+@app.command("snapshot")
+def snapshot_cmd(name: str = typer.Argument(..., help="collection name"),
+                 output: Path = typer.Option(..., "--output", "-o", help="snapshot file to write"),
+                 store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Write a collection (embedded shard + metadata) as one checksummed archive file."""
+    from cbmir.app.manage import snapshot_collection
+
+    with _app(store_path=store_path, qdrant_url=qdrant_url) as a:
+        info = snapshot_collection(a, name, output)
+    pts = ", ".join(f"{sp} {n}" for sp, n in info.counts.items())
+    typer.echo(f"wrote {info.path}: collection {name} ({pts}; {info.files} files, {_size_text(info.bytes)}), "
+               f"sha256 {info.sha256}")
+
+
+@app.command("restore")
+def restore_cmd(snapshot: Path = typer.Argument(..., help="snapshot file (`cbmir snapshot`)"),
+                name: Optional[str] = typer.Option(None, "--name", help="collection name [the snapshot's]"),
+                store_path: Optional[Path] = StoreOpt, qdrant_url: Optional[str] = UrlOpt) -> None:
+    """Restore a collection from a snapshot file (checksums and member paths checked first)."""
+    from cbmir.app.manage import restore_collection
+
+    with _app(store_path=store_path, qdrant_url=qdrant_url) as a:
+        restored, manifest = restore_collection(a, snapshot, name)
+    counts = manifest.get("counts") or {}
+    pts = ", ".join(f"{sp} {counts[sp]}" for sp in ("train", "val", "test") if sp in counts)
+    typer.echo(f"restored collection {restored} ({pts}) from {snapshot}")
+
 
 @app.command("models")
 def models_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output"),

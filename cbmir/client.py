@@ -90,6 +90,24 @@ class SearchClient:
                                 weights=weights, file_options=opts)
         return self.search(req).hits
 
+    def add(self, collection: str, files: str | os.PathLike | Sequence[str | os.PathLike], *,
+            label: int | str | None = None, split: str | None = None, meta: Mapping[str, Any] | None = None,
+            weights: str | None = None):
+        """Embed and add image / volume files to a user-archive collection (``cbmir add``; rules of
+        :mod:`cbmir.app.items`). Returns :class:`cbmir.app.items.AddResult` (point ids, status, images embedded)."""
+        from cbmir.app.items import NewPoint, add_points
+
+        files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+        return add_points(self.app, collection, [NewPoint(file=f, label=label, split=split, meta=dict(meta or {}))
+                                                 for f in files], weights=weights)
+
+    def delete(self, collection: str, *, point_ids: Sequence[int] = (), paths: Sequence[str] = ()):
+        """Delete points by id and/or file path (``cbmir delete``). Returns
+        :class:`cbmir.app.items.DeleteResult`."""
+        from cbmir.app.items import delete_points
+
+        return delete_points(self.app, collection, point_ids=point_ids, paths=paths)
+
     def close(self) -> None:
         self.app.close()
 

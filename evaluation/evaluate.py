@@ -143,9 +143,10 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
     if len(db_idx) == 0 or len(q_idx) == 0:
         raise CbmirError(f"collection {name!r} has {len(db_idx)} {database_split} and {len(q_idx)} {query_split} "
                          "points; ingest both splits first (`cbmir ingest`)")
-    db_labels = _labels(db_pay)
-    db_labels_by_row = np.full(int(db_idx.max()) + 1, UNLABELLED, dtype=np.int64)
-    db_labels_by_row[db_idx] = db_labels
+    # database rows -> labels by sorted lookup: archive rows are 40-bit key hashes, not positions
+    order = np.argsort(db_idx, kind="stable")
+    db_rows = np.asarray(db_idx, dtype=np.int64)[order]
+    db_labels = _labels(db_pay)[order]
     q_all_labels = _labels(q_pay)
     labelled = q_all_labels != UNLABELLED
     n_unl_q, n_unl_db = int((~labelled).sum()), int((db_labels == UNLABELLED).sum())
@@ -196,7 +197,7 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
                 if w]
     diagnostics_s = time.perf_counter() - t0
 
-    topk_labels = db_labels_by_row[topk_idx]
+    topk_labels = db_labels[np.searchsorted(db_rows, topk_idx)]
     values, counts = np.unique(db_labels[db_labels != UNLABELLED], return_counts=True)
     majority = values[np.argmax(counts)]
     return Evaluation(

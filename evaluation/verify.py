@@ -6,8 +6,12 @@ collection is exactly what its source file says it should be:
 * the collection exists and its metadata names the same dataset, size and modality;
 * per split: the number of stored points equals the split size, every row ``0..N-1`` is present
   once (user archives: except rows whose file the ingest skipped as unreadable, re-checked by
-  decoding just those files with the same rules) (no duplicate point ids, no ids of another split,
-  no rows beyond the split);
+  decoding just those files with the same rules) (no duplicate point ids, no ids of another split, no rows
+  beyond the split);
+* a synced user archive (point ids from item keys, :mod:`cbmir.ingest.sync`) must be exactly what a sync
+  would leave: every readable file once, under an id its key hashes to, with the archive's label and
+  payload; no point of a file changed, moved or gone since; no unfinished sync. Points given to
+  ``cbmir add`` that are not archive files are counted apart;
 * every payload agrees with its point id (``split``, ``index``) and with the collection
   (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
 * every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,
@@ -29,7 +33,7 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import DatasetSource
-from cbmir.search.schema import SPLIT_CODES, split_and_index
+from cbmir.search.schema import MAX_PROBES, SPLIT_CODES, key_index, point_id, split_and_index, uses_key_ids
 from cbmir.search.store import MAX_VALUES_PER_CALL, VectorStore, rows_per_call
 
 #: Largest deviation of a stored cosine vector's L2 norm from 1 accepted (float32 rounding).
@@ -57,6 +61,8 @@ class VerifyReport:
         zero_vectors: per split, the number of all-zero vectors (allowed; cosine similarity 0).
         skipped: per split, rows absent because their file cannot be decoded (user archives: the
             ingest skips them by the same rules; allowed, and re-checked on every verify).
+        added: per split, points given to ``cbmir add`` that are not files of the archive (not counted in
+            ``counts``).
         engine: the store's engine name.
     """
 
@@ -68,6 +74,7 @@ class VerifyReport:
     zero_vectors: dict[str, int] = field(default_factory=dict)
     engine: str = ""
     skipped: dict[str, int] = field(default_factory=dict)
+    added: dict[str, int] = field(default_factory=dict)
 
     def fail(self, msg: str) -> None:
         self.ok = False
@@ -84,8 +91,11 @@ class VerifyReport:
         ns = sum(self.skipped.values())
         skip = (f", {ns} unreadable source file(s) skipped ({', '.join(f'{s} {n}' for s, n in self.skipped.items())})"
                 if ns else "")
+        na = sum(self.added.values())
+        added = (f", +{na} point(s) added with `cbmir add` ({', '.join(f'{s} {n}' for s, n in self.added.items())})"
+                 if na else "")
         return (f"OK {self.collection}: {parts}, dim {self.dim}, no duplicate ids, labels match the source, "
-                f"all vectors finite{zero}{skip} [{self.engine}]")
+                f"all vectors finite{zero}{skip}{added} [{self.engine}]")
 
 
 def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
@@ -115,138 +125,182 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         rep.fail(f"collection does not exist in the {rep.engine} store (existing: {have})")
         return rep
     rep.dim = int(meta.dim)
-    _check_source(rep, meta, source)
-    if splits is None:
-        splits = tuple(sp for sp in SPLIT_CODES if sp in ("train", "test") or store.count(name, sp) > 0)
-    page = int(page or rows_per_call(meta.dim, getattr(store, "max_values_per_call", MAX_VALUES_PER_CALL)))
-    for split in splits:
-        n = int(source.split_size(split))
-        labels = np.asarray(source.labels(split), dtype=np.int64)
-        rep.counts[split] = (int(store.count(name, split)), n)
-        scan = _scan_split(store, name, split, meta, labels, n, page)
-        rep.zero_vectors[split] = scan.zero
-        _report_split(rep, split, scan, meta, source)
-    return rep
-
-
-def _check_source(rep: VerifyReport, meta, source: DatasetSource) -> None:
-    """Problems of the collection's metadata against ``source``: dataset, size, modality, and (user
-    archives) a source fingerprint that changed since the ingest."""
     for key, want in (("dataset", source.name), ("size", int(source.size)), ("is_3d", bool(source.is_3d))):
         if getattr(meta, key) != want:
             rep.fail(f"metadata {key}={getattr(meta, key)!r} but the source has {want!r}")
+    archive = uses_key_ids(meta) and callable(getattr(source, "static_payload", None))
     fp = getattr(source, "fingerprint", None)
     old_fp = (meta.extra or {}).get("source_fingerprint")
-    if old_fp and callable(fp):
+    if old_fp and callable(fp) and not archive:
         new_fp = fp()
         changed = sorted(sp for sp in set(old_fp) | set(new_fp) if old_fp.get(sp) != new_fp.get(sp))
         if changed:
             rep.fail(f"the source changed since it was ingested (split(s) {', '.join(changed)}); "
                      "re-run the ingest with --recreate")
+    if splits is None:
+        splits = tuple(sp for sp in SPLIT_CODES if sp in ("train", "test") or store.count(name, sp) > 0)
+    page = int(page or rows_per_call(meta.dim, getattr(store, "max_values_per_call", MAX_VALUES_PER_CALL)))
+    if archive:
+        _verify_archive(rep, store, name, meta, source, tuple(splits), page)
+        return rep
+    for split in splits:
+        n = int(source.split_size(split))
+        labels = np.asarray(source.labels(split), dtype=np.int64)
+        stored = int(store.count(name, split))
+        rep.counts[split] = (stored, n)
+        seen = np.zeros(n, dtype=np.int64)
+        foreign, beyond, bad_payload, bad_label = [], [], [], []
+        vec = _VectorCheck(meta)
+        for ids, chunks, payloads in store._scroll(name, split, True, page):  # noqa: SLF001 (engine page reader)
+            pairs = [split_and_index(i) for i in ids]
+            for (sp, ix), pl in zip(pairs, payloads):
+                if sp != split:
+                    foreign.append(ix)
+                    continue
+                if ix >= n:
+                    beyond.append(ix)
+                    continue
+                seen[ix] += 1
+                if not _payload_agrees(pl, split, ix, meta):
+                    bad_payload.append(ix)
+                lab = pl.get("label")
+                if lab is None or int(lab) != int(labels[ix]):
+                    bad_label.append((ix, lab, int(labels[ix])))
+            vec.page(np.asarray([ix for _, ix in pairs], dtype=np.int64), chunks)
+        rep.zero_vectors[split] = vec.zero
+        missing = np.flatnonzero(seen == 0)
+        dups = np.flatnonzero(seen > 1)
+        unreadable = getattr(source, "unreadable_rows", None)
+        if len(missing) and callable(unreadable):  # user archives: files the ingest skipped (same rules)
+            skipped = set(unreadable(split, missing))
+            if skipped:
+                rep.skipped[split] = len(skipped)
+                missing = np.asarray([r for r in missing if int(r) not in skipped], dtype=np.int64)
+        expected = n - rep.skipped.get(split, 0)
+        if stored != expected or len(missing):
+            rep.fail(f"{split}: {stored} points stored, the source has {n}"
+                     + (f" ({rep.skipped[split]} unreadable, skipped)" if rep.skipped.get(split) else "")
+                     + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
+        if len(dups):
+            rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")
+        _id_problems(rep, split, foreign, bad_payload)
+        if beyond:
+            rep.fail(f"{split}: {len(beyond)} point(s) for rows beyond the split size {n}: {_rows(beyond)}")
+        if bad_label:
+            first = ", ".join(f"row {ix}: stored {lab} vs file {want}" for ix, lab, want in bad_label[:_SHOW])
+            rep.fail(f"{split}: {len(bad_label)} label(s) differ from the source ({first})")
+        vec.report(rep, split)
+    return rep
 
 
-@dataclass
-class _SplitScan:
-    """What one pass over the stored points of a split found (rows; ``seen``: points per row)."""
-
-    seen: np.ndarray
-    foreign: list[int] = field(default_factory=list)
-    beyond: list[int] = field(default_factory=list)
-    bad_payload: list[int] = field(default_factory=list)
-    bad_label: list[tuple] = field(default_factory=list)
-    bad_dim: list[int] = field(default_factory=list)
-    nonfinite: list[int] = field(default_factory=list)
-    not_unit: list[int] = field(default_factory=list)
-    zero: int = 0
+def _payload_agrees(pl: dict, split: str, ix: int, meta) -> bool:
+    """The payload names the point's split and row and the collection's dataset, model and size."""
+    return (pl.get("split") == split and pl.get("index") == ix and pl.get("dataset") == meta.dataset
+            and pl.get("model") == meta.model and pl.get("size") == meta.size)
 
 
-def _scan_split(store: VectorStore, name: str, split: str, meta, labels: np.ndarray, n: int,
-                page: int) -> _SplitScan:
-    """Read the points of ``split`` (``n`` rows in the source) page by page and check ids, payloads,
-    labels (against the source's ``labels``, int64 (n,)) and vectors (dimension, finite, unit length
-    for cosine)."""
-    scan = _SplitScan(seen=np.zeros(n, dtype=np.int64))
-    for ids, chunks, payloads in store._scroll(name, split, True, page):  # noqa: SLF001 (engine page reader)
-        pairs = [split_and_index(i) for i in ids]
-        _check_payloads(scan, split, pairs, payloads, meta, labels)
-        _check_vectors(scan, np.asarray([ix for _, ix in pairs], dtype=np.int64), chunks, meta)
-    return scan
-
-
-def _check_payloads(scan: _SplitScan, split: str, pairs: list, payloads: list, meta, labels: np.ndarray) -> None:
-    """Ids of another split or beyond the split; payloads that disagree with the id or the collection;
-    labels that differ from the source."""
-    n = len(scan.seen)
-    for (sp, ix), pl in zip(pairs, payloads):
-        if sp != split:
-            scan.foreign.append(ix)
-            continue
-        if ix >= n:
-            scan.beyond.append(ix)
-            continue
-        scan.seen[ix] += 1
-        if (pl.get("split") != split or pl.get("index") != ix or pl.get("dataset") != meta.dataset
-                or pl.get("model") != meta.model or pl.get("size") != meta.size):
-            scan.bad_payload.append(ix)
-        lab = pl.get("label")
-        if lab is None or int(lab) != int(labels[ix]):
-            scan.bad_label.append((ix, lab, int(labels[ix])))
-
-
-def _check_vectors(scan: _SplitScan, idx: np.ndarray, chunks, meta) -> None:
-    """Vectors (named chunks of one page, rows ``idx``) of the wrong layout, not finite, all zero, or
-    (cosine) not unit-length."""
-    widths = {c: b - a for c, a, b in meta.layout}
-    if chunks is None or set(chunks) != set(widths) or any(
-            chunks[c].shape != (len(idx), w) for c, w in widths.items()):
-        scan.bad_dim.extend(idx.tolist())
-        return
-    vecs = np.concatenate([chunks[c] for c, _, _ in meta.layout], axis=1)
-    fin = np.isfinite(vecs).all(axis=1)
-    scan.nonfinite.extend(idx[~fin].tolist())
-    norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0).astype(np.float64), axis=1)
-    is_zero = fin & (norms == 0)
-    scan.zero += int(is_zero.sum())
-    if meta.distance == "cosine":
-        scan.not_unit.extend(idx[fin & ~is_zero & (np.abs(norms - 1.0) > NORM_TOLERANCE)].tolist())
-
-
-def _report_split(rep: VerifyReport, split: str, scan: _SplitScan, meta, source: DatasetSource) -> None:
-    """One problem sentence in ``rep`` per kind of problem ``scan`` found in ``split``; rows missing
-    because the ingest skipped their unreadable file (user archives) are allowed and counted."""
-    stored, n = rep.counts[split]
-    missing = np.flatnonzero(scan.seen == 0)
-    dups = np.flatnonzero(scan.seen > 1)
-    unreadable = getattr(source, "unreadable_rows", None)
-    if len(missing) and callable(unreadable):  # user archives: files the ingest skipped (same rules)
-        skipped = set(unreadable(split, missing))
-        if skipped:
-            rep.skipped[split] = len(skipped)
-            missing = np.asarray([r for r in missing if int(r) not in skipped], dtype=np.int64)
-    expected = n - rep.skipped.get(split, 0)
-    if stored != expected or len(missing):
-        rep.fail(f"{split}: {stored} points stored, the source has {n}"
-                 + (f" ({rep.skipped[split]} unreadable, skipped)" if rep.skipped.get(split) else "")
-                 + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
-    if len(dups):
-        rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")
-    if scan.foreign:
-        rep.fail(f"{split}: {len(scan.foreign)} point(s) with ids of another split (rows {_rows(scan.foreign)})")
-    if scan.beyond:
-        rep.fail(f"{split}: {len(scan.beyond)} point(s) for rows beyond the split size {n}: {_rows(scan.beyond)}")
-    if scan.bad_payload:
+def _id_problems(rep: "VerifyReport", split: str, foreign: list, bad_payload: list) -> None:
+    if foreign:
+        rep.fail(f"{split}: {len(foreign)} point(s) with ids of another split (rows {_rows(foreign)})")
+    if bad_payload:
         rep.fail(f"{split}: payload (split/index/dataset/model/size) disagrees with the point id "
-                 f"or the collection for rows {_rows(scan.bad_payload)}")
-    if scan.bad_label:
-        first = ", ".join(f"row {ix}: stored {lab} vs file {want}" for ix, lab, want in scan.bad_label[:_SHOW])
-        rep.fail(f"{split}: {len(scan.bad_label)} label(s) differ from the source ({first})")
-    if scan.bad_dim:
-        rep.fail(f"{split}: vectors of the wrong dimension (expected {meta.dim}, layout "
-                 f"{[list(c) for c in meta.layout]}) for rows {_rows(scan.bad_dim)}")
-    if scan.nonfinite:
-        rep.fail(f"{split}: NaN/inf in the vectors of rows {_rows(scan.nonfinite)}")
-    if scan.not_unit:
-        rep.fail(f"{split}: cosine vectors not unit-length (nor all zero) for rows {_rows(scan.not_unit)}")
+                 f"or the collection for rows {_rows(bad_payload)}")
+
+
+class _VectorCheck:
+    """Per-page checks of stored vectors: dimension and layout, NaN/inf, unit length for cosine (zero
+    vectors counted, allowed)."""
+
+    def __init__(self, meta) -> None:
+        self.meta = meta
+        self.widths = {c: b - a for c, a, b in meta.layout}
+        self.bad_dim: list[int] = []
+        self.nonfinite: list[int] = []
+        self.not_unit: list[int] = []
+        self.zero = 0
+
+    def page(self, idx: np.ndarray, chunks) -> None:
+        """Check one page: ``idx`` int64 ``(B,)`` row indices, ``chunks`` vector name -> ``(B, width)``."""
+        if chunks is None or set(chunks) != set(self.widths) or any(
+                chunks[c].shape != (len(idx), w) for c, w in self.widths.items()):
+            self.bad_dim.extend(idx.tolist())
+            return
+        vecs = np.concatenate([chunks[c] for c, _, _ in self.meta.layout], axis=1)
+        fin = np.isfinite(vecs).all(axis=1)
+        self.nonfinite.extend(idx[~fin].tolist())
+        norms = np.linalg.norm(np.where(np.isfinite(vecs), vecs, 0).astype(np.float64), axis=1)
+        is_zero = fin & (norms == 0)
+        self.zero += int(is_zero.sum())
+        if self.meta.distance == "cosine":
+            self.not_unit.extend(idx[fin & ~is_zero & (np.abs(norms - 1.0) > NORM_TOLERANCE)].tolist())
+
+    def report(self, rep: "VerifyReport", split: str) -> None:
+        if self.bad_dim:
+            rep.fail(f"{split}: vectors of the wrong dimension (expected {self.meta.dim}, layout "
+                     f"{[list(c) for c in self.meta.layout]}) for rows {_rows(self.bad_dim)}")
+        if self.nonfinite:
+            rep.fail(f"{split}: NaN/inf in the vectors of rows {_rows(self.nonfinite)}")
+        if self.not_unit:
+            rep.fail(f"{split}: cosine vectors not unit-length (nor all zero) for rows {_rows(self.not_unit)}")
+
+
+def _verify_archive(rep: VerifyReport, store: VectorStore, name: str, meta, source, splits, page: int) -> None:
+    """The checks of a synced user archive (point ids from item keys, :mod:`cbmir.ingest.sync`): the
+    collection must be what a sync would leave -- every readable file once, under an id its key hashes to,
+    with the archive's label and payload, no point of a file that is gone or changed -- plus the vector
+    checks. Points given to ``cbmir add`` (``origin: added``) are counted apart."""
+    from cbmir.ingest.sync import plan_sync
+
+    if (meta.extra or {}).get("sync_pending"):
+        rep.fail("a sync with the archive did not finish; re-run `cbmir ingest` with the same options")
+    plan = plan_sync(source, store, name, splits, detect_moves=False)
+    for split in splits:
+        n = int(source.split_size(split))
+        keys: dict[str, int] = {}
+        dups, foreign, bad_payload, bad_id = [], [], [], []
+        added = 0
+        vec = _VectorCheck(meta)
+        for ids, chunks, payloads in store._scroll(name, split, True, page):  # noqa: SLF001 (engine page reader)
+            pairs = [split_and_index(i) for i in ids]
+            for (sp, ix), pl in zip(pairs, payloads):
+                key = str(pl.get("item_key"))
+                if sp != split:
+                    foreign.append(ix)
+                    continue
+                added += pl.get("origin") == "added"
+                keys[key] = keys.get(key, 0) + 1
+                if keys[key] == 2:
+                    dups.append(pl.get("source_path", key))
+                if ix not in {key_index(key, j) for j in range(MAX_PROBES)}:
+                    bad_id.append(ix)
+                if not _payload_agrees(pl, split, ix, meta):
+                    bad_payload.append(ix)
+            vec.page(np.asarray([ix for _, ix in pairs], dtype=np.int64), chunks)
+        rep.zero_vectors[split] = vec.zero
+        new = [it for ix, it in plan.embed.get(split, []) if point_id(split, ix) not in plan.updates]
+        unreadable = [it for it in new if source.item_unreadable(it)]
+        if unreadable:
+            rep.skipped[split] = len(unreadable)
+        missing = [it.source_path for it in new if it not in unreadable]
+        stored = int(store.count(name, split)) - added
+        rep.counts[split] = (stored, n)
+        if added:
+            rep.added[split] = added
+        if stored != n - len(unreadable) or missing:
+            rep.fail(f"{split}: {stored} points stored, the archive has {n} files"
+                     + (f" ({len(unreadable)} unreadable, skipped)" if unreadable else "")
+                     + (f" (not ingested: {', '.join(missing[:_SHOW])}{', ...' if len(missing) > _SHOW else ''})"
+                        if missing else ""))
+        if dups:
+            rep.fail(f"{split}: several points for one file: {', '.join(map(str, dups[:_SHOW]))}")
+        _id_problems(rep, split, foreign, bad_payload)
+        if bad_id:
+            rep.fail(f"{split}: point ids that are not the hash of their item key (rows {_rows(bad_id)})")
+        vec.report(rep, split)
+    stale = plan.differences(("updated", "relabelled", "deleted"))
+    if stale:
+        rep.fail(f"the archive changed since it was ingested: {stale}; run `cbmir ingest` with the same options "
+                 "to sync the collection")
 
 
 def verify_or_raise(store: VectorStore, name: str, source: DatasetSource, **kwargs) -> VerifyReport:

@@ -1,9 +1,11 @@
 """The ingest job: stream a dataset split by split, embed, upsert into one collection; resumable.
 
-Re-running the same job is safe: point ids are deterministic (split, row), so an upsert
+Re-running the same job is safe. MedMNIST: point ids are deterministic (split, row), so an upsert
 overwrites; a split whose points are all stored is skipped; an interrupted split (a killed job, a
 deleted point, a row refused earlier) is completed by embedding exactly its missing rows, read from
-the first missing row on. Every batch is one upsert; upserts run in a background thread while the
+the first missing row on. User archives are *synced* (:mod:`cbmir.ingest.sync`): point ids come from
+a stable hash of each file's key, and a re-run embeds only new and changed files, deletes the points
+of removed ones and relabels moved ones. Every batch is one upsert; upserts run in a background thread while the
 next batch is embedded (:mod:`cbmir.ingest.pipeline`), at most one pending, and all are acknowledged before
 a split is reported done (errors of either stage propagate), so a job killed at any moment loses at
 most the two batches in flight, which the re-run embeds again.
@@ -34,7 +36,14 @@ from cbmir.core.errors import CbmirError
 from cbmir.ingest.base import Batch, DatasetSource
 from cbmir.ingest.pipeline import BackgroundWriter, prefetch
 from cbmir.search.diagnostics import rows_text
-from cbmir.search.schema import CollectionMeta, DamagedMetaError, collection_name, make_payload
+from cbmir.search.schema import (
+    KEY_IDS,
+    CollectionMeta,
+    DamagedMetaError,
+    collection_name,
+    make_payload,
+    uses_key_ids,
+)
 from cbmir.search.store import VectorStore
 
 #: Suffix of the staging collection in which ``--recreate`` builds the new points (:func:`ingest`).
@@ -81,17 +90,20 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
         preprocessing="; ".join(x for x in (str(ident.get("preprocessing", "")),
                                             str(getattr(source, "preprocessing", "") or "")) if x),
         is_3d=bool(source.is_3d), aggregation=getattr(embedder, "aggregation", "none"),
-        extra=_source_extra(source), input_size=ident.get("input_size"),
+        extra=source_extra(source), input_size=ident.get("input_size"),
     )
 
 
-def _source_extra(source: DatasetSource) -> dict:
+def source_extra(source: DatasetSource) -> dict:
     """``n_classes``, ``class_names`` (index = label), ``task`` (label task of sources that state one:
     MedMNIST's ``INFO[flag]["task"]``, read by :mod:`cbmir.evaluation.labels` to refuse multi-label data),
     ``split_sizes`` (rows per split of the source, so that evaluating an unfinished collection is refused:
     :func:`cbmir.ingest.sources.check_evaluable`), ``rows_may_be_skipped`` (a non-strict user archive skips
     unreadable files) and, for user archives, ``source_fingerprint`` (per split, see
-    :meth:`cbmir.ingest.sources.archive.ArchiveSource.fingerprint`); stored atomically with the metadata."""
+    :meth:`cbmir.ingest.sources.archive.ArchiveSource.fingerprint`), ``point_ids`` (the id scheme) and
+    ``archive`` (how to open the archive again: path, kind, resolved root and the :func:`open_source` options
+    it was opened with — for syncs, ``cbmir add`` and the images of stored points); stored atomically with the
+    metadata."""
     sizes = {}
     for sp in SPLITS:
         try:
@@ -107,9 +119,10 @@ def _source_extra(source: DatasetSource) -> dict:
     fp = getattr(source, "fingerprint", None)
     if callable(fp):
         extra["source_fingerprint"] = fp()
-    reopen = getattr(source, "reopen_spec", None)
-    if callable(reopen):  # archive root and pixel options: images of stored points (cbmir.app.images)
-        extra["archive"] = reopen()
+    if callable(getattr(source, "static_payload", None)):  # a user archive: synced, ids from item keys
+        extra["point_ids"] = KEY_IDS
+        extra["archive"] = {**source.reopen_spec(), "kind": source.kind,
+                            "root": str(source.root.expanduser().resolve())}
     return extra
 
 
@@ -183,38 +196,11 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
                                          distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat",
                                          random_init=meta.random_init, input_size=meta.input_size)
-    target, meta = _open_target(store, name, meta, source, splits=splits, recreate=recreate)
-    report = IngestReport(collection=name, meta=meta)
-    for split in splits:
-        _ingest_split(source, embedder, store, target, split, report, batch_size=batch_size, progress=progress)
-    if report.rejected:
-        total = sum(len(v) for v in report.rejected.values())
-        rows = "; ".join(f"{sp} rows {rows_text(v, 20)}" for sp, v in report.rejected.items())
-        where = ("The collection is incomplete" if target == name else
-                 f"The old collection is unchanged; the new points wait in {target!r}")
-        raise CbmirError(
-            f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
-            f"all other rows are stored. {where}: fix the extractor or the input "
-            f"images, then re-run the same command to embed just these rows.")
-    if target != name:
-        store.replace_collection(target, name)
-    return report
-
-
-def _open_target(store: VectorStore, name: str, meta: CollectionMeta, source: DatasetSource, *, splits,
-                 recreate: bool) -> tuple[str, CollectionMeta]:
-    """The collection the points go to, created if needed, and its stored metadata.
-
-    ``--recreate`` over an existing collection: the new points are built in a staging collection and
-    swapped in only once every split is complete (store.replace_collection), so a run that fails or
-    is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old
-    collection intact; re-running the same command resumes the staging collection
-    (a collection whose stored metadata is damaged counts as existing: --recreate replaces it).
-
-    Raises:
-        CbmirError: ``--recreate`` would drop splits not given; the collection holds another
-            configuration or was built from another / a changed source.
-    """
+    # --recreate over an existing collection: the new points are built in a staging collection and
+    # swapped in only once every split is complete (store.replace_collection), so a run that fails or
+    # is interrupted part-way (--strict and a broken file, a bad extractor, Ctrl-C) leaves the old
+    # collection intact; re-running the same command resumes the staging collection
+    # (a collection whose stored metadata is damaged counts as existing: --recreate replaces it)
     old_meta, old_exists = _read_meta(store, name)
     target = staging_name(name) if recreate and old_exists else name
     if target != name:
@@ -226,88 +212,120 @@ def _open_target(store: VectorStore, name: str, meta: CollectionMeta, source: Da
                 f"{', '.join(lost)}; give them too (--splits {','.join([*splits, *lost])}), or ingest "
                 "into another collection")
         staged, exists = _read_meta(store, target)
-        if exists and (staged is None or staged.differences(meta) or _fingerprint_changed(staged, meta)):
+        if exists and (staged is None or staged.differences(meta) or _other_source(staged, meta)):
             store.delete_collection(target)  # left by a --recreate of another configuration / source
     stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
-    check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
-    return target, stored
+    report = IngestReport(collection=name, meta=stored)
+    if uses_key_ids(stored):  # a user archive: sync it (cbmir.ingest.sync)
+        from cbmir.ingest.sync import check_same_archive, sync_splits
+
+        check_same_archive(name, stored, source)  # another archive of the same name: CbmirError
+        sync_splits(source, embedder, store, target, stored, splits, batch_size=batch_size, progress=progress,
+                    name=name, report=report)
+    else:  # MedMNIST (and archives ingested by an older cbmir): row ids, resumed at the missing rows
+        check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
+        _resume_rows(source, embedder, store, target, stored, splits, batch_size=batch_size, progress=progress,
+                     report=report)
+    if report.rejected:
+        total = sum(len(v) for v in report.rejected.values())
+        rows = "; ".join(f"{sp} rows {rows_text(v, 20)}" for sp, v in report.rejected.items())
+        where = ("The collection is incomplete" if target == name else
+                 f"The old collection is unchanged; the new points wait in {target!r}")
+        raise CbmirError(
+            f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
+            f"all other rows are stored. {where}: fix the extractor or the input "
+            f"images, then re-run the same command to embed just these rows.")
+    if target != name:
+        from cbmir.ingest.sync import count_added
+
+        n_added = sum(count_added(store, name).values()) if old_meta is not None and uses_key_ids(old_meta) else 0
+        store.replace_collection(target, name)
+        if n_added:
+            report.extra.setdefault("notes", []).append(
+                f"--recreate rebuilt {name!r} from its archive: the {n_added} point(s) added with `cbmir add` "
+                "(files outside the archive) are not in it; add them again")
+    return report
 
 
-def _ingest_split(source: DatasetSource, embedder, store: VectorStore, target: str, split: str,
-                  report: IngestReport, *, batch_size: int, progress: bool) -> None:
-    """Embed and upsert the rows of ``split`` not yet in ``target``; record the outcome in ``report``
-    (skipped when complete; written, seconds, throughput, zero and rejected rows, 3D slice counts)."""
-    meta = report.meta
-    n = source.split_size(split)
-    present = _stored_rows(store, target, split, n)
-    n_present = int(present.sum())
-    report.resumed_from[split] = n_present
-    if n_present >= n:
-        report.skipped.append(split)
-        report.written[split] = 0
-        _mark_complete(store, target, meta, split)
-        return
+def _resume_rows(source: DatasetSource, embedder, store: VectorStore, target: str, meta: CollectionMeta, splits,
+                 *, batch_size: int, progress: bool, report: IngestReport) -> None:
+    """Embed the rows of ``splits`` not yet stored in ``target`` (point ids from row positions)."""
+    for split in splits:
+        n = source.split_size(split)
+        present = _stored_rows(store, target, split, n)
+        n_present = int(present.sum())
+        report.resumed_from[split] = n_present
+        if n_present >= n:
+            report.skipped.append(split)
+            report.written[split] = 0
+            _mark_complete(store, target, meta, split)
+            continue
+        start = int(np.flatnonzero(~present)[0])
+        # rows stored before are not embedded again
+        batches = (_subset(b, ~present[b.indices]) for b in source.iter_batches(split, batch_size, start=start))
+        embed_split(report, store, target, split, batches, embedder, meta, total=n, initial=n_present,
+                    desc=f"{report.collection} [{split}]", progress=progress)
+        if split not in report.rejected:
+            _mark_complete(store, target, meta, split)
+
+
+def embed_split(report: IngestReport, store: VectorStore, target: str, split: str, batches, embedder,
+                meta: CollectionMeta, *, total: int, desc: str, progress: bool = True, initial: int = 0) -> set[int]:
+    """Embed ``batches`` (:class:`~cbmir.ingest.base.Batch` of ``split``) and upsert them into ``target``.
+
+    Pipelined: the reader runs ahead in a thread, the upsert of batch i runs in another while batch i+1 is
+    embedded; leaving waits for every upsert handed over (:mod:`cbmir.ingest.pipeline`). NaN/inf vectors
+    are never stored (listed in ``report.rejected``); all-zero ones are stored and listed. Fills
+    ``report.written`` / ``seconds`` / ``items_per_s`` / ``zero_vectors`` / ``rejected`` (and, in 3D,
+    ``extra["slices"]`` / ``extra["slices_per_s"]``) for ``split``.
+
+    Returns:
+        the row indices written.
+    """
     t0 = time.perf_counter()
-    bar = tqdm(total=n, initial=n_present, desc=f"{report.collection} [{split}]", unit="img", disable=not progress,
-               leave=False)
-    written, zeros, rejected = _stream_split(source, embedder, store, target, split, present, meta,
-                                             batch_size=batch_size, bar=bar)
-    bar.close()
+    written: set[int] = set()
+    zeros: list[int] = []
+    rejected: list[int] = []
+    bar = tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not progress, leave=False)
+    try:  # the bar is cleared on any exit, so an error message starts its own line
+        with prefetch(batches, depth=2) as batches, BackgroundWriter(max_pending=1) as writer:
+            for batch in batches:
+                if len(batch) == 0:
+                    continue
+                vecs = np.asarray(embedder.embed(batch.images))
+                bad = ~np.isfinite(vecs).all(axis=1)
+                if bad.any():  # refused: never stored; listed, and the run fails at the end
+                    rejected.extend(batch.indices[bad].tolist())
+                    bar.update(int(bad.sum()))
+                    batch, vecs = _subset(batch, ~bad), vecs[~bad]
+                    if len(batch) == 0:
+                        continue
+                zeros.extend(batch.indices[~vecs.any(axis=1)].tolist())
+                extras = batch.extra_payload or [None] * len(batch)
+                payloads = [make_payload(dataset=meta.dataset, split=split, index=int(i), label=int(lab),
+                                         model=meta.model, size=int(meta.size), image_id=iid, extra=ex)
+                            for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
+                writer.submit(store.upsert, target, split, batch.indices.tolist(), vecs, payloads)
+                written.update(int(i) for i in batch.indices)
+                bar.update(len(batch))
+    finally:
+        bar.close()
     flush = getattr(store, "flush", None)
     if flush:
         flush(target)
     dt = time.perf_counter() - t0
-    report.written[split] = written
+    report.written[split] = len(written)
     if zeros:
         report.zero_vectors[split] = zeros
     if rejected:
         report.rejected[split] = rejected
     report.seconds[split] = dt
-    report.items_per_s[split] = written / dt if dt > 0 else float("nan")
-    if not rejected:
-        _mark_complete(store, target, meta, split)
+    report.items_per_s[split] = len(written) / dt if dt > 0 else float("nan")
     if getattr(embedder, "is_3d", False):  # 3D: 2D slices extracted per second (DESIGN.md §5)
-        n_sl = written * int(getattr(embedder, "items_per_image", 1))
+        n_sl = len(written) * int(getattr(embedder, "items_per_image", 1))
         report.extra.setdefault("slices", {})[split] = n_sl
         report.extra.setdefault("slices_per_s", {})[split] = n_sl / dt if dt > 0 else float("nan")
-
-
-def _stream_split(source: DatasetSource, embedder, store: VectorStore, target: str, split: str, present: np.ndarray,
-                  meta: CollectionMeta, *, batch_size: int, bar) -> tuple[int, list[int], list[int]]:
-    """Read ``split`` from its first missing row, embed the rows not ``present`` and upsert them.
-
-    Returns:
-        ``(points written, rows with all-zero vectors (stored), rows with NaN/inf vectors (not stored))``.
-    """
-    start = int(np.flatnonzero(~present)[0])
-    written = 0
-    zeros: list[int] = []
-    rejected: list[int] = []
-    # pipelined: the reader runs ahead in a thread, the upsert of batch i runs in another while
-    # batch i+1 is embedded; leaving the block waits for the upserts handed over (cbmir.ingest.pipeline)
-    with prefetch(source.iter_batches(split, batch_size, start=start), depth=2) as batches, \
-            BackgroundWriter(max_pending=1) as writer:
-        for batch in batches:
-            batch = _subset(batch, ~present[batch.indices])  # rows stored before are not embedded again
-            if len(batch) == 0:
-                continue
-            vecs = np.asarray(embedder.embed(batch.images))
-            bad = ~np.isfinite(vecs).all(axis=1)
-            if bad.any():  # refused: never stored; listed, and the run fails at the end
-                rejected.extend(batch.indices[bad].tolist())
-                bar.update(int(bad.sum()))
-                batch, vecs = _subset(batch, ~bad), vecs[~bad]
-                if len(batch) == 0:
-                    continue
-            zeros.extend(batch.indices[~vecs.any(axis=1)].tolist())
-            extras = batch.extra_payload or [None] * len(batch)
-            payloads = [make_payload(dataset=source.name, split=split, index=int(i), label=int(lab),
-                                     model=meta.model, size=int(source.size), image_id=iid, extra=ex)
-                        for i, lab, iid, ex in zip(batch.indices, batch.labels, batch.image_ids, extras)]
-            writer.submit(store.upsert, target, split, batch.indices.tolist(), vecs, payloads)
-            written += len(batch)
-            bar.update(len(batch))
-    return written, zeros, rejected
+    return written
 
 
 def _mark_complete(store: VectorStore, name: str, meta: CollectionMeta, split: str) -> None:
@@ -336,6 +354,15 @@ def _read_meta(store: VectorStore, name: str) -> tuple[CollectionMeta | None, bo
 def staging_name(name: str) -> str:
     """Collection in which ``--recreate`` builds the new points of ``name`` (:func:`ingest`)."""
     return f"{name}{STAGING_SUFFIX}"
+
+
+def _other_source(staged: CollectionMeta, meta: CollectionMeta) -> bool:
+    """A staging collection built from another source: another archive folder (synced collections, which
+    a re-run simply brings up to date), or another fingerprint (row-id collections)."""
+    if uses_key_ids(staged):
+        root = lambda m: ((m.extra or {}).get("archive") or {}).get("root")  # noqa: E731
+        return root(staged) != root(meta)
+    return _fingerprint_changed(staged, meta)
 
 
 def _fingerprint_changed(stored: CollectionMeta, meta: CollectionMeta) -> bool:

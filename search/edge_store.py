@@ -305,6 +305,50 @@ class EdgeStore(VectorStore):
     def delete_points(self, name: str, ids: Sequence[int]) -> None:
         self._shard(name).update(qe.UpdateOperation.delete_points([int(i) for i in ids]))
 
+    def _overwrite_payload(self, name, pairs) -> None:
+        sh = self._shard(name)
+        for pid, payload in pairs:
+            sh.update(qe.UpdateOperation.overwrite_payload([int(pid)], payload))
+
+    def disk_bytes(self, name: str) -> int | None:
+        d = self._dir(name)
+        if not d.is_dir():
+            return None
+        # blocks in use: the engine preallocates its files sparsely (apparent sizes of 32 MB and more)
+        return sum(getattr(st, "st_blocks", 0) * 512 or st.st_size
+                   for f in d.rglob("*") if f.is_file() and not f.is_symlink() for st in (f.stat(),))
+
+    def export_dir(self, name: str) -> Path:
+        """The directory of collection ``name`` (``meta.json`` + ``shard/``), flushed and closed, for a
+        snapshot (:mod:`cbmir.search.snapshot`). The lock stays held by this store until :meth:`close`, so
+        no other process writes it meanwhile; this process reopens the shard on its next use.
+
+        Raises:
+            CbmirError: the collection does not exist, or another process holds it.
+        """
+        self.meta(name)
+        self._lock(name)
+        self._drop_shard(name)
+        return self._dir(name)
+
+    def import_dir(self, directory: Path, name: str) -> None:
+        """Make ``directory`` (a collection directory unpacked from a snapshot, on the same file system as
+        the store) the collection ``name``, by one rename; its shard is then opened to check it loads.
+
+        Raises:
+            CbmirError: ``name`` exists already; the unpacked shard does not load (it is removed).
+        """
+        self._lock(name)
+        if self.read_meta(name) is not None or self._dir(name).exists():
+            raise CbmirError(f"collection {name!r} already exists in the embedded store {self.root}; delete it "
+                             "first (`cbmir collections delete`) or restore under another --name")
+        os.replace(directory, self._dir(name))
+        try:
+            self.count(name)
+        except CbmirError:
+            self.delete_collection(name)
+            raise
+
     def flush(self, name: str | None = None) -> None:
         """Flush pending writes of one collection (or all open ones) to disk."""
         for n in list(self._locks):

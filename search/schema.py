@@ -77,6 +77,50 @@ def split_and_index(pid: int) -> tuple[str, int]:
     return _CODE_SPLITS[pid >> _INDEX_BITS], pid & ((1 << _INDEX_BITS) - 1)
 
 
+#: ``CollectionMeta.extra["point_ids"]`` of collections whose ids come from item keys (:func:`key_index`)
+KEY_IDS = "key-sha256"
+#: Most probes :func:`key_index` may take for one key (a 40-bit collision needs a second one; 64 never happen)
+MAX_PROBES = 64
+
+
+def key_index(key: str, probe: int = 0) -> int:
+    """Stable row index of a user-archive item: the low 40 bits of SHA-256 of ``probe`` and its key (the
+    relative path, or a manifest key), so ``point_id(split, key_index(key))`` never changes while the file
+    stays where it is, whatever else is added to or removed from the archive.
+
+    Point ids keep the split code in their high bits (:func:`split_and_index` decodes them), and for such
+    collections the row ``index`` of a point *is* this 40-bit number: similarity ties are broken by lower
+    index, i.e. by this hash, the same on every engine and after every sync. Two keys of one split whose
+    hashes collide (about one pair in a million-file split) are told apart by probing: the later key takes
+    ``probe`` 1, 2, ... (:func:`allocate_index`).
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(probe)}\x00{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << _INDEX_BITS) - 1)
+
+
+def allocate_index(key: str, taken: dict[int, str]) -> int:
+    """The index of ``key`` given the indices already ``taken`` in its split (index -> key): its first
+    probe that is free or already holds this key. ``taken`` is not changed.
+
+    Raises:
+        CbmirError: :data:`MAX_PROBES` probes all taken (never in practice).
+    """
+    for probe in range(MAX_PROBES):
+        ix = key_index(key, probe)
+        if taken.get(ix, key) == key:
+            return ix
+    raise CbmirError(f"no free point id for item {key!r} after {MAX_PROBES} probes")
+
+
+def uses_key_ids(meta: "CollectionMeta") -> bool:
+    """True for collections whose point ids come from item keys (user archives ingested by this cbmir):
+    they can be synced and take single-item adds and deletes. MedMNIST collections (and archives ingested
+    by an older cbmir) keep row positions."""
+    return (meta.extra or {}).get("point_ids") == KEY_IDS
+
+
 def chunk_layout(dim: int, max_dim: int = MAX_VECTOR_DIM) -> list[tuple[str, int, int]]:
     """Split ``dim`` into named vector chunks ``(name, start, stop)`` of at most ``max_dim`` each.
 

@@ -262,6 +262,12 @@ class ServerStore(VectorStore):
         self._call(f"delete points of {name!r}", self.client.delete, name,
                    points_selector=models.PointIdsList(points=[int(i) for i in ids]), wait=True)
 
+    def _overwrite_payload(self, name, pairs) -> None:
+        ops = [models.OverwritePayloadOperation(overwrite_payload=models.SetPayload(
+            payload=payload, points=[int(pid)])) for pid, payload in pairs]
+        self._call(f"update payloads of {name!r}", self.client.batch_update_points, name, update_operations=ops,
+                   wait=True)
+
     def delete_collection(self, name: str) -> None:
         if self._call(f"check collection {name!r}", self.client.collection_exists, name):
             self._call(f"delete collection {name!r}", self.client.delete_collection, name)

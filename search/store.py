@@ -153,6 +153,10 @@ class VectorStore(ABC):
         """Delete points by id."""
 
     @abstractmethod
+    def _overwrite_payload(self, name: str, pairs: Sequence[tuple[int, dict]]) -> None:
+        """Replace the whole payload of existing points: ``[(id, payload), ...]`` (vectors untouched)."""
+
+    @abstractmethod
     def delete_collection(self, name: str) -> None:
         """Delete collection ``name`` and all its points (no error when absent)."""
 
@@ -173,17 +177,45 @@ class VectorStore(ABC):
         Raises:
             CbmirError: ``staging`` does not exist.
         """
-        meta = self.meta(staging)
+        self.meta(staging)
         self.delete_collection(name)
-        self._create(name, meta)
-        for ids, chunks, payloads in self._scroll(staging, None, True,
-                                                  batch=rows_per_call(meta.dim, self.max_values_per_call)):
-            self._upsert(name, ids, chunks, payloads)
-        flush = getattr(self, "flush", None)
-        if flush:
-            flush(name)
+        copy_collection(self, staging, self, name)
         self.delete_collection(staging)
         self._rerank_cache = None
+
+    def set_payloads(self, name: str, pairs: Sequence[tuple[int, dict]]) -> None:
+        """Replace the payload of existing points ``[(point id, payload), ...]``; their vectors are not
+        touched (a relabelled archive file keeps its stored vector bit for bit)."""
+        pairs = [(int(i), dict(p)) for i, p in pairs]
+        for lo in range(0, len(pairs), 256):
+            self._overwrite_payload(name, pairs[lo:lo + 256])
+
+    def scroll_payloads(self, name: str, where: str | Selection | None = None,
+                        batch: int = 1024) -> Iterator[tuple[list[int], list[dict]]]:
+        """Pages ``(point ids, payloads)`` of the points of ``where`` (a split, a
+        :class:`~cbmir.search.filters.Selection`, or None for every point); no vectors are read."""
+        self.meta(name)
+        for ids, _, payloads in self._scroll(name, where, False, batch):
+            yield ids, payloads
+
+    def points_by_id(self, name: str, ids: Sequence[int], *, with_vectors: bool = True
+                     ) -> dict[int, tuple[np.ndarray | None, dict]]:
+        """``{point id: (vector float32 (dim,) | None, payload)}`` of the ``ids`` that exist (absent ids
+        are left out), read :attr:`max_values_per_call` values at a time."""
+        meta = self.meta(name)
+        out: dict[int, tuple[np.ndarray | None, dict]] = {}
+        ids = [int(i) for i in ids]
+        step = rows_per_call(meta.dim, self.max_values_per_call) if with_vectors else 1024
+        for lo in range(0, len(ids), step):
+            for pid, chunks, pay in self._retrieve(name, ids[lo:lo + step], with_vectors):
+                vec = (np.concatenate([np.asarray(chunks[c], dtype=np.float32) for c, _, _ in meta.layout])
+                       if with_vectors else None)
+                out[int(pid)] = (vec, pay)
+        return out
+
+    def disk_bytes(self, name: str) -> int | None:
+        """Bytes the collection takes on disk, or None when the engine cannot tell (a server)."""
+        return None
 
     def close(self) -> None:
         """Flush and release the engine's resources."""
@@ -541,6 +573,21 @@ class VectorStore(ABC):
             return None, pays
         vecs = np.stack([np.concatenate([got[p][0][c] for c, _, _ in meta.layout]) for p in ids]).astype(np.float32)
         return vecs, pays
+
+
+def copy_collection(src: VectorStore, name: str, dst: VectorStore, dst_name: str) -> None:
+    """Create ``dst_name`` in ``dst`` with the metadata of ``name`` in ``src`` and copy every point (ids,
+    vectors as stored, payloads) page by page; ``dst_name`` must not exist. Both stores may be one
+    (``--recreate``'s swap on a server) or different engines (a snapshot of a server collection, restored
+    into either engine: :mod:`cbmir.search.snapshot`)."""
+    meta = src.meta(name)
+    dst._create(dst_name, meta)  # noqa: SLF001 - engine primitive of the same class family
+    page = rows_per_call(meta.dim, min(src.max_values_per_call, dst.max_values_per_call))
+    for ids, chunks, payloads in src._scroll(name, None, True, page):  # noqa: SLF001
+        dst._upsert(dst_name, ids, chunks, payloads)  # noqa: SLF001
+    flush = getattr(dst, "flush", None)
+    if flush:
+        flush(dst_name)
 
 
 def engine_distance(meta: CollectionMeta) -> str:

@@ -49,7 +49,13 @@ class InterruptedSource:
         return getattr(self.src, name)
 
     def iter_batches(self, split, batch_size, start=0):
-        for i, batch in enumerate(self.src.iter_batches(split, batch_size, start=start)):
+        yield from self._stop(self.src.iter_batches(split, batch_size, start=start))
+
+    def iter_items(self, split, entries, batch_size, **kw):  # an archive's sync (cbmir.ingest.sync)
+        yield from self._stop(self.src.iter_items(split, entries, batch_size, **kw))
+
+    def _stop(self, batches):
+        for i, batch in enumerate(batches):
             if i == self.after:
                 raise KeyboardInterrupt
             yield batch

@@ -19,7 +19,7 @@ def _read_cmds(root, store, tmp_path):
     """evaluate / export / search of ``root`` by --dataset (the commands that read a stored collection)."""
     common = ("-d", root, *HOG16, "--store-path", store)
     return {"evaluate": ("evaluate", *common), "export": ("export", *common, "-o", tmp_path / "v.npz"),
-            "search": ("search", *common, "--query-index", 0)}
+            "search": ("search", *common, "--query-path", "train/circle/img0.png")}
 
 
 def test_dataset_read_commands_refuse_another_or_changed_archive(tmp_path):
@@ -32,7 +32,8 @@ def test_dataset_read_commands_refuse_another_or_changed_archive(tmp_path):
         assert code == 0, (cmd, out, err)
     for cmd, args in _read_cmds(b, store, tmp_path).items():
         _one_error(*run_main(*args), "arch_16_hog", "changed since it was ingested", str(b))
-    code, out, err = run_main("search", "-c", "arch_16_hog", "--store-path", store, "--query-index", 0)
+    code, out, err = run_main("search", "-c", "arch_16_hog", "--store-path", store, "--query-path",
+                              "test/circle/img0.png")
     assert code == 0, err                                                # by name: no archive to check
     shutil.copy(a / "train" / "circle" / "img0.png", a / "train" / "circle" / "img9.png")  # changed since
     for cmd, args in _read_cmds(a, store, tmp_path).items():

@@ -198,7 +198,8 @@ def test_cnn_hub_path_loads_full_checkpoint(tmp_path, monkeypatch):
     )
     ext = create_extractor("resnet50", device="cpu")
     assert asked == ["timm/resnet50.tv_in1k"]
-    assert ext.identity()["weights"] == "hf-hub:timm/resnet50.tv_in1k"
+    # a file outside the HF cache's snapshots/<revision>/ layout is identified by its content
+    assert ext.identity()["weights"] == f"hf-hub:timm/resnet50.tv_in1k@sha256:{weights.sha256_file(path)}"
     assert "state_dict" not in ext.model.pretrained_cfg
     imgs = _images(2, 32)
     x = (imgs / 255.0 - np.array(ext.mean)) / np.array(ext.std)

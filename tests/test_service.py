@@ -200,6 +200,18 @@ def test_same_hits_as_cli_search_json(client, built, tmp_path):
         cli_hits("--query-index", 3, "--query-split", "train", "--k", 4, "--include-self")
 
 
+def _archive_pid(root, name: str, split: str, pos: int) -> int:
+    """Point id of the ``pos``-th item (sorted relative path) of an archive collection: archive ids are
+    hashes of the item key (cbmir.ingest.sync), not positions."""
+    from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import point_id
+
+    with EdgeStore(root) as store:
+        _, _, pays = store.fetch(name, split, with_vectors=False)
+    pays = sorted(pays, key=lambda p: str(p.get("source_path", p.get("image_id"))))
+    return point_id(split, int(pays[pos]["index"]))
+
+
 def test_point_images_are_the_source_pixels(client, built):
     from cbmir.search.schema import point_id
 
@@ -215,15 +227,15 @@ def test_point_images_are_the_source_pixels(client, built):
     # a folder archive: the file at its own resolution (not the 28 px it was embedded at)
     info = client.get("/api/collections/shapes_28_hog").json()
     assert info["metadata"]["extra"]["archive"]["path"] == str(arch["folder"].resolve())
-    hits = client.post("/api/collections/shapes_28_hog/search", json={"point": {"split": "test", "index": 0},
-                                                                       "k": 8}).json()["hits"]
+    hits = client.post("/api/collections/shapes_28_hog/search",
+                       json={"point_id": _archive_pid(root, "shapes_28_hog", "test", 0), "k": 8}).json()["hits"]
     for h in hits[:3]:
         orig = np.asarray(Image.open(arch["folder"] / h["payload"]["source_path"]))
         got = _decode(client.get(h["image_url"] + f"?size={max(orig.shape)}").content)
         np.testing.assert_array_equal(got, np.repeat(orig[..., None], 3, axis=2))
     # a manifest with its own column names: reopened as ingested, the listed file
-    listed = client.post("/api/collections/listed_28_hog/search", json={"point": {"split": "test", "index": 1},
-                                                                        "k": 2}).json()["hits"]
+    listed = client.post("/api/collections/listed_28_hog/search",
+                         json={"point_id": _archive_pid(root, "listed_28_hog", "test", 1), "k": 2}).json()["hits"]
     for h in listed:
         orig = np.asarray(Image.open(arch["folder"].parent / h["payload"]["source_path"]))
         got = _decode(client.get(h["image_url"] + f"?size={max(orig.shape)}").content)
@@ -231,11 +243,12 @@ def test_point_images_are_the_source_pixels(client, built):
     # DICOM: the CT window (40, 400) applied to the HU values, as at ingest
     hu = arch["hu"][("train", 1)].astype(np.float64)
     want = np.clip(np.round((hu - (40 - 200)) * 255 / 400), 0, 255).astype(np.uint8)
-    got = _decode(client.get(f"/api/collections/ct_28_hog/points/{point_id('train', 1)}/image?size=32").content)
+    got = _decode(client.get(f"/api/collections/ct_28_hog/points/{_archive_pid(root, 'ct_28_hog', 'train', 1)}"
+                             "/image?size=32").content)
     assert np.abs(got[..., 0].astype(int) - want).max() <= 1
     # 3D: the middle axial slice, or a montage of 16 slices in a 4 x 4 grid
     vol = np.load(arch["vols"])[2]
-    pid = point_id("train", 2)
+    pid = _archive_pid(root, "vols_28_hog", "train", 2)
     mid = _decode(client.get(f"/api/collections/vols_28_hog/points/{pid}/image?size=28").content)
     np.testing.assert_array_equal(mid, vol[14])
     mont = _decode(client.get(f"/api/collections/vols_28_hog/points/{pid}/image?size=112&view=montage").content)

@@ -8,6 +8,7 @@ No patient data: the DICOM "patient" is a made-up name that must never reach pay
 from __future__ import annotations
 
 import json
+import os
 
 import shutil
 import warnings
@@ -548,6 +549,7 @@ def test_dicom_and_nifti_ingest_as_3d_points(dicom_archive, nifti_file, tmp_path
     """DICOM series and NIfTI volumes -> 3D points: concatenated slice vectors, slice count and tags in payload."""
     from cbmir.ingest.extractors.hog import hog_dim
     from cbmir.ingest.job import ingest
+    from cbmir.search.schema import key_index
 
     store = _edge(tmp_path)
     try:
@@ -555,7 +557,9 @@ def test_dicom_and_nifti_ingest_as_3d_points(dicom_archive, nifti_file, tmp_path
         rep = ingest(src, _hog_embedder(16, is_3d=True), store, progress=False)
         assert rep.meta.is_3d and rep.meta.dim == 16 * hog_dim(16)
         idx, vec, pays = store.fetch(rep.collection, "train")
-        assert idx.tolist() == [0, 1] and vec.shape == (2, 16 * hog_dim(16))
+        assert vec.shape == (2, 16 * hog_dim(16))                        # rows: stable hashes of the item keys
+        assert idx.tolist() == [key_index(p["item_key"]) for p in pays] == sorted(idx.tolist())
+        pays = sorted(pays, key=lambda p: p["source_path"])
         assert [p["n_slices"] for p in pays] == [2, 2]
         assert pays[0]["Modality"] == "CT" and pays[0]["label_name"] == "lesion" and pays[0]["label"] == 0
         assert pays[0]["source_path"] == "train/lesion/p1/a.dcm" and pays[1]["series_files"] == 2
@@ -679,9 +683,9 @@ def test_reingest_is_idempotent(mixed_archive, tmp_path):
         before = store.fetch(rep.collection, "train", with_vectors=False)
         ingest(open_source(mixed_archive, 16), _hog_embedder(16), store, progress=False)
         assert {s: store.count(rep.collection, s) for s in n} == n
-        store.delete_points(rep.collection, [point_id("train", 0), point_id("train", 4)])
+        store.delete_points(rep.collection, [point_id("train", int(i)) for i in before[0][[0, 4]]])
         ingest(open_source(mixed_archive, 16), _hog_embedder(16), store, progress=False)
-        assert {s: store.count(rep.collection, s) for s in n} == n        # rows 0 and 4 rewritten in place
+        assert {s: store.count(rep.collection, s) for s in n} == n        # the two lost points rewritten in place
         after = store.fetch(rep.collection, "train", with_vectors=False)
         assert before[0].tolist() == after[0].tolist()
         assert [p["source_path"] for p in before[2]] == [p["source_path"] for p in after[2]]
@@ -706,20 +710,27 @@ def test_cli_run_search_exclude_self_and_evaluation_checks(tmp_path):
     r = _cli("run", "-d", root, "-m", "hog", "-s", "24", "--store-path", store)
     assert r.exit_code == 0, r.output
     assert "tiny_24_hog" in r.output and "folder archive 'tiny'" in r.output and "mAP@5" in r.output
-    # row of train/x/0.png: sorted paths train/x/0.png, train/x/0_copy.png, ...
+    # a stored point by its file; archive rows are hashes of the path, so an identical copy ties with the
+    # query and the lower index comes first
     r = _cli("search", "-d", root, "-m", "hog", "-s", "24", "--store-path", store,
-             "--query-split", "train", "--query-index", 0, "--include-self", "--json")
-    hits = json.loads(r.stdout)["hits"][0]
-    assert r.exit_code == 0 and hits[0]["index"] == 0                   # itself first with --include-self
+             "--query-path", "train/x/0.png", "--include-self", "--json")
+    answer = json.loads(r.stdout)
+    hits, q = answer["hits"][0], answer["queries"][0]
+    assert r.exit_code == 0 and q["split"] == "train"
+    top2 = sorted([(q["index"], "train/x/0.png"), (hits[0]["index"] if hits[0]["payload"]["source_path"] ==
+                   "train/x/0_copy.png" else hits[1]["index"], "train/x/0_copy.png")])
+    assert [(h["index"], h["payload"]["source_path"]) for h in hits[:2]] == top2  # itself and its copy, tie rule
+    assert hits[1]["score"] == pytest.approx(1.0, abs=1e-5)
     for flag in ("--exclude-self", None):                                # excluded by id: the default
-        r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--query-split", "train",
-                 "--query-index", 0, "--k", "3", "--json", *([flag] if flag else []))
+        r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--query-index", q["index"],
+                 "--query-split", "train", "--k", "3", "--json", *([flag] if flag else []))
         hits = json.loads(r.stdout)["hits"][0]
-        assert r.exit_code == 0 and 0 not in [h["index"] for h in hits]
-        assert hits[0]["index"] == 1 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)  # the copy stays
+        assert r.exit_code == 0 and q["index"] not in [h["index"] for h in hits]
+        assert hits[0]["payload"]["source_path"] == "train/x/0_copy.png"  # the copy stays
+        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     # the table names the query, its class and marks each hit
-    r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--query-index", 0)
-    assert r.exit_code == 0 and "query: test row 0" in r.output and "(x)" in r.output and "✓" in r.output
+    r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--query-path", "test/x/0.png")
+    assert r.exit_code == 0 and "query: test row" in r.output and "(x)" in r.output and "✓" in r.output
     # an image file is read with the same pixel rules (16-bit) and finds its 8-bit twin
     r = _cli("search", "-c", "tiny_24_hog", "--store-path", store, "--image", root / "train" / "y" / "9_16bit.png",
              "--json")
@@ -794,38 +805,48 @@ def test_other_archive_of_the_same_name_is_refused_not_reused(tmp_path):
     assert _cli("verify", "-d", b, "-m", "hog", "-s", "16", "--store-path", store).exit_code == 0
 
 
-def test_added_file_is_refused_not_mixed_into_a_resume(tmp_path):
+def test_lost_point_and_added_file_are_synced_not_mixed(tmp_path):
+    """A point lost (an interrupted run) and a file added since: the re-run embeds exactly those two,
+    the other points keep their ids and vectors, and the collection equals a fresh ingest."""
     from cbmir.search.edge_store import EdgeStore
+    from cbmir.search.schema import point_id
 
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
     assert _ingest_cli(a, store).exit_code == 0
     with EdgeStore(store) as s:
         before = s.fetch("arch_16_hog", "train")
-        s.delete_points("arch_16_hog", [s_id for s_id in [1 << 40 | 5]])   # an interrupted run: last row lost
-    shutil.copy(a / "train" / "circle" / "img0.png", a / "train" / "circle" / "img00.png")  # shifts rows
+        s.delete_points("arch_16_hog", [point_id("train", int(before[0][-1]))])   # an interrupted run
+    shutil.copy(a / "train" / "circle" / "img0.png", a / "train" / "circle" / "img00.png")  # a file added
     r = _ingest_cli(a, store)
-    _changed_source_refused(r)
-    assert "missing rows embedded" not in r.output
-    with EdgeStore(store) as s:                                          # nothing written
-        assert s.count("arch_16_hog", "train") == 5
-    (a / "train" / "circle" / "img00.png").unlink()                      # source as ingested: resumes
-    r = _ingest_cli(a, store)
-    assert r.exit_code == 0 and "1 missing rows embedded" in r.output, r.output
+    assert r.exit_code == 0, r.output
+    assert "2 added, 0 updated, 0 relabelled, 0 deleted, 7 unchanged; 2 image(s) embedded" in r.output, r.output
     with EdgeStore(store) as s:
         after = s.fetch("arch_16_hog", "train")
-    np.testing.assert_allclose(before[1], after[1], atol=1e-6)
+    assert set(before[0].tolist()) < set(after[0].tolist()) and len(after[0]) == 7
+    keep = np.isin(after[0], before[0])
+    np.testing.assert_array_equal(after[1][keep], before[1])
+    fresh = tmp_path / "fresh"
+    assert _ingest_cli(a, fresh).exit_code == 0
+    with EdgeStore(fresh) as f:
+        np.testing.assert_array_equal(f.fetch("arch_16_hog", "train")[0], after[0])
+    assert _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store).exit_code == 0
 
 
-def test_file_rewritten_in_place_is_refused_and_fails_verify(tmp_path):
+def test_file_rewritten_in_place_fails_verify_until_synced(tmp_path):
     a = _tiny_archive(tmp_path / "arch")
     store = tmp_path / "store"
     assert _ingest_cli(a, store).exit_code == 0
     Image.fromarray(np.full((20, 21), 7, np.uint8)).save(a / "train" / "square" / "img1.png")
-    r = _ingest_cli(a, store)
-    _changed_source_refused(r)
     r = _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)
-    assert r.exit_code == 1 and "changed since it was ingested" in r.output
+    assert r.exit_code == 1 and "changed since it was ingested" in r.output and "train/square/img1.png" in r.output
+    r = _ingest_cli(a, store)                                            # re-embeds just that file
+    assert r.exit_code == 0 and "0 added, 1 updated, 0 relabelled, 0 deleted, 7 unchanged; 1 image(s)" in r.output
+    assert _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store).exit_code == 0
+    os.utime(a / "train" / "square" / "img0.png", ns=(1, 10**18))      # touched, same bytes: nothing embedded
+    r = _ingest_cli(a, store)
+    assert r.exit_code == 0 and "0 updated, 0 relabelled, 0 deleted, 8 unchanged; 0 image(s)" in r.output, r.output
+    assert _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store).exit_code == 0
 
 
 def test_collection_without_fingerprint_still_resumes(tmp_path):
@@ -936,7 +957,7 @@ def test_interrupted_archive_ingest_is_not_evaluated_but_skipped_files_are(tmp_p
         assert s.meta("arch_16_hog").extra["completed"] == {"train": 7, "test": 2}
         (note,) = check_evaluable(s, "arch_16_hog")                             # 7 of 8: one unreadable
         assert "train: 7 of 8 files stored (unreadable files skipped at ingest)" in note
-        s.delete_points("arch_16_hog", [1 << 40 | 5])                           # a point lost afterwards
+        s.delete_points("arch_16_hog", [1 << 40 | int(s.fetch("arch_16_hog", "train")[0][2])])  # a point lost
         with pytest.raises(CbmirError, match="train: 6 of 8 points stored"):
             check_evaluable(s, "arch_16_hog")
 
@@ -990,10 +1011,11 @@ def test_verify_accepts_files_skipped_as_unreadable(tmp_path):
     r = _cli("evaluate", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)  # evaluated, with a note
     assert r.exit_code == 0 and "ACC@1" in r.output, r.output
     assert "note: collection 'arch_16_hog': train: 5 of 6 files stored" in r.output, r.output
-    with EdgeStore(store) as s:                                          # a readable row lost still fails
-        s.delete_points("arch_16_hog", [1 << 40 | 3])
+    with EdgeStore(store) as s:                                          # a readable file's point lost still fails
+        idx, _, pays = s.fetch("arch_16_hog", "train", with_vectors=False)
+        s.delete_points("arch_16_hog", [1 << 40 | int(idx[2])])
     r = _cli("verify", "-d", a, "-m", "hog", "-s", "16", "--store-path", store)
-    assert r.exit_code == 1 and "missing rows [3]" in r.output, r.output
+    assert r.exit_code == 1 and f"not ingested: {pays[2]['source_path']}" in r.output, r.output
 
 
 def test_folder_image_id_is_name_and_relative_path(tmp_path):

@@ -57,7 +57,8 @@ def _manifest_archive(root: Path, data_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def collections(tmp_path_factory, data_dir):
-    """``(store_path, {name: (train_vectors, train_labels, test_vectors, test_labels, class_names)}, html_name)``.
+    """``(settings, {name: (train_vectors, train_labels, test_vectors, test_labels, class_names, test_indices,
+    train_payloads)}, html_name)``, rows in stored order (archive rows are hashes of the item key).
 
     The collections are ingested through the application layer (as ``cbmir ingest`` does)."""
     from cbmir.app import App, ArchiveOptions, CollectionRef, load_settings, resolve_name
@@ -77,11 +78,11 @@ def collections(tmp_path_factory, data_dir):
         for ref in refs:
             ingest_collection(app, ref, progress=False, download=False)
             name = resolve_name(ref)
-            vecs = {}
+            vecs, idx, pay = {}, {}, {}
             for split in ("train", "test"):
-                _, v, pays = app.store.fetch(name, split)
-                vecs[split] = (v.astype(np.float64), np.array([p["label"] for p in pays]))
-            out[name] = (*vecs["train"], *vecs["test"], class_names(app.store.meta(name)))
+                idx[split], v, pay[split] = app.store.fetch(name, split)
+                vecs[split] = (v.astype(np.float64), np.array([p["label"] for p in pay[split]]))
+            out[name] = (*vecs["train"], *vecs["test"], class_names(app.store.meta(name)), idx["test"], pay["train"])
     assert {HOG, RAND} <= set(out)
     return settings, out, resolve_name(html_ref)
 
@@ -359,13 +360,14 @@ def test_html_in_class_names_and_payload_shows_as_text(page, collections):
     _, cols, html_name = collections
     col = cols[html_name]
     assert set(col[4].values()) == {BOLD, SCRIPT}
-    _open(page, f"?collection={html_name}&split=test&index=1&k=18")
+    _open(page, f"?collection={html_name}&split=test&index={int(col[5][1])}&k=18")
     _n_hits(page, 18)
     _assert_hits(page, _expected(col, col[2][1], 18))
     assert BOLD in page.locator("[data-query]").inner_text()
     assert SCRIPT in page.locator("#label-boxes").inner_text()
     assert page.locator("#results b, #results script, #controls b, #results img[src='x']").count() == 0
-    evil = page.locator("[data-hit-rank]").filter(has=page.locator("img[alt*='train #0,']"))
+    evil_index = next(p["index"] for p in col[6] if EVIL_FILE in str(p.get("source_path", "")))
+    evil = page.locator("[data-hit-rank]").filter(has=page.locator(f"img[alt*='train #{evil_index},']"))
     evil.locator("button").click()
     dialog = page.locator("#detail")
     dialog.wait_for(state="visible")

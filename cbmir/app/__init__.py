@@ -4,7 +4,8 @@ these functions and hold no wiring of their own, so one request gives one answer
 
 Modules: :mod:`~cbmir.app.context` (settings, store, embedders), :mod:`~cbmir.app.collections` (which
 collection a request means), :mod:`~cbmir.app.ingesting`, :mod:`~cbmir.app.evaluating`,
-:mod:`~cbmir.app.searching`.
+:mod:`~cbmir.app.searching`, :mod:`~cbmir.app.items` (add / delete single points of an archive collection),
+:mod:`~cbmir.app.manage` (list, describe, delete, snapshot and restore collections).
 """
 
 from cbmir.app.collections import ArchiveOptions, CollectionRef, collection_info, open_collection, resolve_name

@@ -124,22 +124,43 @@ def stored_meta(store, name: str, random_init: bool = False):
         raise CbmirError(f"{exc}{hint}") from None
 
 
-def check_archive_unchanged(name: str, meta, ref: CollectionRef) -> None:
+def check_archive_unchanged(name: str, meta, ref: CollectionRef, store=None) -> None:
     """For a user archive, refuse (as ingest does) when collection ``name`` was built from another archive
     of the same name, or the archive changed since (its source fingerprint: a file scan, no pixel decode).
-    MedMNIST collections record no fingerprint: nothing to check.
+    A synced archive whose fingerprint differs is compared file by file with the stored points (payloads,
+    ``stat``, and the bytes of touched files, :func:`cbmir.ingest.sync.plan_sync`): only a real difference
+    is refused. MedMNIST collections record no fingerprint: nothing to check.
 
     Raises:
-        CbmirError: naming the collection, what changed and ``--recreate``.
+        CbmirError: naming the collection, what changed and the command that fixes it (``cbmir ingest`` for a
+            synced archive, ``--recreate`` for one ingested by an older cbmir).
     """
+    from cbmir.core.splits import SPLITS
     from cbmir.ingest.job import check_fingerprint
     from cbmir.ingest.sources import open_source
+    from cbmir.search.schema import uses_key_ids
 
-    if not (meta.extra or {}).get("source_fingerprint"):
+    recorded = (meta.extra or {}).get("source_fingerprint")
+    if not recorded:
         return
     src = open_source(ref.dataset, ref.size, **ref.archive.as_kwargs())
-    current = dataclasses.replace(meta, extra={**meta.extra, "source_fingerprint": src.fingerprint()})
-    check_fingerprint(name, meta, current, src)
+    if not (uses_key_ids(meta) and store is not None):
+        current = dataclasses.replace(meta, extra={**meta.extra, "source_fingerprint": src.fingerprint()})
+        check_fingerprint(name, meta, current, src)
+        return
+    from cbmir.ingest.sync import check_same_archive, plan_sync
+
+    check_same_archive(name, meta, src)
+    done = (meta.extra or {}).get("completed") or {}
+    splits = tuple(sp for sp in SPLITS if sp in done or store.count(name, sp))
+    now = src.fingerprint()
+    if all(now.get(sp) == recorded.get(sp) for sp in splits) and not meta.extra.get("sync_pending"):
+        return
+    plan = plan_sync(src, store, name, splits, detect_moves=False)
+    if plan.changes:
+        raise CbmirError(f"collection {name!r}: the archive ({src.root}) changed since it was ingested "
+                         f"({plan.differences()}). Run `cbmir ingest` with the same options to bring the "
+                         "collection up to date (only new and changed files are embedded).")
 
 
 def open_collection(store, ref: CollectionRef) -> tuple[str, object]:
@@ -151,7 +172,7 @@ def open_collection(store, ref: CollectionRef) -> tuple[str, object]:
     """
     name = resolve_name(ref)
     meta = stored_meta(store, name, ref.random_init)
-    check_archive_unchanged(name, meta, ref)
+    check_archive_unchanged(name, meta, ref, store)
     return name, meta
 
 

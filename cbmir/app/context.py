@@ -72,6 +72,22 @@ def _setting_problem(e: dict) -> str:
     return f"invalid {where} value {e.get('input')!r}: {valid}"
 
 
+def check_same_weights(meta, embedder) -> None:
+    """Refuse an embedder whose weights are not those that built the collection (``meta.weights``: a file's
+    SHA-256, or a hub repository with its resolved revision): its vectors would not match the stored ones.
+
+    Raises:
+        CbmirError: naming both weights identities and the fixes.
+    """
+    have = str(embedder.identity().get("weights", "none"))
+    if have != meta.weights:
+        raise CbmirError(
+            f"model {meta.model!r} now loads weights {have}, but the collection was built with {meta.weights}: "
+            "queries embedded with other weights do not match its points. Use the same weights (--weights "
+            "FILE, or the hub revision it was built with), or rebuild the collection with `cbmir ingest "
+            "--recreate`.")
+
+
 class App:
     """Settings, the store they name (opened on first use) and a cache of embedders.
 
@@ -182,7 +198,8 @@ class App:
             weights: a local weights file or directory (default: the model's own source).
 
         Raises:
-            CbmirError: the weights cannot be loaded here (names the model and ``--weights``).
+            CbmirError: the weights cannot be loaded here (names the model and ``--weights``); they are
+                not the weights that built the collection (:func:`check_same_weights`).
         """
         key = (meta.model, meta.backend, meta.random_init, meta.size, meta.is_3d, meta.aggregation, meta.weights,
                weights, meta.input_size)
@@ -198,6 +215,7 @@ class App:
                                        input_size=meta.input_size)
                 emb = make_embedder(ext, size=meta.size, is_3d=meta.is_3d,
                                     aggregation=meta.aggregation if meta.is_3d else "concat")
+                check_same_weights(meta, emb)
                 self._embedders[key] = emb
         return emb
 

@@ -129,11 +129,14 @@ def _archive_pixels(app, name: str, meta, archive: dict, payload: dict, split: s
         return open_source(path, int(meta.size), **opts), threading.Lock()
 
     src, lock = app.cached(("archive", name, path, repr(sorted(opts.items()))), build)
-    items = src.items.get(split) or []
-    item = items[index] if 0 <= index < len(items) else None
-    if item is None or item.source_path != payload.get("source_path"):
-        raise CbmirError(f"collection {name!r}: the archive {path} changed since ingest ({split} row {index} "
-                         f"is no longer {payload.get('source_path')!r}); re-ingest with --recreate")
+    # the point's file by its path (archive point ids are hashes of the item key, not positions)
+    by_path = app.cached(("archive-items", name, path, split),
+                         lambda: {it.source_path: it for it in (src.items.get(split) or [])})
+    item = by_path.get(payload.get("source_path"))
+    if item is None:
+        raise CbmirError(f"collection {name!r}: the archive {path} changed since ingest ({split} item "
+                         f"{payload.get('source_path')!r} is no longer there); sync it (`cbmir ingest`) or "
+                         "re-ingest with --recreate")
     with lock:
         if meta.is_3d:
             vol, _ = src.load_item(item)

@@ -158,7 +158,7 @@ def _check_k(k, n_db: int, where: str, minus_self: bool) -> int:
 def _stored_queries(store, name: str, req: SearchRequest, kind: str):
     """``(vectors, infos)`` of stored query points (by ``(split, index)`` or by id)."""
     from cbmir.core.splits import SPLITS
-    from cbmir.search.schema import point_id, split_and_index
+    from cbmir.search.schema import point_id, split_and_index, uses_key_ids
 
     if kind == "point_ids":
         refs = []
@@ -170,15 +170,23 @@ def _stored_queries(store, name: str, req: SearchRequest, kind: str):
     else:
         refs = [(str(sp), ix) for sp, ix in req.points]
     vecs, infos = [], []
-    names = class_names(store.meta(name))
+    meta = store.meta(name)
+    names = class_names(meta)
+    keyed = uses_key_ids(meta)  # archive rows are 40-bit hashes of the file's key, not positions
     for split, index in refs:
         if split not in SPLITS:
             raise CbmirError(f"unknown query split {split!r}; valid: {', '.join(SPLITS)}")
         n = store.count(name, split)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
+                0 <= index < (1 << 40 if keyed else n)):
             raise NotFoundError(f"query index {index!r} is out of range: collection {name!r} has {n} {split} "
-                             f"point(s)" + (f"; valid 0..{n - 1}" if n else ""))
-        v, pay = store.get_points(name, split, [int(index)])
+                                f"point(s)" + (f"; valid 0..{n - 1}" if n and not keyed else ""))
+        try:
+            v, pay = store.get_points(name, split, [int(index)])
+        except CbmirError:
+            raise NotFoundError(f"query index {index}: collection {name!r} has no {split} point with this index "
+                                "(an archive's points are indexed by a hash of their path: take the index from a "
+                                "search result, or give the file's path, --query-path)") from None
         vecs.append(v[0])
         label = int(pay[0].get("label", -1))
         infos.append(QueryInfo("point", split=split, index=int(index), point_id=point_id(split, int(index)),

@@ -51,6 +51,7 @@ from cbmir.ingest.extractors.weights import (
     SEED,  # noqa: F401 - re-exported (documented here before it moved to weights)
     check_state_dict,
     file_identity,
+    hub_identity,
     hub_endpoint,
     hub_offline_requested,
     hub_reachable,
@@ -257,7 +258,7 @@ def _status(exc: BaseException) -> int | None:
 
 def fetch_pretrained(spec: ExtractorSpec) -> tuple[Path, str]:
     """Local path of ``spec``'s pretrained checkpoint (downloaded when the hub is reachable,
-    else from the local HF cache) and its identity ``hf-hub:<repo>``.
+    else from the local HF cache) and its identity ``hf-hub:<repo>@<revision>``.
 
     ``HF_TOKEN`` (or a ``huggingface-cli login`` token) is used for gated repositories.
 
@@ -277,7 +278,8 @@ def fetch_pretrained(spec: ExtractorSpec) -> tuple[Path, str]:
     denied, other = None, []
     for name in files:
         try:
-            return Path(hf_hub_download(hub_id, name, local_files_only=not online)), f"hf-hub:{hub_id}"
+            path = Path(hf_hub_download(hub_id, name, local_files_only=not online))
+            return path, hub_identity(hub_id, path)
         except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many kinds
             kind = type(exc).__name__
             if kind in ("GatedRepoError", "RepositoryNotFoundError") or _status(exc) in (401, 403):

@@ -42,6 +42,7 @@ from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
     fetch_hub_file,
     file_identity,
+    hub_identity,
     load_into_model,
     load_state_dict_file,
     model_identity,
@@ -257,7 +258,7 @@ class TimmCNNExtractor:
         # timm loads this in-memory state dict (with its checkpoint filter): no network.
         model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd})
         model.pretrained_cfg.pop("state_dict", None)  # do not keep a second copy alive
-        return model, f"hf-hub:timm/{timm_name}"
+        return model, hub_identity(f"timm/{timm_name}", located)
 
     @classmethod
     def _empty_model(cls, timm_name: str, drop):

@@ -9,6 +9,7 @@
 * :func:`load_into_model` - strict loading that may ignore named sub-modules (classifier heads).
 * :func:`check_state_dict` - the key / shape check behind it (a clear error naming the mismatches).
 * :func:`sha256_file` - the identity of a local weights file (``sha256:<hex>``).
+* :func:`hub_identity` - the identity of a hub checkpoint: repository and resolved revision.
 * :func:`weights_unavailable_error` - the one message naming both ways to supply weights.
 * :func:`model_identity` - the common fields of an extractor's collection identity.
 * :func:`seeded` - a random-init model built under a fixed torch seed (:data:`SEED`).
@@ -204,6 +205,17 @@ def sha256_file(path: str | os.PathLike) -> str:
 def file_identity(path: str | os.PathLike) -> str:
     """Weights identity of a local file: ``sha256:<hex>``."""
     return f"sha256:{sha256_file(path)}"
+
+
+def hub_identity(hub_id: str, path: str | os.PathLike) -> str:
+    """Weights identity of a hub checkpoint: ``hf-hub:<repo>@<revision>``, the commit the local file
+    ``path`` was resolved to (HF cache layout ``.../snapshots/<commit>/<file>``), so a collection records
+    exactly which weights built it and a new revision in the cache is not taken for the old one; a file
+    outside that layout is identified by its content: ``hf-hub:<repo>@sha256:<hex>``."""
+    for folder in Path(path).parents:
+        if folder.parent.name == "snapshots":
+            return f"hf-hub:{hub_id}@{folder.name}"
+    return f"hf-hub:{hub_id}@sha256:{sha256_file(path)}"
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:

@@ -236,8 +236,8 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
             (``split_sizes`` recorded at ingest) for a MedMNIST or ``--strict`` source, or for a
             non-strict archive whose split ingest did not run to its end: an unfinished ingest; no
             ``database_split`` / ``query_split`` points (a user archive needs ``test/`` or ``query/``
-            sub-folders, or a manifest ``split`` column); or the collection's metadata
-            records 0 classes (an unlabelled archive).
+            sub-folders, or a manifest ``split`` column); a sync of an archive that did not finish
+            (``sync_pending``); or the collection's metadata records 0 classes (an unlabelled archive).
     """
     n_db, n_q = store.count(name, database_split), store.count(name, query_split)
     extra = store.meta(name).extra or {}
@@ -258,6 +258,11 @@ def check_evaluable(store, name: str, *, database_split: str = "train", query_sp
             "cover only part of the data. Re-run the ingest with these splits (`cbmir run`, or `cbmir "
             f"ingest --splits {','.join(unfinished)}`) to embed the missing rows (it resumes), then "
             "evaluate; `cbmir verify` lists them.")
+    if extra.get("sync_pending"):  # cbmir.ingest.sync: cleared when a sync completes
+        raise CbmirError(
+            f"collection {name!r}: a sync with its archive did not finish (interrupted, or it failed), so its "
+            "points may mix old and new files. Re-run `cbmir ingest` with the same options to complete it, "
+            "then evaluate.")
     if n_db == 0 or n_q == 0:
         raise CbmirError(
             f"collection {name!r} has {n_db} {database_split} (database) and {n_q} {query_split} (query) points; "

@@ -16,14 +16,16 @@ files (label -1). Hidden entries (name starting with ``.``) are skipped; files o
 listed in the summary as ignored, never dropped silently.
 
 **Row ids.** Within a split, items are sorted by their key — the relative POSIX path (``/``
-separators, code-point order, the same on every OS), or a manifest's row key — and the row
-index is the position in that list. Point ids (``split code << 40 | row``,
-:func:`cbmir.search.schema.point_id`) therefore depend only on the archive's content, and re-ingesting
-the same archive overwrites the same points. Adding or removing files shifts the rows after them,
-so a collection records a fingerprint of its source (:meth:`ArchiveSource.fingerprint`) and a
-re-run on a changed archive is refused: ingest a changed archive with ``--recreate``. An unreadable
-file keeps its row (a gap); ``cbmir verify`` re-decodes just the missing rows and accepts those that
-are still unreadable. Fixing the file changes the fingerprint, so it also needs ``--recreate``.
+separators, code-point order, the same on every OS), or a manifest's row key. A collection ingested by
+this cbmir gives each item the point id ``split code << 40 | key_index(key)``
+(:func:`cbmir.search.schema.key_index`: 40 bits of SHA-256 of the key), so the id of a file never
+changes while it stays where it is, whatever is added or removed; its payload ``index`` (the "row") is
+that number, and similarity ties are broken by it. ``cbmir ingest`` on a changed archive *syncs* its
+collection (:mod:`cbmir.ingest.sync`): only new and changed files are embedded, moved / relabelled ones
+keep their vector, removed ones are deleted. :meth:`ArchiveSource.iter_batches` still numbers rows by
+position (collections of an older cbmir, whose changed archives need ``--recreate``);
+:meth:`ArchiveSource.iter_items` streams the items a sync embeds. An unreadable file has no point;
+``cbmir verify`` re-decodes just the missing files and accepts those that are still unreadable.
 
 **Labels.** Class names are mapped to integer ids in sorted order over *all* splits together
 (so ``train`` and ``test`` agree even when a class is missing from one); the payload keeps
@@ -33,8 +35,7 @@ have label -1.
 **Unreadable files** (:class:`~cbmir.ingest.sources.pixels.PixelError`, decoder errors) are skipped and
 listed in :meth:`ArchiveSource.summary` (``problems``), or stop the run at once with ``strict``.
 If every file of a split fails, the run stops anyway (a systematic problem, not a bad file).
-A resumed ingest (``cbmir.ingest.job``) restarts a split at its first missing row, so a split with a
-skipped file is re-read from that row on every re-run (same points, overwritten).
+A sync tries an unreadable file again on every run (it has no point yet).
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ from cbmir.ingest.sources.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, 
 SPLIT_ALIASES = {"train": "train", "database": "train", "test": "test", "query": "test",
                  "val": "val", "validation": "val", "valid": "val"}
 #: Payload keys set by cbmir itself; manifest columns of these names are renamed ``manifest_<name>``.
+#: Payload keys of the points of a synced archive (:mod:`cbmir.ingest.sync`): the item's key, ``origin``
+#: (``archive``: a file of the archive; ``added``: a file given to ``cbmir add``), the SHA-256 of its bytes
+#: and of its files' (path, size, mtime) list, and the names of the item's own payload fields.
+SYNC_PAYLOAD = ("item_key", "origin", "content_sha256", "stat_sha256", "item_fields")
 RESERVED_PAYLOAD = ("dataset", "split", "index", "label", "model", "size", "image_id", "source_path",
-                    "label_name", "source_kind")
+                    "label_name", "source_kind", *SYNC_PAYLOAD)
 #: Errors of decoders (Pillow, pydicom, nibabel, numpy) that mean "this file cannot be read".
 DECODE_ERRORS = (PixelError, OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.error, KeyError,
                  IndexError, TypeError, AttributeError, NotImplementedError, RuntimeError)
@@ -391,38 +396,108 @@ class ArchiveSource:
         import hashlib
         import json
 
-        base = self.root.parent if self.root.is_file() else self.root
         out = {}
         for split, items in self.items.items():
             if not items:
                 continue
             h = hashlib.sha256()
             for it in items:
-                files = []
-                for f in it.files:
-                    try:
-                        st = os.stat(f)
-                        files.append([rel_posix(Path(f), base), st.st_size, st.st_mtime_ns])
-                    except (OSError, ValueError):
-                        files.append([str(f), -1, -1])
-                row = [it.key, it.source_path, int(it.label), it.label_name, it.payload, files]
+                row = [it.key, it.source_path, int(it.label), it.label_name, it.payload, self._file_stats(it)]
                 h.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
             out[split] = h.hexdigest()
         return out
+
+    @property
+    def base(self) -> Path:
+        """The folder item paths are relative to (the archive folder, or a single file's folder)."""
+        return self.root.parent if self.root.is_file() else self.root
+
+    def _file_stats(self, item: Item) -> list:
+        """``[[relative path, size, mtime_ns], ...]`` of the item's files (``-1`` for a missing one)."""
+        files = []
+        for f in item.files:
+            try:
+                st = os.stat(f)
+                files.append([rel_posix(Path(f), self.base), st.st_size, st.st_mtime_ns])
+            except (OSError, ValueError):
+                files.append([str(f), -1, -1])
+        return files
+
+    def stat_digest(self, item: Item) -> str:
+        """SHA-256 of the item's files' paths, sizes and modification times (a ``stat`` each, no read):
+        equal digests mean the item's files were not touched since (the sync's fast path)."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self._file_stats(item)).encode()).hexdigest()
+
+    def content_digest(self, item: Item) -> str | None:
+        """SHA-256 of the bytes of the item's files, in order (each preceded by its length); None when
+        a file cannot be read. Tells a changed file from one only touched (new mtime, same bytes), and
+        finds a moved or renamed file among the removed ones."""
+        import hashlib
+
+        h = hashlib.sha256()
+        try:
+            for f in item.files:
+                h.update(f"{os.path.getsize(f)}\n".encode())
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+        except OSError:
+            return None
+        return h.hexdigest()
+
+    def image_id(self, split: str, item: Item) -> str:
+        """``<name>/<source_path>`` (manifests: ``<name>/<split>/<source_path>``)."""
+        if self.split_in_image_id:
+            return f"{self.name}/{split}/{item.source_path}"
+        return f"{self.name}/{item.source_path}"
+
+    def static_payload(self, split: str, item: Item) -> dict:
+        """The payload a synced point of ``item`` takes from the archive (no pixel read): ``label``,
+        ``image_id``, ``source_path``, ``label_name``, ``source_kind``, ``item_key``, ``origin``
+        (``archive``), ``item_fields`` (names of the item's own fields) and those fields (manifest
+        columns, DICOM tags). Decoding facts and digests are added when the item is embedded."""
+        own = {k: json_value(v) for k, v in item.payload.items()}
+        return {"label": int(item.label), "image_id": self.image_id(split, item), "source_path": item.source_path,
+                "label_name": item.label_name, "source_kind": self.kind, "item_key": item.key, "origin": "archive",
+                "item_fields": sorted(own), **own}
+
+    def options(self) -> dict:
+        """How this archive was opened, as :func:`cbmir.ingest.sources.open_source` keyword arguments
+        (recorded in the collection metadata, so that ``cbmir add`` reads files with the same rules)."""
+        opts = {"source": self.kind, "name": self.name, "intensity": self.rule.mode,
+                "window": list(self.rule.window) if self.rule.window else None, "fit": self.fit}
+        for attr, key in (("slice_axis", "slice_axis"), ("mode", "dicom_mode")):
+            if getattr(self, attr, None) is not None:
+                opts[key] = getattr(self, attr)
+        return opts
+
+    def find_item(self, path: str | os.PathLike) -> tuple[str, Item] | None:
+        """``(split, item)`` of the archive item that reads file ``path``, or None."""
+        want = Path(path).expanduser().resolve()
+        for split, items in self.items.items():
+            for it in items:
+                if any(Path(f).resolve() == want for f in it.files):
+                    return split, it
+        return None
 
     def unreadable_rows(self, split: str, rows) -> list[int]:
         """Those of ``rows`` of ``split`` that the ingest rules skip (the file cannot be decoded): what
         ``cbmir verify`` accepts as missing after a non-strict ingest."""
         items = self.items[self._check_split(split)]
-        bad = []
-        for i in rows:
-            try:
-                self.load_item(items[int(i)])
-            except MemoryError:
-                raise
-            except DECODE_ERRORS:
-                bad.append(int(i))
-        return bad
+        return [int(i) for i in rows if self.item_unreadable(items[int(i)])]
+
+    def item_unreadable(self, item: Item) -> bool:
+        """True when ``item`` cannot be decoded (the ingest skips it, or fails under ``strict``)."""
+        try:
+            self.load_item(item)
+        except MemoryError:
+            raise
+        except DECODE_ERRORS:
+            return True
+        return False
 
     def labels(self, split: str) -> np.ndarray:
         """int64 ``(N,)`` labels of ``split`` in row order (-1 = unlabelled)."""
@@ -451,23 +526,44 @@ class ArchiveSource:
         """
         items = self.items[self._check_split(split)]
         n = len(items)
-        if int(batch_size) < 1:
-            raise CbmirError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= int(start) <= n:
             raise CbmirError(f"start must be in [0, {n}] for {self.name}/{split}, got {start}")
+        yield from self._batches(split, list(enumerate(items))[int(start):], batch_size, whole=int(start) == 0,
+                                 synced=False)
+
+    def iter_items(self, split: str, entries, batch_size: int, *, whole: bool = False) -> Iterator[Batch]:
+        """Stream the given items of ``split`` in batches, as the sync embeds them (:mod:`cbmir.ingest.sync`).
+
+        Args:
+            entries: ``[(index, item), ...]`` in the order to embed; ``index`` is the point's row index
+                (:func:`cbmir.search.schema.key_index`), returned in ``Batch.indices``.
+            whole: the entries are the whole split (a first ingest): when none of them decodes, the run
+                stops (a systematic problem); otherwise unreadable files are only skipped and listed.
+
+        Yields:
+            :class:`cbmir.ingest.base.Batch` as :meth:`iter_batches`, whose ``extra_payload`` also holds
+            :meth:`static_payload` and ``stat_sha256`` / ``content_sha256`` (files ``stat``-ed before they
+            are read, so a file changed meanwhile is seen as changed by the next sync).
+        """
+        yield from self._batches(self._check_split(split), list(entries), batch_size, whole=whole, synced=True)
+
+    def _batches(self, split: str, entries: list, batch_size: int, *, whole: bool, synced: bool) -> Iterator[Batch]:
+        if int(batch_size) < 1:
+            raise CbmirError(f"batch_size must be >= 1, got {batch_size}")
         ok = failed = 0
         first_error = ""
-        for lo in range(int(start), n, int(batch_size)):
+        for lo in range(0, len(entries), int(batch_size)):
             images, idx, labels, ids, pays = [], [], [], [], []
-            for i in range(lo, min(lo + int(batch_size), n)):
-                it = items[i]
+            for i, it in entries[lo:lo + int(batch_size)]:
+                digests = {"stat_sha256": self.stat_digest(it), "content_sha256": self.content_digest(it)} \
+                    if synced else {}
                 try:
                     arr, info = self.load_item(it)
                 except MemoryError:
                     raise
                 except DECODE_ERRORS as exc:
                     reason = str(exc) if isinstance(exc, PixelError) else f"{type(exc).__name__}: {exc}"
-                    self._problem(split, i, it.source_path, reason)
+                    self._problem(split, None if synced else i, it.source_path, reason)
                     failed += 1
                     first_error = first_error or f"{it.source_path}: {reason}"
                     continue
@@ -475,8 +571,7 @@ class ArchiveSource:
                 images.append(arr)
                 idx.append(i)
                 labels.append(it.label)
-                ids.append(f"{self.name}/{split}/{it.source_path}" if self.split_in_image_id
-                           else f"{self.name}/{it.source_path}")
+                ids.append(self.image_id(split, it))
                 if info.get("clipped_fraction"):
                     self._clipped.append(float(info["clipped_fraction"]))
                 if info.get("n_frames", 1) > 1 and not self.is_3d:
@@ -484,13 +579,16 @@ class ArchiveSource:
                 pay = {"source_path": it.source_path, "label_name": it.label_name, "source_kind": self.kind}
                 pay.update(it.payload)
                 pay.update(info)
-                pays.append({k: json_value(v) for k, v in pay.items()})
+                pay = {k: json_value(v) for k, v in pay.items()}
+                if synced:
+                    pay.update(self.static_payload(split, it), **digests)
+                pays.append(pay)
             if images:
                 yield Batch(images=np.stack(images), labels=np.asarray(labels, dtype=np.int64),
                             indices=np.asarray(idx, dtype=np.int64), image_ids=ids, extra_payload=pays)
-        if failed and not ok and int(start) == 0:
-            raise CbmirError(f"{self.kind} archive {self.root}: none of the {failed} {split} files read "
-                             f"from row {start} could be decoded (first: {first_error}); check the pixel "
+        if failed and not ok and whole:
+            raise CbmirError(f"{self.kind} archive {self.root}: none of the {failed} {split} files "
+                             f"could be decoded (first: {first_error}); check the pixel "
                              "rules and the file formats")
 
     # ------------------------------------------------------------------ reporting
