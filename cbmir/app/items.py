@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cbmir.core.errors import CbmirError
+from cbmir.core.errors import CbmirError, NotFoundError
 
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 
@@ -410,12 +410,12 @@ def delete_points(app, collection: str, *, point_ids: Sequence[int] = (), paths:
         except (KeyError, ValueError, TypeError, OverflowError):
             got = {}
         if not got:
-            raise CbmirError(f"point id {pid!r} is not a point of collection {collection!r}; nothing was deleted")
+            raise NotFoundError(f"point id {pid!r} is not a point of collection {collection!r}; nothing was deleted")
         found.update({k: v[1] for k, v in got.items()})
     for path in paths:
         hits = find_points(store, collection, path)
         if not hits:
-            raise CbmirError(f"no point of collection {collection!r} has the path {path!r} (an archive file's path "
+            raise NotFoundError(f"no point of collection {collection!r} has the path {path!r} (an archive file's path "
                              "relative to the archive folder, or an added file's path); nothing was deleted")
         found.update(dict(hits))
     store.delete_points(collection, list(found))

@@ -83,3 +83,44 @@ def search_upload(app, req: SearchRequest, data: bytes, filename: str | None = N
     for q in answer.queries:
         q.source = shown
     return answer
+
+
+def add_upload(app, collection: str, data: bytes, filename: str | None = None, *, key: str | None = None,
+               label=None, split: str | None = None, meta: dict | None = None):
+    """Add an uploaded image (or volume) to a collection as one point (:func:`cbmir.app.items.add_points`).
+
+    The bytes are decoded with the pixel rules the collection was ingested with (as a search upload); the
+    point's key — what its id is hashed from, and its ``source_path`` — is ``key`` or
+    ``upload/<sha256 of the bytes>`` (the client's file name is never used as a path). Re-adding the same
+    bytes with the same key updates that point instead of adding another.
+
+    Returns:
+        :class:`cbmir.app.items.AddResult`.
+
+    Raises:
+        CbmirError: an empty or undecodable file, a 2D file for a 3D collection (or the reverse), a label
+            that is not a class of the collection, an unknown split, a reserved payload field; a collection
+            without stable ids (MedMNIST collections are not archives).
+    """
+    import hashlib
+
+    from cbmir.app.collections import require_collection
+    from cbmir.app.items import NewPoint, add_points
+    from cbmir.ingest.sources import load_query
+
+    if not data:
+        raise CbmirError("the uploaded file is empty; send an image (PNG, JPEG, TIFF, BMP, DICOM) or, for a 3D "
+                         "collection, a volume (NIfTI, .npy)")
+    cmeta = app.store.meta(require_collection(app.store, collection))
+    opts = collection_file_options(cmeta)
+    with tempfile.TemporaryDirectory(prefix="cbmir-upload-") as tmp:
+        path = Path(tmp) / f"point{sniff_extension(data, filename)}"
+        path.write_bytes(data)
+        try:
+            pixels = load_query(path, cmeta, intensity=opts.intensity, window=opts.window,
+                                slice_axis=opts.slice_axis, fit=opts.fit)
+        except CbmirError as exc:
+            raise type(exc)(str(exc).replace(str(path), "the uploaded file")) from None
+    point = NewPoint(image=pixels[0], key=key or f"upload/{hashlib.sha256(data).hexdigest()}", label=label,
+                     split=split, meta=dict(meta or {}))
+    return add_points(app, collection, [point])

@@ -13,7 +13,7 @@ from cbmir.app import SearchRequest, collection_info, search
 from cbmir.app.collections import require_collection
 from cbmir.app.images import DEFAULT_SIZE, MAX_SIZE, MIN_SIZE, point_png
 from cbmir.app.summary import vote_summary
-from cbmir.app.uploads import search_upload
+from cbmir.app.uploads import add_upload, search_upload
 from cbmir.core.errors import CbmirError
 from cbmir.service.schemas import (CollectionDetailOut, CollectionOut, ErrorOut, HealthOut, SearchBody,
                                    SearchOut)
@@ -138,3 +138,55 @@ def point_image(request: Request, name: str = NameParam,
         require_collection(store, name)
         png = point_png(app, name, point_id, size=size, view=view)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.post("/api/collections/{name}/points", responses={**ERRORS, 413: {
+    "model": ErrorOut, "description": "file over the upload limit"}})
+async def add_point(request: Request, name: str = NameParam,
+                    file: UploadFile = File(..., description="PNG, JPEG, TIFF, BMP, DICOM; NIfTI or .npy for 3D"),
+                    label: str | None = Form(None, description="a class of the collection, by name or id"),
+                    split: str | None = Form(None, description="train (the database; default), test or val"),
+                    key: str | None = Form(None, max_length=500, description="stable key (default: the "
+                                                                             "content's SHA-256)"),
+                    meta: str | None = Form(None, description='extra payload as JSON, e.g. {"site": "A"}')):
+    """Add an image to a user-archive collection (embedded with the collection's extractor); behind the API
+    key when one is set."""
+    app = request.app.state.app
+    data = await file.read()
+    extra = _parse_json_object(meta, "meta")
+    lab = int(label) if label is not None and label.strip().lstrip("-").isdigit() else label
+
+    def run():
+        from dataclasses import asdict
+
+        with app.using_store():
+            return asdict(add_upload(app, name, data, file.filename, key=key, label=lab, split=split,
+                                     meta=extra))
+    return await run_in_threadpool(run)
+
+
+@router.delete("/api/collections/{name}/points/{point_id}", responses=ERRORS)
+def delete_point(request: Request, name: str = NameParam,
+                 point_id: int = Path(..., ge=0, le=(1 << 63) - 1, description="point id (a hit's point_id)")):
+    """Delete one point of a user-archive collection; behind the API key when one is set."""
+    from dataclasses import asdict
+
+    from cbmir.app.items import delete_points
+
+    app = request.app.state.app
+    with app.using_store() as store:
+        require_collection(store, name)
+        return asdict(delete_points(app, name, point_ids=[point_id]))
+
+
+def _parse_json_object(text: str | None, field: str) -> dict | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CbmirError(f"{field} {text[:200]!r} is not JSON ({exc.msg}); give an object such as "
+                         '{"site": "A"}') from None
+    if not isinstance(value, dict):
+        raise CbmirError(f"{field} must be a JSON object such as {{\"site\": \"A\"}}")
+    return value
