@@ -187,8 +187,9 @@ def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
                    + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""),
                    ev.metrics,
                    f"{loo}{unl}  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
-                   f"  search {ev.timings['search_s']:.2f} s, latency p50 {ev.timings['latency_p50_ms']:.2f} ms, "
-                   f"p95 {ev.timings['latency_p95_ms']:.2f} ms")
+                   f"  search {ev.timings['search_s']:.2f} s (all {ev.n_queries} queries, batched), "
+                   f"latency p50 {ev.timings['latency_p50_ms']:.2f} ms, p95 {ev.timings['latency_p95_ms']:.2f} ms "
+                   "(one query at a time, sampled)")
     for w in ev.warnings:
         typer.echo(f"warning: {w}", err=True)
     if output:
