@@ -521,7 +521,8 @@ def report_cmd(
                                                       help="collection of the t-SNE figure [best 2D ACC@1 row]"),
         tsne: bool = typer.Option(True, "--tsne/--no-tsne", help="draw the t-SNE figure (Figure 11)"),
         n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples for CIs and paired tests")) -> None:
-    """Markdown report with PNG figures: the study's Tables S1-S4, 3-7 and Figures 3-11, ours beside the paper's."""
+    """Markdown report with figures (300 dpi PNG + vector PDF): ours first (Tables S1-S4, 3-7, Figures 3-11 and a
+    cross-dataset figure, beside the paper's values), the study's published tables in an appendix."""
     from cbmir.evaluation.report import build_report
 
     if n_boot < 1:  # before any work (tables, figures, t-SNE)

@@ -86,6 +86,14 @@ def _error_bars(sub: pd.DataFrame, keys: list, heights: list[float]) -> np.ndarr
     return np.maximum(0, np.vstack([np.where(np.isfinite(lo), hh - lo, 0), np.where(np.isfinite(hi), hi - hh, 0)]))
 
 
+def _hatch_random_init(bars, models: list[str]) -> None:
+    """Hatch the bars of ``RANDOM-INIT`` models (``bars[i]`` is of ``models[i]``): told apart at a glance."""
+    for bar, m in zip(bars, models):
+        if RANDOM_INIT in str(m):
+            bar.set_hatch("///")
+            bar.set_edgecolor("white")
+
+
 def _finish_bar_chart(fig, ax, x: np.ndarray, ticks: list[str], ylabel: str, title: str, path: Path) -> Path:
     """Ticks, the y-axis (:data:`ACC_YLIM`: from 0, the same on every figure), title, grid and legend (right of
     the axes) of a bar chart; written by :func:`save_figure`. Returns ``path``."""
@@ -102,7 +110,7 @@ def _finish_bar_chart(fig, ax, x: np.ndarray, ticks: list[str], ylabel: str, tit
 
 
 def plot_acc1_by_size(values: pd.DataFrame, path: Path, title: str, *, majority: dict[int, float] | None = None,
-                      paper: pd.DataFrame | None = None) -> Path:
+                      paper: pd.DataFrame | None = None, whose: str = "ours") -> Path:
     """ACC@1 per model, one bar per image size (the layout of the paper's Figures 3-10); y-axis 0-100 %.
 
     Args:
@@ -112,6 +120,7 @@ def plot_acc1_by_size(values: pd.DataFrame, path: Path, title: str, *, majority:
         majority: ``{size: majority-class rate}``, drawn as dashed lines (the ACC@1 floor).
         paper: columns ``Model, size, ACC@1`` of the paper, drawn as black ``x`` markers; rows of
             ``RANDOM-INIT`` models are never drawn (the paper's values are pretrained weights).
+        whose: whose values the bars are, in the legend (``ours, 28 px``; ``paper`` for the study's redrawn figures).
 
     Returns:
         ``path``.
@@ -129,8 +138,9 @@ def plot_acc1_by_size(values: pd.DataFrame, path: Path, title: str, *, majority:
         h = [float(sub.at[m, "ACC@1"]) if m in sub.index else np.nan for m in models]
         offs = x - 0.4 + width * (j + 0.5)
         color = cmap(0.15 + 0.7 * j / max(1, len(sizes) - 1)) if len(sizes) > 1 else cmap(0.35)
-        ax.bar(offs, h, width=width * 0.95, color=color, label=f"ours, {s} px", yerr=_error_bars(sub, models, h),
-               capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
+        bars = ax.bar(offs, h, width=width * 0.95, color=color, label=f"{whose}, {s} px",
+                      yerr=_error_bars(sub, models, h), capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
+        _hatch_random_init(bars, models)
         if paper is not None and len(paper):
             ps = paper[paper["size"] == s].set_index("Model")
             ph = [float(ps.at[m, "ACC@1"]) if m in ps.index else np.nan for m in models]
@@ -171,8 +181,9 @@ def plot_acc1_across_datasets(values: pd.DataFrame, path: Path, title: str, *,
     for j, m in enumerate(models):
         sub = values[values["Model"] == m].set_index("Dataset")
         h = [float(sub.at[g, "ACC@1"]) if g in sub.index else np.nan for g in groups]
-        ax.bar(x - 0.4 + width * (j + 0.5), h, width=width * 0.95, color=cmap(j % 10), label=m,
-               yerr=_error_bars(sub, groups, h), capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
+        bars = ax.bar(x - 0.4 + width * (j + 0.5), h, width=width * 0.95, color=cmap(j % 10), label=m,
+                      yerr=_error_bars(sub, groups, h), capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
+        _hatch_random_init(bars, [m] * len(groups))
     labelled = False
     for i, g in enumerate(groups):
         v = (majority or {}).get(g)
@@ -195,18 +206,21 @@ def _figure_values(g: pd.DataFrame, ci_acc: pd.DataFrame, dataset: str, dist: st
     return vals
 
 
-def _paper_points(g: pd.DataFrame, pub: pd.DataFrame, dataset: str, vals: pd.DataFrame) -> pd.DataFrame:
-    """The paper's ACC@1 (``Model, size, ACC@1``) of the models of rows ``g``, at the sizes of ``vals``."""
+def _paper_points(g: pd.DataFrame, pub: pd.DataFrame, dataset: str, vals: pd.DataFrame, *,
+                  random_init: bool = False) -> pd.DataFrame:
+    """The paper's ACC@1 (``Model, size, ACC@1``) of the pretrained models of rows ``g`` (with ``random_init``:
+    of its RANDOM-INIT models instead, for the caption), at the sizes of ``vals``."""
     paper_rows = []
-    pretrained = g[~g["random_init"].astype(bool)]  # the paper's values are pretrained: never beside RANDOM-INIT
-    for lab, pm in dict.fromkeys(zip(pretrained["label"], pretrained["paper_model"])):  # once per model
+    rows = g[g["random_init"].astype(bool) == random_init]  # the paper's values are pretrained weights
+    for lab, pm in dict.fromkeys(zip(rows["label"], rows["paper_model"])):  # once per model
         if pm:
             sel = pub[(pub["dataset"].str.lower() == str(dataset).lower()) & (pub["model"] == pm)]
             for r in sel.to_dict("records"):
                 paper_rows.append({"Model": lab, "size": int(r["size"]), "ACC@1": float(r["ACC@1"])})
     paper = pd.DataFrame(paper_rows, columns=["Model", "size", "ACC@1"])
     have = set(zip(vals["Model"], vals["size"].astype(int)))
-    return paper[[(m, int(s)) in have for m, s in zip(paper["Model"], paper["size"])]]
+    keep = np.array([(m, int(s)) in have for m, s in zip(paper["Model"], paper["size"])], dtype=bool)
+    return paper[keep]  # a boolean mask even when empty (an empty list would select no columns)
 
 
 def _cross_dataset_values(rows: pd.DataFrame, ci_acc: pd.DataFrame, dist: str) -> tuple[pd.DataFrame, dict]:
@@ -253,10 +267,15 @@ def figures_section(lines: list[str], out: ReportOutput, ok: pd.DataFrame, ci: p
             path = plot_acc1_by_size(vals, fig_dir / f"acc1_{str(d).lower()}_{dist}.png",
                                      f"{name}: ACC@1 per model and image size, {dist}", majority=majority,
                                      paper=paper)
+            rnd = _paper_points(g, pub, d, vals, random_init=True)
+            not_drawn = "; ".join(f"{m.replace(' ' + RANDOM_INIT, '')} {int(s)} px {v:.2f} %"
+                                  for m, s, v in zip(rnd["Model"], rnd["size"], rnd["ACC@1"]))
             _add_figure(lines, out, path, f"{name}: ACC@1 per model and image size, {dist} (the layout of the "
                         "paper's figure for this dataset)",
-                        "Bars: ours (95% bootstrap CI); x: the paper's pretrained value of the same model "
-                        f"({len(paper)} drawn); dashed: majority-class rate.")
+                        "Bars: ours (95% bootstrap CI; hatched: RANDOM-INIT); x: the paper's pretrained value of the "
+                        f"same model ({len(paper)} drawn); dashed: majority-class rate."
+                        + (f" The paper's pretrained values of our RANDOM-INIT models, not drawn: {not_drawn}."
+                           if not_drawn else ""))
 
 
 def _add_figure(lines: list[str], out: ReportOutput, png: Path, caption: str, legend: str) -> None:

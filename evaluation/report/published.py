@@ -74,7 +74,8 @@ def published_figures(fig_dir: Path, out: ReportOutput) -> list[tuple[str, Path]
     for i, d in enumerate((*DATASETS_2D, *DATASETS_3D)):
         sub = pub[pub["dataset"] == d].rename(columns={"model": "Model"})
         path = plot_acc1_by_size(sub[["Model", "size", "ACC@1"]], fig_dir / f"paper_acc1_{d.lower()}.png",
-                                 f"{d}: ACC@1 per model and image size, the study's published values")
+                                 f"{d}: ACC@1 per model and image size, the study's published values",
+                                 whose="paper")
         figs.append((f"Figure {3 + i} of the paper, redrawn from its rows: {d} (PNG 300 dpi; vector: "
                      f"`{path.with_suffix(VECTOR_SUFFIX).name}`)", path))
         out.figures.append(path)
