@@ -6,8 +6,6 @@ drew them, the PNG's stored resolution and the PDF's header, the JSON's keys), a
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -195,28 +193,15 @@ def test_timings_explain_batched_search_and_single_query_latency(tmp_path):
 
 
 def test_run_json_names_the_unit_of_its_metrics_and_the_cli_explains_the_timings(tmp_path):
-    from test_reliability import run_main
-    from test_sources import _ingest_cli, _tiny_archive
+    from test_evaluation_rules import evaluate_tiny_archive
 
-    from cbmir.benchmarks.check_bruteforce import main as check
-
-    a = _tiny_archive(tmp_path / "arch", n_train=3)
-    store = tmp_path / "store"
-    assert _ingest_cli(a, store).exit_code == 0
-    out_json = tmp_path / "r.json"
-    code, out, err = run_main("evaluate", "-d", a, "-m", "hog", "-s", "16", "--store-path", store, "--k", "1",
-                              "-o", out_json)
-    assert code == 0, err
+    out, r, checked = evaluate_tiny_archive(tmp_path)
     assert "queries, batched)" in out and "(one query at a time, sampled)" in out
-    r = json.loads(out_json.read_text())
     assert r["metrics_unit"] == "fraction" and all(0 <= v <= 1 for v in r["metrics"].values())
     assert r["metrics_percent"] == pytest.approx({m: 100 * v for m, v in r["metrics"].items()})
     assert r["majority_class_rate_percent"] == pytest.approx(100 * r["majority_class_rate"])
-    # printed in percent: the printed ACC@1 is the JSON's percent value
-    assert f"{r['metrics_percent']['ACC@1']:.2f}" in out
-    code, _, err = run_main("export", "-d", a, "-m", "hog", "-s", "16", "--store-path", store, "-o", tmp_path / "v.npz")
-    assert code == 0, err
-    assert check([str(tmp_path / "v.npz"), str(out_json)]) == 0  # the brute-force check reads the fractions
+    assert f"{r['metrics_percent']['ACC@1']:.2f}" in out  # printed in percent: the JSON's percent value
+    assert checked == 0  # the brute-force check still reads the fractions
 
 
 def test_reused_collection_reports_the_ingest_timing_recorded_in_its_metadata(data_dir, tmp_path):
