@@ -15,6 +15,11 @@ report (:mod:`cbmir.evaluation.report`) reads it. The table is rewritten atomica
   ``aggregation``, ``k``, ``n_queries``, ``n_database``, ``device``, ``threads`` (torch CPU threads);
 * metrics, **percent** (0-100), as the study prints them: ``mAP@5, mMV@5, ACC@1, ACC@3, ACC@5``
   and ``majority_class_rate`` (ACC@1 of always answering the database's majority class);
+* evaluation rules (:mod:`cbmir.evaluation.labels`, the README section "Metrics"): ``leave_one_out`` (bool: query
+  split = database split, each query's own point excluded), ``n_unlabelled_queries`` (label -1, not scored),
+  ``n_unlabelled_database`` (searched, never relevant), ``label_task`` (``binary-class``, ``ordinal-regression``
+  ...; empty when not recorded), ``warnings`` (the evaluation's one-line warnings joined by ``" | "``: all-zero
+  query vectors, a collapsed collection; empty when none);
 * timings: ``model_load_s`` (building the extractor), ``database_creation_s`` (extract + upsert
   the train split), ``database_items_per_s``, ``query_extraction_s`` (extract + upsert the test
   split), ``search_s`` (all queries, batched, exact), ``test_time_s`` (= query extraction +
@@ -54,6 +59,8 @@ __all__ = [
     "COLUMNS",
     "METRIC_COLUMNS",
     "PER_QUERY_DIR",
+    "WARNINGS_SEP",
+    "warnings_of",
     "read_results",
     "write_results",
     "upsert_row",
@@ -79,6 +86,7 @@ COLUMNS: tuple[str, ...] = (
     "family", "collection", "engine", "store", "weights", "dim", "is_3d", "aggregation", "k",
     "n_queries", "n_database", "device", "threads",
     *METRIC_COLUMNS, "majority_class_rate",
+    "leave_one_out", "n_unlabelled_queries", "n_unlabelled_database", "label_task", "warnings",
     "model_load_s", "database_creation_s", "database_items_per_s", "query_extraction_s", "search_s",
     "test_time_s", "search_per_query_ms", "latency_p50_ms", "latency_p95_ms", "fetch_s", "cell_wall_s",
     "timing_note", "train_reused", "test_reused", "features_cached", "per_query_file",
@@ -90,7 +98,10 @@ COLUMNS: tuple[str, ...] = (
 #: Folder of the per-query files, relative to the results table's folder.
 PER_QUERY_DIR = "per_query"
 
-_BOOL_COLUMNS = ("random_init", "is_3d", "train_reused", "test_reused", "features_cached")
+_BOOL_COLUMNS = ("random_init", "is_3d", "train_reused", "test_reused", "features_cached", "leave_one_out")
+
+#: Separator of the evaluation's warnings in the ``warnings`` column (one cell per row).
+WARNINGS_SEP = " | "
 
 
 # ----------------------------------------------------------------------------- the table
@@ -138,6 +149,14 @@ def to_bool(v) -> bool:
 
 def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() == ".parquet"
+
+
+def warnings_of(v) -> list[str]:
+    """The evaluation warnings of a ``warnings`` cell (:data:`WARNINGS_SEP`-joined text); ``[]`` for an empty or
+    missing cell (NaN, None: older tables)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return []
+    return [w.strip() for w in str(v).split(WARNINGS_SEP) if w.strip() and w.strip() != "nan"]
 
 
 def key_of(row: Mapping) -> tuple:

@@ -328,6 +328,39 @@ def embed_split(report: IngestReport, store: VectorStore, target: str, split: st
     return written
 
 
+#: Key of the ingest timings in the collection metadata's ``extra`` (:func:`record_ingest_timings`).
+TIMINGS_KEY = "ingest_timings"
+
+
+def record_ingest_timings(store: VectorStore, report: IngestReport, *, replayed: bool = False) -> dict:
+    """Record in the collection metadata (``extra["ingest_timings"][split]``) the timing of every split this
+    run embedded in full: ``{"seconds": extraction + upsert s, "items": rows, "items_per_s", "at": UTC ISO 8601,
+    "model_load_s"}``, so that a later run reusing the collection can report them (Table 6). Splits reused,
+    resumed (part of them stored before), or with refused rows are not recorded (their earlier record stays);
+    nothing is recorded when the features were ``replayed`` from a cache (the time is upsert only).
+
+    Returns:
+        The collection's ``ingest_timings`` after the update (``{}`` when none).
+    """
+    import datetime as _dt
+
+    meta = report.meta
+    timings = {sp: dict(v) for sp, v in ((meta.extra or {}).get(TIMINGS_KEY) or {}).items()}
+    full = [] if replayed else [sp for sp, n in report.written.items()
+                                if n and sp in report.seconds and not report.resumed_from.get(sp)
+                                and sp not in report.rejected]
+    if not full:
+        return timings
+    at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    for sp in full:
+        timings[sp] = {"seconds": float(report.seconds[sp]), "items": int(report.written[sp]),
+                       "items_per_s": float(report.items_per_s[sp]), "at": at,
+                       "model_load_s": report.extra.get("model_load_s")}
+    meta.extra = {**(meta.extra or {}), TIMINGS_KEY: timings}
+    store.write_meta(report.collection, meta)
+    return timings
+
+
 def _mark_complete(store: VectorStore, name: str, meta: CollectionMeta, split: str) -> None:
     """Record in the metadata (``extra["completed"][split]`` = points stored) that the ingest of
     ``split`` ran to its end: fewer points than source rows are then files skipped as unreadable,

@@ -216,26 +216,36 @@ def test_collapsed_collection_is_warned_and_healthy_one_is_not(tmp_path):
     assert "256 sampled train points (of 300" in ev.warnings[0] and f"above {COLLAPSE_THRESHOLD:g}" in ev.warnings[0]
 
 
-def test_cli_evaluate_leave_one_out_and_warnings_in_output(tmp_path):
+def evaluate_tiny_archive(tmp_path, *args) -> tuple[str, dict, int]:
+    """``cbmir evaluate -o`` (k = 1, extra ``args``) on a tiny ingested HOG archive, then the independent float64
+    brute force (:mod:`cbmir.benchmarks.check_bruteforce`) on its ``cbmir export``.
+
+    Returns:
+        ``(stdout of evaluate, its JSON, the brute-force check's exit code)``.
+    """
     from test_reliability import run_main
     from test_sources import _ingest_cli, _tiny_archive
+
+    from cbmir.benchmarks.check_bruteforce import main as check
 
     a = _tiny_archive(tmp_path / "arch", n_train=3)
     store = tmp_path / "store"
     assert _ingest_cli(a, store).exit_code == 0
     out_json = tmp_path / "r.json"
     code, out, err = run_main("evaluate", "-d", a, "-m", "hog", "-s", "16", "--store-path", store, "--k", "1",
-                              "--query-split", "train", "--database-split", "train", "-o", out_json)
+                              *args, "-o", out_json)
     assert code == 0, err
+    code, _, err = run_main("export", "-d", a, "-m", "hog", "-s", "16", "--store-path", store,
+                            "-o", tmp_path / "v.npz")
+    assert code == 0, err
+    return out, json.loads(out_json.read_text()), check([str(tmp_path / "v.npz"), str(out_json)])
+
+
+def test_cli_evaluate_leave_one_out_and_warnings_in_output(tmp_path):
+    out, r, checked = evaluate_tiny_archive(tmp_path, "--query-split", "train", "--database-split", "train")
     assert "leave-one-out: query split = database split (train)" in out and "(train queries, train database)" in out
-    r = json.loads(out_json.read_text())
     assert r["leave_one_out"] is True and r["query_split"] == r["database_split"] == "train"
     assert r["n_queries"] == 6 and r["warnings"] == [] and r["n_unlabelled_queries"] == 0
     assert not any(q == t[0] for q, t in zip(r["per_query"]["query_indices"], r["per_query"]["topk_indices"]))
     # the independent float64 brute force agrees (it reads the splits and leave-one-out from the JSON)
-    from cbmir.benchmarks.check_bruteforce import main as check
-
-    code, out, err = run_main("export", "-d", a, "-m", "hog", "-s", "16", "--store-path", store,
-                              "-o", tmp_path / "v.npz")
-    assert code == 0, err
-    assert check([str(tmp_path / "v.npz"), str(out_json)]) == 0
+    assert checked == 0

@@ -415,7 +415,8 @@ def test_report_renders_markdown_and_pngs_from_a_results_table(tiny_grid, tmp_pa
     assert "HOG (handcrafted baseline)" in md and "no pretrained weights for model 'vgg19'" in md
     assert "printed **87.39**" in md
     names = sorted(p.name for p in out.figures)
-    assert names == ["acc1_breastmnist_cosine.png", "acc1_breastmnist_euclidean.png", "tsne_breastmnist_28_hog.png"]
+    assert names == ["acc1_all_datasets_cosine.png", "acc1_all_datasets_euclidean.png", "acc1_breastmnist_cosine.png",
+                     "acc1_breastmnist_euclidean.png", "tsne_breastmnist_28_hog.png"]
     for p in out.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{p.name}" in md
     ci = out.tables["ci"]

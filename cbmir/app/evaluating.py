@@ -45,9 +45,13 @@ def evaluate(app, name: str, *, k: int = 5, search_backend: str = "store", progr
 
 
 def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> dict:
-    """The JSON record of one evaluation (``cbmir run/evaluate -o``): configuration, metrics as fractions,
-    the majority-class rate, timings in seconds / milliseconds, and every query's top-k (``per_query``) so
-    that any metric can be recomputed (``python -m cbmir.benchmarks.check_bruteforce``)."""
+    """The JSON record of one evaluation (``cbmir run/evaluate -o``): configuration, metrics, the majority-class
+    rate, timings, and every query's top-k (``per_query``) so that any metric can be recomputed
+    (``python -m cbmir.benchmarks.check_bruteforce``).
+
+    Units (the README section "Metrics"): ``metrics`` and ``majority_class_rate`` are fractions in [0, 1]
+    (``"metrics_unit": "fraction"``, as in code); ``metrics_percent`` and ``majority_class_rate_percent`` are the
+    same values in percent, as printed; timing keys end in ``_s`` (seconds) or ``_ms`` (milliseconds)."""
     from cbmir.ingest.extractors import get_spec
 
     rep = report
@@ -60,7 +64,10 @@ def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> d
         "n_queries": ev.n_queries, "n_database": ev.n_database,
         "query_split": ev.query_split, "database_split": ev.database_split, "leave_one_out": ev.leave_one_out,
         "n_unlabelled_queries": ev.n_unlabelled_queries, "n_unlabelled_database": ev.n_unlabelled_database,
-        "metrics": ev.metrics, "majority_class_rate": ev.majority_class_rate, "warnings": ev.warnings,
+        "metrics_unit": "fraction", "metrics": ev.metrics,
+        "metrics_percent": {m: 100.0 * float(v) for m, v in ev.metrics.items()},
+        "majority_class_rate": ev.majority_class_rate,
+        "majority_class_rate_percent": 100.0 * float(ev.majority_class_rate), "warnings": ev.warnings,
         "timings": {
             "database_creation_s": rep.seconds.get("train", 0.0) if rep else None,
             "query_extraction_s": rep.seconds.get("test", 0.0) if rep else None,

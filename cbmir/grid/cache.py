@@ -162,6 +162,9 @@ class ReplaySource:
 class ReplayEmbedder:
     """Embedder that returns the cached features of the ``(split code, row)`` pairs it is given."""
 
+    #: read by :func:`cbmir.app.ingesting.ingest_collection`: its ingest time is no extraction time
+    replays_features = True
+
     def __init__(self, embedder, cache: FeatureCache) -> None:
         self._embedder, self._cache = embedder, cache
         self._readers: dict[str, np.ndarray] = {}

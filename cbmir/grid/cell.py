@@ -22,7 +22,7 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 from cbmir.core.files import save_npz_atomic
 from cbmir.core.input_size import input_size_label
-from cbmir.evaluation.results import PER_QUERY_DIR, software_versions
+from cbmir.evaluation.results import PER_QUERY_DIR, WARNINGS_SEP, software_versions
 from cbmir.grid.cache import CACHE_DIR, FeatureCache, RecordingEmbedder, cache_wrappers
 from cbmir.grid.config import Cell, GridConfig
 
@@ -205,19 +205,24 @@ def _check_meta(name: str, meta, cell: Cell) -> None:
 
 
 def _ingest_timings(rep, n_rows: dict[str, int], replay: bool, entry: dict) -> tuple[dict[str, float], list[str]]:
-    """Database / query ingest seconds per split: measured now, or from the ingest log ``entry``
-    when the split was reused; extrapolated to the whole split when it resumed. Updates ``entry``
+    """Database / query ingest seconds per split: measured now, or, when the split was reused, from the ingest
+    log ``entry`` or else from the timings recorded in the collection metadata (an earlier ``cbmir run`` or grid:
+    :func:`cbmir.ingest.job.record_ingest_timings`); extrapolated to the whole split when it resumed. Updates ``entry``
     (the log of this collection) in place with every split measured now.
 
     Returns:
         ``(timing, notes)``: seconds per split, and one note per split not measured in full.
     """
+    from cbmir.ingest.job import TIMINGS_KEY
+
     notes, timing = [], {}
+    recorded = (rep.meta.extra or {}).get(TIMINGS_KEY) or {}
     for sp in _SPLITS:
         if sp in rep.skipped:
-            prev = entry.get(sp)
+            prev = entry.get(sp) or recorded.get(sp)
             timing[sp] = float(prev["seconds"]) if prev else float("nan")
-            notes.append(f"{sp}: reused collection, " + (f"time of the ingest of {prev['at']}" if prev
+            where = "" if entry.get(sp) or not prev else " recorded in the collection"
+            notes.append(f"{sp}: reused collection, " + (f"time of the ingest of {prev['at']}{where}" if prev
                                                          else "no earlier timing known"))
             continue
         secs, written = float(rep.seconds[sp]), int(rep.written[sp])
@@ -263,6 +268,9 @@ def _ok_row(cell: Cell, run: _CellRun, *, device: str, per_query_file: str, star
         "threads": _torch_threads(),
         **metrics,
         "majority_class_rate": 100.0 * ev.majority_class_rate,
+        "leave_one_out": bool(ev.leave_one_out), "n_unlabelled_queries": int(ev.n_unlabelled_queries),
+        "n_unlabelled_database": int(ev.n_unlabelled_database), "label_task": str(ev.label_task or ""),
+        "warnings": WARNINGS_SEP.join(ev.warnings),
         "model_load_s": run.model_load_s,
         "database_creation_s": timing["train"],
         "database_items_per_s": run.n_rows["train"] / timing["train"] if timing["train"] > 0 else float("nan"),

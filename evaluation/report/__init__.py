@@ -1,8 +1,10 @@
 """The study's report from a results table: Markdown tables, PNG figures, statistics.
 
-``build_report(results_csv, output_dir)`` writes ``<output>/report.md`` and ``<output>/figures/*.png``
-(and the statistics as CSV: ``<output>/stats_ci.csv``, ``<output>/stats_paired.csv``). Layout
-follows Mahbod et al. (2025), *Engineering Applications of Artificial Intelligence* 150:110571:
+``build_report(results_csv, output_dir)`` writes ``<output>/report.md`` and ``<output>/figures/*.png`` (300 dpi)
+with a vector ``*.pdf`` beside each (and the statistics as CSV: ``<output>/stats_ci.csv``,
+``<output>/stats_paired.csv``). Order: the metric definitions, then **our results** (runs, evaluation warnings,
+baselines, tables, statistics, figures), then the study's published tables in an **appendix**. Layout of our
+tables follows Mahbod et al. (2025), *Engineering Applications of Artificial Intelligence* 150:110571:
 
 * Tables S1-S4 — one table per image size, rows dataset x model, columns the five metrics, each
   with the paper's value beside ours and the difference (ours - paper, percentage points);
@@ -11,8 +13,10 @@ follows Mahbod et al. (2025), *Engineering Applications of Artificial Intelligen
   with the printed values that disagree (:func:`cbmir.evaluation.reference.table_disagreements`);
 * Table 5 — size robustness: range of ACC@1 across sizes (:func:`cbmir.evaluation.reference.size_robustness`);
 * Tables 6 and 7 — database creation time, and test time split into query extraction and search;
-* Figures 3-10 — ACC@1 per model grouped by image size, one figure per dataset; Figure 11 — t-SNE of
-  the database features of one collection, coloured by class;
+* a cross-dataset figure (ACC@1 of every model on every dataset, 95% CIs); Figures 3-10 — ACC@1 per model
+  grouped by image size, one figure per dataset, y-axis 0-100 %, the paper's pretrained values never over
+  ``RANDOM-INIT`` bars; Figure 11 — t-SNE of the database features of one collection, its legend naming
+  the classes;
 * beyond the study: 95% percentile-bootstrap CIs of every metric, paired comparisons of models on
   the same dataset / size (paired bootstrap of the difference; McNemar for ACC@1, Holm-adjusted per
   dataset and size), cosine vs Euclidean where both were run (:mod:`cbmir.evaluation.stats`).
@@ -38,7 +42,7 @@ scikit-learn imported when drawing), :mod:`~cbmir.evaluation.report.published` (
 """
 
 from cbmir.evaluation.report.build import build_report
-from cbmir.evaluation.report.figures import plot_acc1_by_size
+from cbmir.evaluation.report.figures import plot_acc1_across_datasets, plot_acc1_by_size, save_figure
 from cbmir.evaluation.report.labels import dataset_display_name, is_baseline, paper_model_name, row_label
 from cbmir.evaluation.report.markdown import ReportOutput, markdown_table
 from cbmir.evaluation.report.merge import read_results_tables
@@ -73,6 +77,8 @@ __all__ = [
     "distance_table",
     "tie_diagnostics",
     "plot_acc1_by_size",
+    "plot_acc1_across_datasets",
+    "save_figure",
     "tsne_figure",
     "markdown_table",
     "SANITY_REFERENCE",

@@ -1,6 +1,7 @@
 """``build_report``: the report of one or more results tables, section by section.
 
-Writes ``<output>/report.md``, ``<output>/figures/*.png`` and the statistics as CSV
+Writes ``<output>/report.md``, ``<output>/figures/*.png`` (300 dpi) with their vector ``*.pdf`` and the
+statistics as CSV
 (``<output>/stats_ci.csv``, ``<output>/stats_paired.csv``); each section is a function of
 :mod:`cbmir.evaluation.report.sections`, :mod:`~cbmir.evaluation.report.figures`,
 :mod:`~cbmir.evaluation.report.tsne` or :mod:`~cbmir.evaluation.report.published`.
@@ -16,11 +17,13 @@ from cbmir.core.errors import CbmirError
 from cbmir.evaluation.report.figures import figures_section
 from cbmir.evaluation.report.markdown import ReportOutput, markdown_table
 from cbmir.evaluation.report.merge import read_results_tables
-from cbmir.evaluation.report.published import published_only, published_section
+from cbmir.evaluation.report.published import appendix_section, published_only
 from cbmir.evaluation.report.rows import ok_rows, prepare_results
 from cbmir.evaluation.report.sections import (
     averages_section,
     baselines_section,
+    definitions_section,
+    evaluation_notes_section,
     per_size_section,
     robustness_section,
     runs_section,
@@ -37,6 +40,7 @@ _PROTOCOL = ("Reproduction of Mahbod, Saeidi, Hatamikia, Woitek, *Evaluating pre
              "neural networks and foundation models as feature extractors for content-based medical image "
              "retrieval*, Eng. Appl. Artif. Intell. 150 (2025) 110571. Protocol: zero-shot, train split = "
              "database, test split = queries, exact top-k; metrics in percent (mAP@5, mMV@5, ACC@1/3/5).\n")
+_ORDER = "Our results come first; the study's published tables follow in the appendix at the end.\n"
 
 
 def _report_dirs(output: str | os.PathLike) -> tuple[Path, Path]:
@@ -64,7 +68,8 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
                  store_path=None,
                  qdrant_url: str | None = None, tsne_collection: str | None = None, tsne: bool = True,
                  tsne_max_points: int = 2000, n_boot: int = 2000, seed: int = 0) -> ReportOutput:
-    """Write the report (``<output>/report.md``, ``<output>/figures/*.png``, statistics CSVs).
+    """Write the report (``<output>/report.md``, ``<output>/figures/*.png`` + ``*.pdf``, statistics CSVs): the
+    metric definitions, our results, then the study's published tables in an appendix.
 
     Args:
         results: results CSV of :func:`cbmir.grid.run_grid`, a list of them (merged by
@@ -99,7 +104,11 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
 
     ok = ok_rows(df)
     distances = [d for d in ("cosine", "euclidean") if d in set(ok["distance"])]
+    # ours first: what the numbers mean, the runs and their warnings, our tables, statistics and figures
+    lines.append(_ORDER)
+    definitions_section(lines)
     runs_section(lines, df, ok, tables, distances)
+    evaluation_notes_section(lines, out, ok)
     ties_section(lines, out, df, results_dir)
     baselines_section(lines, out, ok, distances)
     from cbmir.evaluation.report.study_rows import side_by_side_section
@@ -107,7 +116,6 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     lines += side_by_side_section(ok, distances, markdown_table)
     per_size_section(lines, out, df, ok, distances)
     averages_section(lines, out, df, distances)
-    published_section(lines, out)
     robustness_section(lines, out, df, distances)
     timings_section(lines, out, df)
     ci = statistics_section(lines, out, df, results_dir, out_dir, n_boot=n_boot, seed=seed)
@@ -115,6 +123,8 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     if tsne:
         tsne_section(lines, df, fig_dir, out, store_path=store_path, qdrant_url=qdrant_url,
                      collection=tsne_collection, max_points=tsne_max_points)
+    # then the study's own tables, in an appendix
+    appendix_section(lines, out)
     if out.notes:
         lines.append("## Notes\n")
         lines.extend(f"- {n}" for n in out.notes)

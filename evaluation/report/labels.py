@@ -10,7 +10,7 @@ from __future__ import annotations
 from cbmir.evaluation.reference import DATASETS_2D, DATASETS_3D
 
 __all__ = ["PAPER_MODEL_ORDER", "is_baseline", "paper_model_name", "dataset_display_name",
-           "row_label", "model_order", "dataset_order", "dataset_class_names"]
+           "row_label", "model_order", "dataset_order", "dataset_class_names", "dataset_task", "class_legend_names"]
 
 
 #: The paper's models in the order of its tables.
@@ -119,3 +119,42 @@ def dataset_class_names(dataset: str) -> list[str] | None:
         return [lab[k] for k in sorted(lab, key=int)]
     except Exception:  # noqa: BLE001 - legend only
         return None
+
+
+def dataset_task(dataset: str) -> str:
+    """MedMNIST label task of ``dataset`` (``binary-class``, ``ordinal-regression`` ...; medmnist ``INFO``);
+    ``""`` when unknown."""
+    try:
+        from medmnist import INFO
+
+        return str(INFO[str(dataset).lower()]["task"])
+    except Exception:  # noqa: BLE001 - legend only
+        return ""
+
+
+def class_legend_names(labels, class_names=None, task: str = "") -> list[str]:
+    """Legend entry of each label in ``labels``: its class name (``class_names[label]``: the collection metadata's
+    ``extra["class_names"]`` or :func:`dataset_class_names`), e.g. ``malignant``. A name that is missing, empty or
+    only the label's number (RetinaMNIST's INFO names its grades ``"0"`` ... ``"4"``) becomes ``grade N`` for an
+    ordinal task (``task`` containing ``ordinal``) and ``class N`` otherwise; unlabelled (-1) is ``unlabelled``.
+    Names are cut to 40 characters.
+
+    Args:
+        labels: int labels, in legend order.
+        class_names: names by label index, or None.
+        task: the label task (``ordinal-regression`` for graded labels).
+
+    Returns:
+        One str per label.
+    """
+    names = list(class_names or [])
+    out = []
+    for lab in (int(x) for x in labels):
+        if lab < 0:
+            out.append("unlabelled")
+            continue
+        name = str(names[lab]).strip() if lab < len(names) else ""
+        if not name or name == str(lab):
+            name = f"{'grade' if 'ordinal' in str(task) else 'class'} {lab}"
+        out.append(name[:40])
+    return out

@@ -1,9 +1,10 @@
 """The sections of a report with results: each appends its Markdown to ``lines`` and keeps its tables
 in the :class:`~cbmir.evaluation.report.markdown.ReportOutput` (``out.tables``).
 
-Order in the report (:func:`cbmir.evaluation.report.build.build_report`): runs, ties, baselines,
-per-size tables (S1-S4), averages (Tables 3 and 4) and the published tables, size robustness
-(Table 5), timings (Tables 6 and 7), statistics, figures.
+Order in the report (:func:`cbmir.evaluation.report.build.build_report`): metric definitions, runs,
+evaluation warnings, ties, baselines, ours beside the study's, per-size tables (S1-S4), averages (Tables 3
+and 4), size robustness (Table 5), timings (Tables 6 and 7), statistics, figures, t-SNE; then the appendix
+with the study's published tables (:func:`cbmir.evaluation.report.published.appendix_section`).
 
 ``df`` is :func:`cbmir.evaluation.report.rows.prepare_results` output; ``ok`` its ok rows;
 ``distances`` the distances of the ok rows (cosine first).
@@ -32,19 +33,71 @@ from cbmir.evaluation.report.tables import (
     average_table,
     baseline_table,
     per_size_table,
-    published_robustness_pivot,
     robustness_table,
     timing_tables,
 )
 
-__all__ = ["runs_section", "ties_section", "baselines_section", "per_size_section", "averages_section",
-           "robustness_section", "timings_section", "statistics_section"]
+__all__ = ["definitions_section", "evaluation_notes_section", "runs_section", "ties_section", "baselines_section",
+           "per_size_section", "averages_section", "robustness_section", "timings_section", "statistics_section"]
 
 PAPER_TIMING_NOTE = (
     "The paper's timings (minutes, TITAN V GPU, 64 px): PathMNIST test phase 10-44 min per model, "
     "of which 90-99.5% was the similarity search; 3D database creation 21-72 min per model. "
     "Our times are seconds on this machine (see `device`), for the datasets run here."
 )
+
+
+def definitions_section(lines: list[str]) -> None:
+    """The metric definitions and units, at the top of the report (the README section "Metrics")."""
+    lines.append("## What the numbers mean\n")
+    lines.append("For each query (a test image) the database (train split) is searched for its top-k most similar "
+                 "images (exact search, ties to the lower database row); a retrieved image is **relevant** when "
+                 "its class label equals the query's. All metrics are means over the queries, **in percent**:\n")
+    lines.append("- **mAP@5**: mean average precision of the top 5: per query, the mean of the precision at each "
+                 "rank that holds a relevant image (0 when none does).\n"
+                 "- **mMV@5**: majority vote of the top 5: 1 when the query's class is among the classes with "
+                 "the most votes in its top 5 (ties count), else 0.\n"
+                 "- **ACC@k** (k = 1, 3, 5): a **hit rate**: 1 when at least one of the top k is relevant, else 0 "
+                 "(not classification accuracy; ACC@1 is the strictest).\n"
+                 "- **majority-class rate**: the ACC@1 of always answering the database's most frequent class, "
+                 "the floor every model should beat.\n")
+    lines.append("Unlabelled rows are never queries and never relevant; when the query split is the database split "
+                 "each query's own point is left out (leave-one-out); ordinal grades (RetinaMNIST) match exactly. "
+                 "Exact definitions, worked examples and these rules: the README section 'Metrics'. "
+                 "Times are seconds unless "
+                 "a column says ms.\n")
+
+
+def evaluation_notes_section(lines: list[str], out: ReportOutput, ok: pd.DataFrame) -> None:
+    """The evaluation's rules and warnings per row (results columns ``leave_one_out``, ``n_unlabelled_queries``,
+    ``n_unlabelled_database``, ``warnings``): a table of the rows with any, or one line saying there is none."""
+    from cbmir.evaluation.results import warnings_of
+
+    recs = []
+    for r in sort_rows(ok).to_dict("records"):
+        warns = warnings_of(r.get("warnings"))
+        loo = bool(r.get("leave_one_out")) if pd.notna(r.get("leave_one_out")) else False
+        unl_q, unl_db = (int(r[c]) if pd.notna(r.get(c)) else 0 for c in ("n_unlabelled_queries",
+                                                                             "n_unlabelled_database"))
+        if warns or loo or unl_q or unl_db:
+            recs.append({"Dataset": dataset_display_name(r["dataset"]), "size": int(r["size"]), "Model": r["label"],
+                         "distance": r["distance"], "leave-one-out": "yes" if loo else "no",
+                         "unlabelled queries (left out)": unl_q, "unlabelled database (never relevant)": unl_db,
+                         "warnings": "; ".join(warns) or "—"})
+    table = pd.DataFrame(recs, columns=["Dataset", "size", "Model", "distance", "leave-one-out",
+                                        "unlabelled queries (left out)", "unlabelled database (never relevant)",
+                                        "warnings"])
+    out.tables["evaluation notes"] = table
+    lines.append("## Evaluation warnings, unlabelled rows and leave-one-out\n")
+    if table.empty:
+        lines.append("None: every row searched test queries against the train database, with no unlabelled row, no "
+                     "all-zero query vector and no collapsed collection (or a results table from before these "
+                     "columns existed).\n")
+        return
+    lines.append("Rows whose evaluation printed a warning (all-zero query vectors, a collapsed collection: their "
+                 "metrics may be artifacts), left unlabelled rows out, or ran leave-one-out (query split = "
+                 "database split).\n")
+    lines.append(markdown_table(table))
 
 
 def runs_section(lines: list[str], df: pd.DataFrame, ok: pd.DataFrame, tables: Sequence, distances: list[str]) -> None:
@@ -148,10 +201,7 @@ def robustness_section(lines: list[str], out: ReportOutput, df: pd.DataFrame, di
         any_rob |= emit(lines, out, f"Table 5 ours {dist}", robustness_table(df, dist), f"### Ours, {dist}\n")
     if not any_rob:
         lines.append("No (dataset, model) was run at two or more sizes.\n")
-    lines.append("### Published (all sizes)\n")
-    piv = published_robustness_pivot()
-    out.tables["published Table 5"] = piv
-    lines.append(markdown_table(piv))
+    lines.append("The study's own Table 5 is in the appendix.\n")
 
 
 def timings_section(lines: list[str], out: ReportOutput, df: pd.DataFrame) -> None:
@@ -162,12 +212,17 @@ def timings_section(lines: list[str], out: ReportOutput, df: pd.DataFrame) -> No
     lines.append(PAPER_TIMING_NOTE + "\n")
     lines.append("### Table 6 layout: database creation (train split: extraction + upsert), seconds\n")
     lines.append("`threads`: torch CPU threads of the run (`—`: not recorded, torch's default). On a shared CPU "
-                 "the times depend on the load of the machine; compare them within one run.\n")
+                 "the times depend on the load of the machine; compare them within one run. `note`: how a time "
+                 "was obtained when not measured in this run: a reused collection shows the time its earlier "
+                 "ingest (`cbmir run` or the grid) recorded, with its date.\n")
     lines.append(markdown_table(t6, formats={"threads": lambda v: "—" if v is None or pd.isna(v) else str(int(v))}))
     lines.append("### Table 7 layout: test time = query extraction + search, seconds\n")
-    lines.append("Query extraction is the test split's extraction + upsert (taken from the cell that extracted "
-                 "the features when a twin replayed them); search is every query, batched, exact top-k; "
-                 "latency is one query at a time.\n")
+    lines.append("`query extraction s`: the test split's feature extraction + upsert (taken from the cell that "
+                 "extracted the features when a twin replayed them). `search s`: wall seconds of one **batched** "
+                 "exact top-k search of every query at once (the study's test phase; `search ms/query` = search s "
+                 "/ queries). `latency p50 ms` / `p95 ms`: median and 95th percentile of **one query at a time** "
+                 "(a sample of queries, each searched alone: what one user waits). `test s` = query extraction + "
+                 "search; `search share %` = search / test.\n")
     lines.append(markdown_table(t7))
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from cbmir.core.errors import CbmirError
-from cbmir.evaluation.report.figures import pyplot
-from cbmir.evaluation.report.labels import dataset_class_names, dataset_display_name
+from cbmir.evaluation.report.figures import VECTOR_SUFFIX, pyplot, save_figure
+from cbmir.evaluation.report.labels import class_legend_names, dataset_class_names, dataset_display_name, dataset_task
 from cbmir.evaluation.report.markdown import ReportOutput
 from cbmir.evaluation.report.rows import ok_rows
 
@@ -21,16 +21,19 @@ __all__ = ["tsne_figure", "tsne_section"]
 
 
 def tsne_figure(vectors: np.ndarray, labels: np.ndarray, path: Path, title: str, *,
-                class_names: Sequence[str] | None = None, max_points: int = 2000, seed: int = 0,
+                class_names: Sequence[str] | None = None, task: str = "", max_points: int = 2000, seed: int = 0,
                 max_iter: int = 500) -> Path:
     """Figure 11: t-SNE of feature vectors coloured by class.
 
     Args:
         vectors: float32 ``(N, D)`` features (e.g. the database split of one collection).
         labels: int ``(N,)`` class labels.
-        path: PNG file to write.
+        path: PNG file to write (300 dpi; its vector PDF beside it:
+            :func:`~cbmir.evaluation.report.figures.save_figure`).
         max_points: at most this many points, a uniform random subsample (seeded) when N is larger.
-        class_names: legend names by label index.
+        class_names: class names by label index; task: the label task. The legend names every class
+            (:func:`~cbmir.evaluation.report.labels.class_legend_names`: ``grade N`` for ordinal labels
+            named by their number).
         max_iter: t-SNE optimisation iterations (scikit-learn's minimum is 250).
 
     Steps: subsample; PCA to 50 dims when D > 50 (scikit-learn); ``TSNE(n_components=2,
@@ -61,21 +64,29 @@ def tsne_figure(vectors: np.ndarray, labels: np.ndarray, path: Path, title: str,
         emb = TSNE(n_components=2, perplexity=float(min(30.0, (len(x) - 1) / 3.0)), init="pca",
                    learning_rate="auto", max_iter=int(max_iter), random_state=seed).fit_transform(x)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    fig, ax = plt.subplots(figsize=(6.2, 5.0))
     cmap = plt.get_cmap("tab10")
-    for i, lab in enumerate(np.unique(y)):
+    present = np.unique(y)
+    for i, (lab, name) in enumerate(zip(present, class_legend_names(present, class_names, task))):
         m = y == lab
-        name = class_names[int(lab)] if class_names is not None and 0 <= int(lab) < len(class_names) else str(lab)
-        ax.scatter(emb[m, 0], emb[m, 1], s=6, alpha=0.7, color=cmap(i % 10), label=f"{int(lab)}: {name}"[:40])
+        ax.scatter(emb[m, 0], emb[m, 1], s=6, alpha=0.7, color=cmap(i % 10), label=name)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(fontsize=7, markerscale=2, loc="best")
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="class")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
+
+
+def _classes_of(meta, dataset: str) -> dict:
+    """``class_names`` and ``task`` for the legend: the collection metadata's (``extra["class_names"]``,
+    ``extra["task"]``), else MedMNIST INFO's for ``dataset``."""
+    extra = (getattr(meta, "extra", None) or {}) if meta is not None else {}
+    return {"class_names": extra.get("class_names") or dataset_class_names(dataset),
+            "task": extra.get("task") or dataset_task(dataset)}
 
 
 def _open_store_for(row: dict, store_path, qdrant_url):
@@ -124,6 +135,7 @@ def tsne_section(lines: list[str], df: pd.DataFrame, fig_dir: Path, out: ReportO
         store = _open_store_for(row, store_path, qdrant_url)
         try:
             _, vecs, pays = store.fetch(name, "train", with_vectors=True)
+            meta = store.read_meta(name)
         finally:
             store.close()
     except Exception as e:  # noqa: BLE001 - a figure must not stop the report
@@ -135,9 +147,12 @@ def tsne_section(lines: list[str], df: pd.DataFrame, fig_dir: Path, out: ReportO
     tsne_figure(vecs, labels, path,
                 f"t-SNE of database features: {row['label']}\n{dataset_display_name(row['dataset'])} "
                 f"{row['size']} px, {row['distance']}, {n} of {len(vecs)} points",
-                class_names=dataset_class_names(row["dataset"]), max_points=max_points)
+                max_points=max_points, **_classes_of(meta, row["dataset"]))
     out.figures.append(path)
-    caption = f"Figure 11: t-SNE of the database (train) features of `{name}` ({row['label']})"
+    out.vector_figures.append(path.with_suffix(VECTOR_SUFFIX))
+    caption = f"t-SNE of the database (train) features of `{name}` ({row['label']}; the paper's Figure 11)"
     lines.append(f"**{caption}.** Up to {max_points:,} database points (random subsample), PCA to "
                  f"50 dims, then t-SNE (scikit-learn, perplexity 30, 500 iterations, seed 0).\n\n"
+                 f"Legend: the class names of the collection's metadata (else MedMNIST's). Vector: "
+                 f"[`{path.with_suffix(VECTOR_SUFFIX).name}`](figures/{path.with_suffix(VECTOR_SUFFIX).name}).\n\n"
                  f"![t-SNE](figures/{path.name})\n")
