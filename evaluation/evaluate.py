@@ -1,7 +1,10 @@
 """The evaluation run: every query (test) point against the database (train) points, through the store.
 
 Implements the study's protocol (DESIGN.md §1): zero-shot, train split = database, test split =
-queries, top-k by exact search, metrics of :mod:`cbmir.evaluation.metrics`.
+queries, top-k by exact search, metrics of :mod:`cbmir.evaluation.metrics`. The search is exact whatever
+the collection's search mode: a collection created for approximate serving (HNSW / quantization,
+:mod:`cbmir.search.index_config`) is evaluated by exact search (``store.search(..., exact=True)``), so its
+metrics are the study's; its approximate recall is measured separately (``cbmir.benchmarks.recall``).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
         if blas_index is not None:
             res = blas_index.search(q_vec[s:s + bs], k)
         else:
-            res = store.search(name, q_vec[s:s + bs], k, split=database_split)
+            res = store.search(name, q_vec[s:s + bs], k, split=database_split, exact=True)
         idx_parts.append(res.indices)
         score_parts.append(res.scores)
         bar.update(len(res.indices))
@@ -114,7 +117,7 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
         if blas_index is not None:
             blas_index.search(q_vec[i], k)
         else:
-            store.search(name, q_vec[i], k, split=database_split)
+            store.search(name, q_vec[i], k, split=database_split, exact=True)
         lat.append((time.perf_counter() - t) * 1e3)
     p50, p95 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 95))) if lat else (float("nan"),) * 2
 

@@ -9,6 +9,8 @@ collection is exactly what its source file says it should be:
   decoding just those files with the same rules) (no duplicate point ids, no ids of another split, no rows beyond the split);
 * every payload agrees with its point id (``split``, ``index``) and with the collection
   (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
+* for a collection ingested in shares (``cbmir ingest --shard i/n``): which shares' rows are missing, and
+  which shares are staged but not merged yet (embedded engine);
 * every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,
   and, for cosine collections, is unit-length or all zero (the store's zero-vector rule,
   :meth:`cbmir.search.store.VectorStore._prepare`); all-zero vectors are counted and reported, not failed.
@@ -28,6 +30,8 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import DatasetSource
+from cbmir.ingest.shards import EXTRA_KEY as SHARES_KEY
+from cbmir.ingest.shards import missing_share_rows, staged_shares
 from cbmir.search.schema import SPLIT_CODES, split_and_index
 from cbmir.search.store import MAX_VALUES_PER_CALL, VectorStore, rows_per_call
 
@@ -180,7 +184,8 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         if stored != expected or len(missing):
             rep.fail(f"{split}: {stored} points stored, the source has {n}"
                      + (f" ({rep.skipped[split]} unreadable, skipped)" if rep.skipped.get(split) else "")
-                     + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
+                     + (f" (missing rows {_rows(missing)})" if len(missing) else "")
+                     + _missing_shares(meta, split, missing))
         if len(dups):
             rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")
         if foreign:
@@ -200,7 +205,23 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
             rep.fail(f"{split}: NaN/inf in the vectors of rows {_rows(nonfinite)}")
         if not_unit:
             rep.fail(f"{split}: cosine vectors not unit-length (nor all zero) for rows {_rows(not_unit)}")
+    staged = staged_shares(store, name)
+    if staged:
+        rep.fail("share(s) " + ", ".join(f"{sh} ({k} points)" for sh, k in staged.items())
+                 + " embedded but not merged into the collection (staging collection(s) left by an interrupted "
+                 "merge): re-run `cbmir ingest ... --shard i/n` for each to merge it")
     return rep
+
+
+def _missing_shares(meta, split: str, missing) -> str:
+    """`` — missing share(s) 1/4 (312 rows), 3/4 (298 rows): run `cbmir ingest ... --shard i/4` ...`` for a
+    collection ingested in shares; ``""`` otherwise."""
+    n = (meta.extra or {}).get(SHARES_KEY)
+    if not n or not len(missing):
+        return ""
+    per = missing_share_rows(split, missing, int(n))
+    return (" — missing share(s) " + ", ".join(f"{i}/{n} ({c} rows)" for i, c in sorted(per.items()))
+            + f": run `cbmir ingest ... --shard i/{n}` for each")
 
 
 def verify_or_raise(store: VectorStore, name: str, source: DatasetSource, **kwargs) -> VerifyReport:

@@ -33,6 +33,8 @@ from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import Batch, DatasetSource
 from cbmir.ingest.pipeline import BackgroundWriter, prefetch
+from cbmir.ingest.shards import Share, SharePlan
+from cbmir.search.index_config import IndexConfig
 from cbmir.search.schema import CollectionMeta, DamagedMetaError, collection_name, make_payload
 from cbmir.search.store import VectorStore
 
@@ -70,8 +72,14 @@ class IngestReport:
     resumed_from: dict[str, int] = field(default_factory=dict)
 
 
-def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> CollectionMeta:
-    """Collection metadata of ``source`` embedded by ``embedder`` (records weights and preprocessing)."""
+def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine",
+               index: IndexConfig | None = None) -> CollectionMeta:
+    """Collection metadata of ``source`` embedded by ``embedder`` (records weights, preprocessing and the
+    search mode ``index``, exact when None).
+
+    Raises:
+        CbmirError: an approximate ``index`` for vectors above Qdrant's per-vector limit (chunked layout).
+    """
     ident = embedder.identity()
     return CollectionMeta(
         dataset=source.name, size=int(source.size), model=ident["model"], backend=ident.get("backend", "torch"),
@@ -80,7 +88,7 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
         preprocessing="; ".join(x for x in (str(ident.get("preprocessing", "")),
                                             str(getattr(source, "preprocessing", "") or "")) if x),
         is_3d=bool(source.is_3d), aggregation=getattr(embedder, "aggregation", "none"),
-        extra=_source_extra(source),
+        extra=_source_extra(source), index=index.to_meta() if index is not None else {},
     )
 
 
@@ -148,7 +156,8 @@ def _subset(batch, keep: np.ndarray):
 
 def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("train", "test"),
            batch_size: int = 64, distance: str = "cosine", recreate: bool = False,
-           collection: str | None = None, progress: bool = True) -> IngestReport:
+           collection: str | None = None, progress: bool = True, shard: Share | None = None,
+           index: IndexConfig | None = None) -> IngestReport:
     """Embed ``splits`` of ``source`` and upsert them into the collection of (dataset, size, model).
 
     Args:
@@ -161,6 +170,10 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             are built in the staging collection :func:`staging_name` and swapped in
             (:meth:`cbmir.search.store.VectorStore.replace_collection`) only once every split is complete;
             until then the old collection is untouched, and re-running resumes the staging one.
+        shard: embed only this share of every split (:mod:`cbmir.ingest.shards`; not with ``recreate``).
+        index: the search mode of a new collection (None: exact; an existing collection keeps its own, and
+            another mode is refused like another configuration). Approximate indexes are built once the
+            collection is complete.
 
     Returns:
         :class:`IngestReport`.
@@ -171,7 +184,10 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             embeddings were not finite: raised after every split was processed, naming the count
             and the rows refused (all finite rows are stored).
     """
-    meta = build_meta(source, embedder, distance=distance)
+    if shard is not None and recreate:
+        raise CbmirError("--recreate and --shard cannot be combined: recreate the collection in one process "
+                         "first (or delete it), then ingest its shares")
+    meta = build_meta(source, embedder, distance=distance, index=index)
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
                                          distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat",
                                          random_init=meta.random_init)
@@ -181,6 +197,8 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     # collection intact; re-running the same command resumes the staging collection
     # (a collection whose stored metadata is damaged counts as existing: --recreate replaces it)
     old_meta, old_exists = _read_meta(store, name)
+    if index is None and old_meta is not None:
+        meta.index = old_meta.index  # no --index given: the collection keeps its search mode
     target = staging_name(name) if recreate and old_exists else name
     if target != name:
         # the swap replaces the whole collection: every split it holds must be rebuilt
@@ -193,7 +211,12 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
         staged, exists = _read_meta(store, target)
         if exists and (staged is None or staged.differences(meta) or _fingerprint_changed(staged, meta)):
             store.delete_collection(target)  # left by a --recreate of another configuration / source
-    stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
+    plan = None
+    if shard is not None:  # creates or checks the collection under its lock (embedded engine)
+        plan = SharePlan(store, name, meta, shard, {sp: int(source.split_size(sp)) for sp in splits})
+        stored, target = plan.meta, plan.target
+    else:
+        stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
     check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
     meta = stored
     report = IngestReport(collection=name, meta=meta)
@@ -201,12 +224,17 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     for split in splits:
         n = source.split_size(split)
         present = _stored_rows(store, target, split, n)
+        mine = np.ones(n, dtype=bool)
+        if plan is not None:  # other shares' rows, and rows already in the collection, count as done
+            present |= plan.skip_rows(split, n)
+            mine = plan.share.mine(split, n)
         n_present = int(present.sum())
-        report.resumed_from[split] = n_present
+        report.resumed_from[split] = int(present[mine].sum())
         if n_present >= n:
             report.skipped.append(split)
             report.written[split] = 0
-            _mark_complete(store, target, meta, split)
+            if plan is None:
+                _mark_complete(store, target, meta, split)
             continue
         start = int(np.flatnonzero(~present)[0])
         t0 = time.perf_counter()
@@ -251,7 +279,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             report.rejected[split] = rejected
         report.seconds[split] = dt
         report.items_per_s[split] = written / dt if dt > 0 else float("nan")
-        if not rejected:
+        if not rejected and plan is None:
             _mark_complete(store, target, meta, split)
         if getattr(embedder, "is_3d", False):  # 3D: 2D slices extracted per second (DESIGN.md §5)
             n_sl = written * int(getattr(embedder, "items_per_image", 1))
@@ -266,8 +294,18 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
             f"all other rows are stored. {where}: fix the extractor or the input "
             f"images, then re-run the same command to embed just these rows.")
-    if target != name:
+    if plan is not None:
+        report.extra["share"] = plan.finish()  # merges a staging collection (embedded engine)
+        if not report.extra["share"]["complete"]:
+            return report  # other shares still to come: no split is complete yet
+        for split in splits:
+            _mark_complete(store, name, meta, split)
+    elif target != name:
         store.replace_collection(target, name)
+    if meta.index_config().approximate:
+        t0 = time.perf_counter()
+        if store.build_index(name):
+            report.extra["index_build_s"] = time.perf_counter() - t0
     return report
 
 

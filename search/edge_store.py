@@ -7,7 +7,12 @@ One shard directory per collection under the store root::
     <store_path>/.locks/<collection>.lock  advisory lock file (see below)
 
 Every query passes ``exact=True``: after ``optimize()`` Edge builds HNSW and non-exact queries
-become approximate (DESIGN.md §4).
+become approximate (DESIGN.md §4). A collection created in an approximate mode
+(:mod:`cbmir.search.index_config`) carries its HNSW / quantization settings in the shard's
+configuration; :meth:`EdgeStore.build_index` runs ``optimize()`` (the ingest job calls it once a
+collection is complete), and queries in that mode pass ``exact=False`` with ``hnsw_ef`` and the
+quantization's rescoring / oversampling. Exact queries (``exact=True``, quantization ignored) stay
+exact on such a collection: Edge scores every point on its float32 vector.
 
 **One process per collection; shared within a process.** Qdrant Edge itself refuses a second opener
 of a shard with an opaque WAL error (``Can't init WAL: Kind(WouldBlock)``). Within one process every
@@ -17,7 +22,9 @@ a client and a CLI command in one process coexist. Across processes cbmir takes 
 first (``fcntl.flock`` on ``<store_path>/.locks/<collection>.lock``, non-blocking) whenever it opens,
 creates or deletes a collection, holds it until :meth:`EdgeStore.close`, and writes the holder's
 PID, host and start time into the file; a second process gets a :class:`~cbmir.core.errors.CbmirError`
-naming the collection, the lock file and the holder. The kernel drops the lock when the holder
+naming the collection, the lock file and the holder — or, with :attr:`EdgeStore.lock_wait_s` > 0, waits up
+to that many seconds for the holder to release it (sharded ingest: shares take turns to merge). The
+kernel drops the lock when the holder
 exits, even on SIGKILL, so a stale lock file never blocks anyone. The lock files live outside the
 collection directory so that deleting / recreating a collection keeps them. Reading metadata
 (``read_meta``, ``list_collections``) takes no lock.
@@ -44,6 +51,7 @@ import qdrant_edge as qe
 
 from cbmir.core.errors import CbmirError
 from cbmir.search.filters import Selection, as_selection
+from cbmir.search.index_config import IndexConfig, search_settings
 from cbmir.search.schema import CollectionMeta, parse_meta
 from cbmir.search.store import VectorStore, engine_distance
 
@@ -73,6 +81,33 @@ def _split_filter(where: str | Selection | None):
     return qe.Filter(must=conds)
 
 
+def _edge_config(meta: CollectionMeta) -> "qe.EdgeConfig":
+    """The shard configuration of ``meta``: one dense vector per layout chunk; for an approximate search mode
+    also its HNSW graph (``m = 0``: none, for a quantized brute-force scan), quantization (quantized vectors
+    pinned in RAM) and the indexing threshold."""
+    dist = _DIST[engine_distance(meta)]
+    vectors = {c: qe.EdgeVectorParams(size=b - a, distance=dist) for c, a, b in meta.layout}
+    mode = meta.index_config()
+    if not mode.approximate:
+        return qe.EdgeConfig(vectors=vectors, payload_memory=qe.Memory.Cached)
+    quant = None
+    if mode.quantization == "int8":
+        quant = qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=mode.quantile, memory=qe.Memory.Pinned)
+    elif mode.quantization == "binary":
+        quant = qe.BinaryQuantizationConfig(memory=qe.Memory.Pinned)
+    return qe.EdgeConfig(
+        vectors=vectors, payload_memory=qe.Memory.Cached, quantization_config=quant,
+        hnsw_config=qe.HnswIndexConfig(m=mode.m if mode.index == "hnsw" else 0, ef_construct=mode.ef_construct,
+                                       full_scan_threshold=mode.full_scan_kb),
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=mode.full_scan_kb))
+
+
+def _search_params(mode: IndexConfig | None) -> "qe.SearchParams":
+    """Per-query search parameters (:func:`cbmir.search.index_config.search_settings`)."""
+    params, quant = search_settings(mode)
+    return qe.SearchParams(**params, quantization=qe.QuantizationSearchParams(**quant) if quant else None)
+
+
 def _write_meta_file(d: Path, meta: CollectionMeta) -> None:
     """``d/meta.json`` replaced atomically (temporary file + ``os.replace``)."""
     tmp = d / "meta.json.tmp"
@@ -88,6 +123,9 @@ class EdgeStore(VectorStore):
     """
 
     engine = "qdrant-edge"
+    concurrent_writers = False
+    #: seconds to wait for another process's lock on a collection before failing (0: fail at once)
+    lock_wait_s: float = 0.0
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -140,9 +178,15 @@ class EdgeStore(VectorStore):
         except OSError as exc:
             raise CbmirError(f"cannot create the lock file {path} of the embedded store {self.root} "
                              f"({type(exc).__name__}: {exc}); the store directory must be writable") from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        deadline = time.monotonic() + max(0.0, float(self.lock_wait_s))
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
             fh.seek(0)
             holder = fh.read().strip() or "unknown process"
             fh.close()
@@ -215,12 +259,7 @@ class EdgeStore(VectorStore):
             self._drop_shard(name, flush=False)
             shutil.rmtree(d / "shard")
         d.mkdir(parents=True, exist_ok=True)
-        dist = _DIST[engine_distance(meta)]
-        config = qe.EdgeConfig(
-            vectors={c: qe.EdgeVectorParams(size=b - a, distance=dist) for c, a, b in meta.layout},
-            payload_memory=qe.Memory.Cached,
-        )
-        sh = qe.EdgeShard.create(str(d / "shard"), config)
+        sh = qe.EdgeShard.create(str(d / "shard"), _edge_config(meta))
         sh.update(qe.UpdateOperation.create_field_index("split", qe.PayloadSchemaType.Keyword))
         sh.flush()
         with _REGISTRY_LOCK:
@@ -247,10 +286,10 @@ class EdgeStore(VectorStore):
         points = [qe.Point(pid, {c: lists[c][i] for c in lists}, payloads[i]) for i, pid in enumerate(ids)]
         sh.update(qe.UpdateOperation.upsert_points(points))
 
-    def _query(self, name, vector_name, queries, limit, split):
+    def _query(self, name, vector_name, queries, limit, split, mode=None):
         sh = self._shard(name)
         flt = _split_filter(split)
-        params = qe.SearchParams(exact=True)
+        params = _search_params(mode)
         reqs = [qe.QueryRequest(limit=int(limit), query=qe.Query.Nearest(row.tolist(), using=vector_name),
                                 filter=flt, params=params, with_payload=False, with_vector=False)
                 for row in queries]
@@ -283,6 +322,26 @@ class EdgeStore(VectorStore):
 
     def delete_points(self, name: str, ids: Sequence[int]) -> None:
         self._shard(name).update(qe.UpdateOperation.delete_points([int(i) for i in ids]))
+
+    def build_index(self, name: str) -> bool:
+        """Run Edge's optimizer on an approximate collection (HNSW graph, quantized vectors; blocking, minutes for
+        millions of points); False for an exact collection (nothing to build)."""
+        if not self.meta(name).index_config().approximate:
+            return False
+        sh = self._shard(name)
+        sh.optimize()
+        sh.flush()
+        return True
+
+    def lock(self, name: str) -> None:
+        """Take the advisory lock of ``name`` for this process, waiting up to :attr:`lock_wait_s` for another
+        process to release it."""
+        self._lock(name)
+
+    def release(self, name: str) -> None:
+        """Close this store's use of ``name`` (the shard is flushed and closed, and the lock released, when no other
+        store of this process uses it), so that another process can open it."""
+        self._release(name)
 
     def flush(self, name: str | None = None) -> None:
         """Flush pending writes of one collection (or all open ones) to disk."""

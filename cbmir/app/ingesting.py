@@ -21,7 +21,7 @@ def check_model_weights(ref: CollectionRef, weights: str | None = None) -> None:
 
 def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, recreate: bool = False,
                       splits: Sequence[str] = ("train", "test"), progress: bool = True, download: bool = True,
-                      wrap: Callable | None = None):
+                      wrap: Callable | None = None, shard=None, index=None):
     """Embed the ``splits`` of ``ref``'s dataset and upsert them into its collection.
 
     Args:
@@ -33,6 +33,9 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
         splits: splits to ingest.
         download: fetch a missing MedMNIST file where a network exists.
         wrap: optional ``wrap(source, embedder) -> (source, embedder)`` (the grid's feature cache).
+        shard: :class:`cbmir.ingest.shards.Share` — embed only this share of every split (``--shard i/n``).
+        index: :class:`cbmir.search.index_config.IndexConfig` — search mode of a new collection (None: exact,
+            or the existing collection's own).
 
     Returns:
         ``(source, report)``: the opened source and :class:`cbmir.ingest.job.IngestReport`.
@@ -59,5 +62,5 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
     if wrap is not None:
         source, embedder = wrap(source, embedder)
     report = ingest(source, embedder, app.store, splits=tuple(splits), batch_size=s.batch_size,
-                    distance=ref.distance, recreate=recreate, progress=progress)
+                    distance=ref.distance, recreate=recreate, progress=progress, shard=shard, index=index)
     return source, report
