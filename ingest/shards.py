@@ -143,10 +143,13 @@ class SharePlan:
 
     def __init__(self, store, name: str, meta: CollectionMeta, share: Share, sizes: dict[str, int]) -> None:
         self.store, self.name, self.share, self.sizes = store, name, share, dict(sizes)
-        if hasattr(store, "lock_wait_s"):
-            store.lock_wait_s = LOCK_WAIT_S
         self._lock()
-        self.meta = store.ensure_collection(name, meta)
+        try:
+            self.meta = store.ensure_collection(name, meta)
+        except CbmirError:
+            if store.read_meta(name) is None:
+                raise
+            self.meta = store.ensure_collection(name, meta)  # created meanwhile by another share: compare
         self.done = {sp: _stored(store, name, sp, n) for sp, n in self.sizes.items()}
         self._record_share_count()
         self.target = name
@@ -159,7 +162,16 @@ class SharePlan:
             store.ensure_collection(self.target, self._staging_meta())
 
     def _lock(self) -> None:
-        self.store.lock(self.name)  # embedded engine: waits (lock_wait_s) while another share merges
+        """Take the collection (embedded engine: its lock, waiting up to :data:`LOCK_WAIT_S` while another share
+        merges; a server: nothing)."""
+        had = getattr(self.store, "lock_wait_s", None)
+        if had is not None:
+            self.store.lock_wait_s = LOCK_WAIT_S
+        try:
+            self.store.lock(self.name)
+        finally:
+            if had is not None:
+                self.store.lock_wait_s = had
 
     def _staging_meta(self) -> CollectionMeta:
         # staged points are only copied, never searched: no index to build there

@@ -169,7 +169,8 @@ def class_name(names: dict[int, str], label: int) -> str | None:
 
 def collection_info(store, name: str) -> dict:
     """What a user needs to pick a collection: ``{name, dataset, size, model, family, display_name, dim,
-    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d}``.
+    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d, search_mode}``
+    (``search_mode``: ``exact``, or the approximate mode of :mod:`cbmir.search.index_config`).
 
     Raises:
         CbmirError: unknown collection (naming the existing ones).
@@ -184,7 +185,7 @@ def collection_info(store, name: str) -> dict:
             "dim": meta.dim, "distance": meta.distance, "engine": store.engine, "counts": counts,
             "class_names": {str(k): v for k, v in class_names(meta).items()}, "random_init": meta.random_init,
             "baseline": bool(getattr(spec, "baseline", spec is not None and spec.weights_source == "none")),
-            "is_3d": meta.is_3d}
+            "is_3d": meta.is_3d, "search_mode": meta.index_config().name}
 
 
 def _spec_or_none(model: str):
