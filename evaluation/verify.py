@@ -206,10 +206,14 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         if not_unit:
             rep.fail(f"{split}: cosine vectors not unit-length (nor all zero) for rows {_rows(not_unit)}")
     staged = staged_shares(store, name)
-    if staged:
-        rep.fail("share(s) " + ", ".join(f"{sh} ({k} points)" for sh, k in staged.items())
+    running = [sh for sh, k in staged.items() if k is None]
+    left = {sh: k for sh, k in staged.items() if k is not None}
+    if running:
+        rep.fail(f"share(s) {', '.join(running)} still running (their staging collections are in use)")
+    if left:
+        rep.fail("share(s) " + ", ".join(f"{sh} ({k} points)" for sh, k in left.items())
                  + " embedded but not merged into the collection (staging collection(s) left by an interrupted "
-                 "merge): re-run `cbmir ingest ... --shard i/n` for each to merge it")
+                 "share): re-run `cbmir ingest ... --shard i/n` for each to finish and merge it")
     return rep
 
 

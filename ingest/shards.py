@@ -106,13 +106,17 @@ def staging_collection(name: str, share: Share) -> str:
     return f"{name}__share-{share.index}-of-{share.count}"
 
 
-def staged_shares(store, name: str) -> dict[str, int]:
-    """``{"i/n": points}`` of the staging collections of ``name`` still in the store (not merged yet)."""
-    out = {}
+def staged_shares(store, name: str) -> dict[str, int | None]:
+    """``{"i/n": points}`` of the staging collections of ``name`` still in the store (not merged yet); points
+    None while the share's process holds its staging collection (still embedding)."""
+    out: dict[str, int | None] = {}
     for c in store.list_collections():
         m = re.fullmatch(re.escape(name) + r"__share-(\d+)-of-(\d+)", c)
         if m:
-            out[f"{m.group(1)}/{m.group(2)}"] = int(store.count(c))
+            try:
+                out[f"{m.group(1)}/{m.group(2)}"] = int(store.count(c))
+            except CbmirError:  # embedded engine: locked by the running share
+                out[f"{m.group(1)}/{m.group(2)}"] = None
     return out
 
 
