@@ -325,13 +325,13 @@ class EdgeStore(VectorStore):
 
     def build_index(self, name: str) -> bool:
         """Run Edge's optimizer on an approximate collection (HNSW graph, quantized vectors; blocking, minutes for
-        millions of points); False for an exact collection (nothing to build)."""
+        millions of points); True when it built something (False: an exact collection, or already built)."""
         if not self.meta(name).index_config().approximate:
             return False
         sh = self._shard(name)
-        sh.optimize()
+        built = bool(sh.optimize())
         sh.flush()
-        return True
+        return built
 
     def lock(self, name: str) -> None:
         """Take the advisory lock of ``name`` for this process, waiting up to :attr:`lock_wait_s` for another
