@@ -70,6 +70,28 @@ def _arch(source=None, name=None, strict=False, intensity=None, window=None, sli
                           slice_axis=slice_axis, dicom_mode=dicom_mode, fit=fit)
 
 
+# beyond one machine (docs/scaling.md): sharded ingest, approximate search modes, Qdrant cluster settings
+ShardOpt = typer.Option(None, "--shard", help="embed only share i of n of every split (i/n, e.g. 0/4); run all n "
+                        "shares, in parallel, on any machines, to complete the collection")
+IndexOpt = typer.Option(None, "--index", help="search mode of a new collection: exact (default; the study) | hnsw "
+                        "(approximate; the study's commands still search exactly)")
+QuantOpt = typer.Option(None, "--quantization", help="none (default) | int8 | binary (approximate; binary only for "
+                        "signed features)")
+HnswMOpt = typer.Option(None, "--hnsw-m", help="HNSW links per point [16]")
+HnswEfcOpt = typer.Option(None, "--hnsw-ef-construct", help="HNSW build candidates [100]")
+HnswEfOpt = typer.Option(None, "--hnsw-ef", help="HNSW query candidates, the recall/speed knob [128]")
+RescoreOpt = typer.Option(None, "--rescore/--no-rescore", help="re-score quantized candidates in float32 [rescore]")
+OversamplingOpt = typer.Option(None, "--oversampling", help="quantized candidates per result before rescoring [2]")
+ShardNumberOpt = typer.Option(None, "--shard-number", help="Qdrant server: shards of a new collection (not --shard) "
+                              "[CBMIR_QDRANT_SHARD_NUMBER]")
+ReplicationOpt = typer.Option(None, "--replication-factor", help="Qdrant server: copies of each shard "
+                              "[CBMIR_QDRANT_REPLICATION_FACTOR]")
+WriteConsOpt = typer.Option(None, "--write-consistency-factor", help="Qdrant server: replicas acknowledging a write "
+                            "[CBMIR_QDRANT_WRITE_CONSISTENCY_FACTOR]")
+ReadConsOpt = typer.Option(None, "--read-consistency", help="Qdrant server: all | majority | quorum | N replicas "
+                           "answering a read [CBMIR_QDRANT_READ_CONSISTENCY]")
+GrpcOpt = typer.Option(None, "--prefer-grpc/--no-prefer-grpc", help="Qdrant server: gRPC instead of REST "
+                       "[CBMIR_QDRANT_PREFER_GRPC]")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads for extraction (1 is often fastest on a busy "
                                                   "CPU) [CBMIR_THREADS; default one per core]")
 
@@ -129,15 +151,16 @@ def _print_metrics(title: str, metrics: dict, extra: str = "") -> None:
         typer.echo(extra)
 
 
-def _do_ingest(app, ref, weights, recreate, splits, progress=True, evaluable=False):
+def _do_ingest(app, ref, weights, recreate, splits, progress=True, evaluable=False, shard=None, index=None):
     """Ingest through the application layer and print what was done."""
     from cbmir.app.ingesting import ingest_collection
     from cbmir.ingest.sources import source_summary
 
     source, rep = ingest_collection(app, ref, weights=weights, recreate=recreate, splits=splits, progress=progress,
-                                    evaluable=evaluable)
+                                    evaluable=evaluable, shard=shard, index=index)
     _print_ingest(app.store, rep, splits)
     _notes(rep.extra.get("notes", []))
+    _print_share(rep, shard)
     summary = source_summary(source)
     if summary:
         typer.echo(summary)
@@ -180,6 +203,21 @@ def _print_ingest(store, rep, splits) -> None:
         typer.echo("note: RANDOM-INIT weights (smoke test only; not a pretrained result)")
 
 
+def _print_share(rep, shard) -> None:
+    """What a sharded ingest left: the collection's counts and whether other shares are still missing."""
+    if rep.extra.get("index_build_s") is not None:
+        typer.echo(f"{rep.collection}: built its {rep.meta.index_config().describe()} index in "
+                   f"{rep.extra['index_build_s']:.1f} s")
+    st = rep.extra.get("share")
+    if st is None:
+        return
+    counts = ", ".join(f"{sp} {a}/{b}" for sp, (a, b) in st["counts"].items())
+    merged = f"; {st['merged']} staged points merged" if st["merged"] else ""
+    state = ("complete" if st["complete"] else
+             "waiting for the other shares (`cbmir verify` names the missing ones)")
+    typer.echo(f"{rep.collection}: share {shard} done{merged}; collection {counts}: {state}")
+
+
 def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
     from cbmir.ingest.extractors import get_spec
 
@@ -194,8 +232,9 @@ def _report_eval(ev, meta, out: dict, output: Optional[Path]) -> None:
            if ev.n_unlabelled_queries or ev.n_unlabelled_database else "")
     _print_metrics(f"{ev.collection}{tag}: {ev.n_queries} queries x {ev.n_database} database{splits}, "
                    f"{ev.distance}, exact top-{ev.k} on {ev.engine}"
-                   + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else ""),
-                   ev.metrics,
+                   + (" (search backend: blas)" if getattr(ev, "search_backend", "store") == "blas" else "")
+                   + (f" (the collection's {meta.index_config().name} index bypassed: the study's protocol is exact)"
+                      if meta.index_config().approximate else ""), ev.metrics,
                    f"{loo}{unl}  majority-class rate (ACC@1 floor): {100 * ev.majority_class_rate:.2f}%\n"
                    f"  search {ev.timings['search_s']:.2f} s (all {ev.n_queries} queries, batched), "
                    f"latency p50 {ev.timings['latency_p50_ms']:.2f} ms, p95 {ev.timings['latency_p95_ms']:.2f} ms "
@@ -224,14 +263,33 @@ def ingest_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = Mode
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt, strict: bool = StrictOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-               fit: str = FitOpt, input_size: str = InputSizeOpt) -> None:
-    """Embed a dataset's splits and upsert them into its collection (idempotent, resumable)."""
+               fit: str = FitOpt, input_size: str = InputSizeOpt, shard: Optional[str] = ShardOpt,
+               index: Optional[str] = IndexOpt,
+               quantization: Optional[str] = QuantOpt, hnsw_m: Optional[int] = HnswMOpt,
+               hnsw_ef_construct: Optional[int] = HnswEfcOpt, hnsw_ef: Optional[int] = HnswEfOpt,
+               rescore: Optional[bool] = RescoreOpt, oversampling: Optional[float] = OversamplingOpt,
+               shard_number: Optional[int] = ShardNumberOpt, replication_factor: Optional[int] = ReplicationOpt,
+               write_consistency_factor: Optional[int] = WriteConsOpt, read_consistency: Optional[str] = ReadConsOpt,
+               prefer_grpc: Optional[bool] = GrpcOpt) -> None:
+    """Embed a dataset's splits and upsert them into its collection (idempotent, resumable; --shard i/n: one
+    share of it, for n parallel workers)."""
+    from cbmir.ingest.shards import parse_share
+    from cbmir.search.index_config import index_config
+
+    share = parse_share(shard)  # checked before any work
+    mode = index_config(index, quantization, m=hnsw_m, ef_construct=hnsw_ef_construct, ef=hnsw_ef, rescore=rescore,
+                        oversampling=oversampling)
     with _app(data_dir=data_dir, store_path=store_path, qdrant_url=qdrant_url, device=device,
-              batch_size=batch_size, distance=distance, threads=threads) as a:
+              batch_size=batch_size, distance=distance, threads=threads, qdrant_shard_number=shard_number,
+              qdrant_replication_factor=replication_factor,
+              qdrant_write_consistency_factor=write_consistency_factor,
+              qdrant_read_consistency=read_consistency, qdrant_prefer_grpc=prefer_grpc) as a:
         ref = _ref(a.settings, dataset, size, model, backend, volume_aggregation,
                    _arch(source, name, strict, intensity, window, slice_axis, dicom_mode, fit),
                    random_init, input_size=input_size)
-        _do_ingest(a, ref, weights, recreate, tuple(x.strip() for x in splits.split(",") if x.strip()))
+        _do_ingest(a, ref, weights, recreate, tuple(x.strip() for x in splits.split(",") if x.strip()),
+                   shard=share, index=mode)
+
 
 @app.command("evaluate")
 def evaluate_cmd(dataset: str = DatasetOpt, size: int = SizeOpt, model: str = ModelOpt, backend: str = BackendOpt,
@@ -324,7 +382,11 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                source: Optional[str] = SourceOpt, name: Optional[str] = NameOpt,
                intensity: Optional[str] = IntensityOpt, window: Optional[str] = WindowOpt,
                slice_axis: Optional[int] = SliceAxisOpt, dicom_mode: str = DicomModeOpt,
-               fit: str = FitOpt, random_init: bool = RandomInitReadOpt, input_size: str = InputSizeOpt) -> None:
+               fit: str = FitOpt, random_init: bool = RandomInitReadOpt, input_size: str = InputSizeOpt,
+               exact: bool = typer.Option(False, "--exact", help="exact search even on an approximate (HNSW / "
+                                          "quantized) collection"),
+               ef: Optional[int] = typer.Option(None, "--ef", help="HNSW collection: query-time candidate list "
+                                                "[the collection's]")) -> None:
     """Top-k database images for a stored point (``--query-index``, or ``--query-path`` of an archive file) or a
     file (``--image``: any image format, DICOM, NIfTI/.npy for 3D collections; read with the same pixel rules as
     ingest)."""
@@ -353,7 +415,7 @@ def search_cmd(collection: Optional[str] = typer.Option(None, "--collection", "-
                             points=[(query_split, query_index)] if query_index is not None else None,
                             files=[image] if image is not None else None,
                             file_options=FileOptions(intensity=intensity, window=window, slice_axis=slice_axis,
-                                                     fit=fit))
+                                                     fit=fit), exact=exact or None, ef=ef)
         answer = search(a, req)
         if gallery is not None:
             _write_gallery(a, answer, req, gallery)
@@ -399,8 +461,9 @@ def _print_answer(answer) -> None:
             if q.kind == "point" else f"{q.kind} {q.source or ''}".strip())
     excl = ", query excluded from its results" if answer.excluded_self else ""
     flt = f", filter {json.dumps(answer.filter)}" if answer.filter else ""
+    mode = "" if answer.search_mode == "exact" else f", APPROXIMATE {answer.search_mode}"
     typer.echo(f"query: {what}; top-{answer.k} of {answer.collection} [{answer.database_split}{flt}], "
-               f"{answer.distance}{excl}")
+               f"{answer.distance}{excl}{mode}")
     known = q.label is not None and q.label >= 0
     typer.echo(f"{'rank':>4} {'index':>7} {'label':>5} {'class':<16} {'score':>10} {'':1}  image_id")
     for h in answer.hits[0]:

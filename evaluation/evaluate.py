@@ -1,7 +1,11 @@
 """The evaluation run: every query (test) point against the database (train) points, through the store.
 
 Implements the study's protocol (DESIGN.md §1): zero-shot, train split = database, test split =
-queries, top-k by exact search, metrics of :mod:`cbmir.evaluation.metrics`. Beyond the study:
+queries, top-k by exact search, metrics of :mod:`cbmir.evaluation.metrics`. The search is exact whatever
+the collection's search mode: a collection created for approximate serving (HNSW / quantization,
+:mod:`cbmir.search.index_config`) is evaluated by exact search (``store.search(..., exact=True)``), so its
+metrics are the study's; its approximate recall is measured separately (``cbmir.benchmarks.recall``).
+Beyond the study:
 
 * labels: unlabelled rows (-1) are left out as queries and never relevant as hits; multi-label
   collections are refused; ordinal grades match exactly (:mod:`cbmir.evaluation.labels`);
@@ -166,7 +170,7 @@ def evaluate_collection(store: VectorStore, name: str, *, k: int = 5, batch_size
     def search(vectors: np.ndarray) -> SearchResult:
         if blas_index is not None:
             return blas_index.search(vectors, kk)
-        return store.search(name, vectors, kk, split=database_split)
+        return store.search(name, vectors, kk, split=database_split, exact=True)
 
     t0 = time.perf_counter()
     idx_parts, score_parts = [], []

@@ -14,6 +14,8 @@ collection is exactly what its source file says it should be:
   ``cbmir add`` that are not archive files are counted apart;
 * every payload agrees with its point id (``split``, ``index``) and with the collection
   (``dataset``, ``model``, ``size``), and its ``label`` equals the label in the source file;
+* for a collection ingested in shares (``cbmir ingest --shard i/n``): which shares' rows are missing, and
+  which shares are staged but not merged yet (embedded engine);
 * every vector has the collection's dimension (each named chunk its layout width), has no NaN/inf,
   and, for cosine collections, is unit-length or all zero (the store's zero-vector rule,
   :meth:`cbmir.search.store.VectorStore._prepare`); all-zero vectors are counted and reported, not failed.
@@ -34,6 +36,8 @@ from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import DatasetSource
 from cbmir.search.schema import MAX_PROBES, SPLIT_CODES, key_index, point_id, split_and_index, uses_key_ids
+from cbmir.ingest.shards import EXTRA_KEY as SHARES_KEY
+from cbmir.ingest.shards import missing_share_rows, staged_shares
 from cbmir.search.store import MAX_VALUES_PER_CALL, VectorStore, rows_per_call
 
 #: Largest deviation of a stored cosine vector's L2 norm from 1 accepted (float32 rounding).
@@ -180,7 +184,8 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
         if stored != expected or len(missing):
             rep.fail(f"{split}: {stored} points stored, the source has {n}"
                      + (f" ({rep.skipped[split]} unreadable, skipped)" if rep.skipped.get(split) else "")
-                     + (f" (missing rows {_rows(missing)})" if len(missing) else ""))
+                     + (f" (missing rows {_rows(missing)})" if len(missing) else "")
+                     + _missing_shares(meta, split, missing))
         if len(dups):
             rep.fail(f"{split}: duplicate points for rows {_rows(dups)}")
         _id_problems(rep, split, foreign, bad_payload)
@@ -190,6 +195,15 @@ def verify_collection(store: VectorStore, name: str, source: DatasetSource, *,
             first = ", ".join(f"row {ix}: stored {lab} vs file {want}" for ix, lab, want in bad_label[:_SHOW])
             rep.fail(f"{split}: {len(bad_label)} label(s) differ from the source ({first})")
         vec.report(rep, split)
+    staged = staged_shares(store, name)
+    running = [sh for sh, k in staged.items() if k is None]
+    left = {sh: k for sh, k in staged.items() if k is not None}
+    if running:
+        rep.fail(f"share(s) {', '.join(running)} still running (their staging collections are in use)")
+    if left:
+        rep.fail("share(s) " + ", ".join(f"{sh} ({k} points)" for sh, k in left.items())
+                 + " embedded but not merged into the collection (staging collection(s) left by an interrupted "
+                 "share): re-run `cbmir ingest ... --shard i/n` for each to finish and merge it")
     return rep
 
 
@@ -301,6 +315,17 @@ def _verify_archive(rep: VerifyReport, store: VectorStore, name: str, meta, sour
     if stale:
         rep.fail(f"the archive changed since it was ingested: {stale}; run `cbmir ingest` with the same options "
                  "to sync the collection")
+
+
+def _missing_shares(meta, split: str, missing) -> str:
+    """`` — missing share(s) 1/4 (312 rows), 3/4 (298 rows): run `cbmir ingest ... --shard i/4` ...`` for a
+    collection ingested in shares; ``""`` otherwise."""
+    n = (meta.extra or {}).get(SHARES_KEY)
+    if not n or not len(missing):
+        return ""
+    per = missing_share_rows(split, missing, int(n))
+    return (" — missing share(s) " + ", ".join(f"{i}/{n} ({c} rows)" for i, c in sorted(per.items()))
+            + f": run `cbmir ingest ... --shard i/{n}` for each")
 
 
 def verify_or_raise(store: VectorStore, name: str, source: DatasetSource, **kwargs) -> VerifyReport:

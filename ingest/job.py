@@ -35,7 +35,9 @@ from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import Batch, DatasetSource
 from cbmir.ingest.pipeline import BackgroundWriter, prefetch
+from cbmir.ingest.shards import Share, SharePlan
 from cbmir.search.diagnostics import rows_text
+from cbmir.search.index_config import IndexConfig
 from cbmir.search.schema import (
     KEY_IDS,
     CollectionMeta,
@@ -80,8 +82,14 @@ class IngestReport:
     resumed_from: dict[str, int] = field(default_factory=dict)
 
 
-def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> CollectionMeta:
-    """Collection metadata of ``source`` embedded by ``embedder`` (records weights and preprocessing)."""
+def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine",
+               index: IndexConfig | None = None) -> CollectionMeta:
+    """Collection metadata of ``source`` embedded by ``embedder`` (records weights, preprocessing and the
+    search mode ``index``, exact when None).
+
+    Raises:
+        CbmirError: an approximate ``index`` for vectors above Qdrant's per-vector limit (chunked layout).
+    """
     ident = embedder.identity()
     return CollectionMeta(
         dataset=source.name, size=int(source.size), model=ident["model"], backend=ident.get("backend", "torch"),
@@ -91,6 +99,7 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine") -> 
                                             str(getattr(source, "preprocessing", "") or "")) if x),
         is_3d=bool(source.is_3d), aggregation=getattr(embedder, "aggregation", "none"),
         extra=source_extra(source), input_size=ident.get("input_size"),
+        index=index.to_meta() if index is not None else {},
     )
 
 
@@ -169,7 +178,8 @@ def _subset(batch, keep: np.ndarray):
 
 def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("train", "test"),
            batch_size: int = 64, distance: str = "cosine", recreate: bool = False,
-           collection: str | None = None, progress: bool = True) -> IngestReport:
+           collection: str | None = None, progress: bool = True, shard: Share | None = None,
+           index: IndexConfig | None = None) -> IngestReport:
     """Embed ``splits`` of ``source`` and upsert them into the collection of (dataset, size, model).
 
     Args:
@@ -182,6 +192,11 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             are built in the staging collection :func:`staging_name` and swapped in
             (:meth:`cbmir.search.store.VectorStore.replace_collection`) only once every split is complete;
             until then the old collection is untouched, and re-running resumes the staging one.
+        shard: embed only this share of every split (:mod:`cbmir.ingest.shards`; row-id collections such as
+            MedMNIST; not with ``recreate``).
+        index: the search mode of a new collection (None: exact; an existing collection keeps its own, and
+            another mode is refused like another configuration). Approximate indexes are built once the
+            collection is complete.
 
     Returns:
         :class:`IngestReport`.
@@ -192,7 +207,10 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             embeddings were not finite: raised after every split was processed, naming the count
             and the rows refused (all finite rows are stored).
     """
-    meta = build_meta(source, embedder, distance=distance)
+    if shard is not None and recreate:
+        raise CbmirError("--recreate and --shard cannot be combined: recreate the collection in one process "
+                         "first (or delete it), then ingest its shares")
+    meta = build_meta(source, embedder, distance=distance, index=index)
     name = collection or collection_name(source.name, source.size, meta.model, backend=meta.backend,
                                          distance=distance, aggregation=meta.aggregation if meta.is_3d else "concat",
                                          random_init=meta.random_init, input_size=meta.input_size)
@@ -202,6 +220,8 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     # collection intact; re-running the same command resumes the staging collection
     # (a collection whose stored metadata is damaged counts as existing: --recreate replaces it)
     old_meta, old_exists = _read_meta(store, name)
+    if index is None and old_meta is not None:
+        meta.index = old_meta.index  # no --index given: the collection keeps its search mode
     target = staging_name(name) if recreate and old_exists else name
     if target != name:
         # the swap replaces the whole collection: every split it holds must be rebuilt
@@ -214,7 +234,15 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
         staged, exists = _read_meta(store, target)
         if exists and (staged is None or staged.differences(meta) or _other_source(staged, meta)):
             store.delete_collection(target)  # left by a --recreate of another configuration / source
-    stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
+    plan = None
+    if shard is not None:  # creates or checks the collection under its lock (embedded engine)
+        if callable(getattr(source, "static_payload", None)):
+            raise CbmirError("--shard splits row-id collections (MedMNIST) between workers; a user archive is "
+                             "synced instead (ids from its file keys): ingest it in one process")
+        plan = SharePlan(store, name, meta, shard, {sp: int(source.split_size(sp)) for sp in splits})
+        stored, target = plan.meta, plan.target
+    else:
+        stored = store.ensure_collection(target, meta)  # another configuration: CbmirError
     report = IngestReport(collection=name, meta=stored)
     if uses_key_ids(stored):  # a user archive: sync it (cbmir.ingest.sync)
         from cbmir.ingest.sync import check_same_archive, sync_splits
@@ -225,7 +253,7 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
     else:  # MedMNIST (and archives ingested by an older cbmir): row ids, resumed at the missing rows
         check_fingerprint(name, stored, meta, source)  # another / changed source: CbmirError
         _resume_rows(source, embedder, store, target, stored, splits, batch_size=batch_size, progress=progress,
-                     report=report)
+                     report=report, plan=plan)
     if report.rejected:
         total = sum(len(v) for v in report.rejected.values())
         rows = "; ".join(f"{sp} rows {rows_text(v, 20)}" for sp, v in report.rejected.items())
@@ -235,7 +263,13 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             f"{name}: {total} feature vector(s) contained NaN/inf and were NOT stored ({rows}); "
             f"all other rows are stored. {where}: fix the extractor or the input "
             f"images, then re-run the same command to embed just these rows.")
-    if target != name:
+    if plan is not None:
+        report.extra["share"] = plan.finish()  # merges a staging collection (embedded engine)
+        if not report.extra["share"]["complete"]:
+            return report  # other shares still to come: no split is complete yet
+        for split in splits:
+            _mark_complete(store, name, stored, split)
+    elif target != name:
         from cbmir.ingest.sync import count_added
 
         n_added = sum(count_added(store, name).values()) if old_meta is not None and uses_key_ids(old_meta) else 0
@@ -244,28 +278,38 @@ def ingest(source: DatasetSource, embedder, store: VectorStore, *, splits=("trai
             report.extra.setdefault("notes", []).append(
                 f"--recreate rebuilt {name!r} from its archive: the {n_added} point(s) added with `cbmir add` "
                 "(files outside the archive) are not in it; add them again")
+    if stored.index_config().approximate:
+        t0 = time.perf_counter()
+        if store.build_index(name):
+            report.extra["index_build_s"] = time.perf_counter() - t0
     return report
 
 
 def _resume_rows(source: DatasetSource, embedder, store: VectorStore, target: str, meta: CollectionMeta, splits,
-                 *, batch_size: int, progress: bool, report: IngestReport) -> None:
-    """Embed the rows of ``splits`` not yet stored in ``target`` (point ids from row positions)."""
+                 *, batch_size: int, progress: bool, report: IngestReport, plan: SharePlan | None = None) -> None:
+    """Embed the rows of ``splits`` not yet stored in ``target`` (point ids from row positions); with a share
+    ``plan``, only this worker's rows (the other shares' rows and rows already merged count as done)."""
     for split in splits:
         n = source.split_size(split)
         present = _stored_rows(store, target, split, n)
+        mine = np.ones(n, dtype=bool)
+        if plan is not None:
+            present |= plan.skip_rows(split, n)
+            mine = plan.share.mine(split, n)
         n_present = int(present.sum())
-        report.resumed_from[split] = n_present
+        report.resumed_from[split] = int(present[mine].sum())
         if n_present >= n:
             report.skipped.append(split)
             report.written[split] = 0
-            _mark_complete(store, target, meta, split)
+            if plan is None:
+                _mark_complete(store, target, meta, split)
             continue
         start = int(np.flatnonzero(~present)[0])
         # rows stored before are not embedded again
         batches = (_subset(b, ~present[b.indices]) for b in source.iter_batches(split, batch_size, start=start))
         embed_split(report, store, target, split, batches, embedder, meta, total=n, initial=n_present,
                     desc=f"{report.collection} [{split}]", progress=progress)
-        if split not in report.rejected:
+        if split not in report.rejected and plan is None:
             _mark_complete(store, target, meta, split)
 
 

@@ -7,7 +7,12 @@ One shard directory per collection under the store root::
     <store_path>/.locks/<collection>.lock  advisory lock file (see below)
 
 Every query passes ``exact=True``: after ``optimize()`` Edge builds HNSW and non-exact queries
-become approximate (DESIGN.md §4).
+become approximate (DESIGN.md §4). A collection created in an approximate mode
+(:mod:`cbmir.search.index_config`) carries its HNSW / quantization settings in the shard's
+configuration; :meth:`EdgeStore.build_index` runs ``optimize()`` (the ingest job calls it once a
+collection is complete), and queries in that mode pass ``exact=False`` with ``hnsw_ef`` and the
+quantization's rescoring / oversampling. Exact queries (``exact=True``, quantization ignored) stay
+exact on such a collection: Edge scores every point on its float32 vector.
 
 **One process per collection; shared within a process.** Qdrant Edge itself refuses a second opener
 of a shard with an opaque WAL error (``Can't init WAL: Kind(WouldBlock)``). Within one process every
@@ -48,6 +53,7 @@ import qdrant_edge as qe
 
 from cbmir.core.errors import CbmirError, StoreBusyError
 from cbmir.search.filters import Selection, as_selection
+from cbmir.search.index_config import IndexConfig, search_settings
 from cbmir.search.schema import CollectionMeta, parse_meta
 from cbmir.search.store import VectorStore, engine_distance
 
@@ -84,6 +90,31 @@ def _command() -> str:
         sub = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
         return f"cbmir {sub}".strip()[:60]
     return ("python -c" if prog == "-c" else prog)[:60]
+def _edge_config(meta: CollectionMeta) -> "qe.EdgeConfig":
+    """The shard configuration of ``meta``: one dense vector per layout chunk; for an approximate search mode
+    also its HNSW graph (``m = 0``: none, for a quantized brute-force scan), quantization (quantized vectors
+    pinned in RAM) and the indexing threshold."""
+    dist = _DIST[engine_distance(meta)]
+    vectors = {c: qe.EdgeVectorParams(size=b - a, distance=dist) for c, a, b in meta.layout}
+    mode = meta.index_config()
+    if not mode.approximate:
+        return qe.EdgeConfig(vectors=vectors, payload_memory=qe.Memory.Cached)
+    quant = None
+    if mode.quantization == "int8":
+        quant = qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=mode.quantile, memory=qe.Memory.Pinned)
+    elif mode.quantization == "binary":
+        quant = qe.BinaryQuantizationConfig(memory=qe.Memory.Pinned)
+    return qe.EdgeConfig(
+        vectors=vectors, payload_memory=qe.Memory.Cached, quantization_config=quant,
+        hnsw_config=qe.HnswIndexConfig(m=mode.m if mode.index == "hnsw" else 0, ef_construct=mode.ef_construct,
+                                       full_scan_threshold=mode.full_scan_kb),
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=mode.full_scan_kb))
+
+
+def _search_params(mode: IndexConfig | None) -> "qe.SearchParams":
+    """Per-query search parameters (:func:`cbmir.search.index_config.search_settings`)."""
+    params, quant = search_settings(mode)
+    return qe.SearchParams(**params, quantization=qe.QuantizationSearchParams(**quant) if quant else None)
 
 
 def _write_meta_file(d: Path, meta: CollectionMeta) -> None:
@@ -101,6 +132,9 @@ class EdgeStore(VectorStore):
     """
 
     engine = "qdrant-edge"
+    concurrent_writers = False
+    #: seconds to wait for another process's lock on a collection before failing (0: fail at once)
+    lock_wait_s: float = 0.0
 
     def __init__(self, root: str | os.PathLike, *, lock_wait_s: float = 0.0) -> None:
         self.root = Path(root)
@@ -236,12 +270,7 @@ class EdgeStore(VectorStore):
             self._drop_shard(name, flush=False)
             shutil.rmtree(d / "shard")
         d.mkdir(parents=True, exist_ok=True)
-        dist = _DIST[engine_distance(meta)]
-        config = qe.EdgeConfig(
-            vectors={c: qe.EdgeVectorParams(size=b - a, distance=dist) for c, a, b in meta.layout},
-            payload_memory=qe.Memory.Cached,
-        )
-        sh = qe.EdgeShard.create(str(d / "shard"), config)
+        sh = qe.EdgeShard.create(str(d / "shard"), _edge_config(meta))
         sh.update(qe.UpdateOperation.create_field_index("split", qe.PayloadSchemaType.Keyword))
         sh.flush()
         with _REGISTRY_LOCK:
@@ -268,10 +297,10 @@ class EdgeStore(VectorStore):
         points = [qe.Point(pid, {c: lists[c][i] for c in lists}, payloads[i]) for i, pid in enumerate(ids)]
         sh.update(qe.UpdateOperation.upsert_points(points))
 
-    def _query(self, name, vector_name, queries, limit, split):
+    def _query(self, name, vector_name, queries, limit, split, mode=None):
         sh = self._shard(name)
         flt = _split_filter(split)
-        params = qe.SearchParams(exact=True)
+        params = _search_params(mode)
         reqs = [qe.QueryRequest(limit=int(limit), query=qe.Query.Nearest(row.tolist(), using=vector_name),
                                 filter=flt, params=params, with_payload=False, with_vector=False)
                 for row in queries]
@@ -348,6 +377,25 @@ class EdgeStore(VectorStore):
         except CbmirError:
             self.delete_collection(name)
             raise
+    def build_index(self, name: str) -> bool:
+        """Run Edge's optimizer on an approximate collection (HNSW graph, quantized vectors; blocking, minutes for
+        millions of points); True when it built something (False: an exact collection, or already built)."""
+        if not self.meta(name).index_config().approximate:
+            return False
+        sh = self._shard(name)
+        built = bool(sh.optimize())
+        sh.flush()
+        return built
+
+    def lock(self, name: str) -> None:
+        """Take the advisory lock of ``name`` for this process, waiting up to :attr:`lock_wait_s` for another
+        process to release it."""
+        self._lock(name)
+
+    def release_collection(self, name: str) -> None:
+        """Close this store's use of ``name`` (the shard is flushed and closed, and the lock released, when no other
+        store of this process uses it), so that another process can open it."""
+        self._release(name)
 
     def flush(self, name: str | None = None) -> None:
         """Flush pending writes of one collection (or all open ones) to disk."""

@@ -151,6 +151,8 @@ class CollectionMeta:
         layout: named vector chunks ``[[name, start, stop], ...]``; more than one when
             ``dim`` exceeds :data:`MAX_VECTOR_DIM`. Cosine vectors are L2-normalised as a whole
             before chunking; the score of a point is the sum of its chunk scores.
+        index: the search mode (:meth:`cbmir.search.index_config.IndexConfig.to_meta`): ``{}`` for exact
+            search (the default), else the approximate index and quantization settings.
         extra: free-form extra facts (source kind, version) — not checked for compatibility.
         input_size: the CNN input-size policy: None = ``native`` (the study's), else the side N every
             image (or slice) was resized to (:mod:`cbmir.core.input_size`). Absent in older metadata (native).
@@ -170,9 +172,10 @@ class CollectionMeta:
     layout: list = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     input_size: int | None = None
+    index: dict[str, Any] = field(default_factory=dict)
 
     CHECKED = ("dataset", "size", "model", "backend", "dim", "distance", "weights",
-               "random_init", "preprocessing", "is_3d", "aggregation", "input_size")
+               "random_init", "preprocessing", "is_3d", "aggregation", "input_size", "index")
 
     def __post_init__(self) -> None:
         if self.distance not in DISTANCES:
@@ -180,6 +183,11 @@ class CollectionMeta:
         if not self.layout:
             self.layout = [list(c) for c in chunk_layout(self.dim)]
         self.layout = [list(c) for c in self.layout]
+        if self.index and len(self.layout) > 1:
+            raise CbmirError(
+                f"approximate search (--index / --quantization) needs one vector of at most {MAX_VECTOR_DIM:,} "
+                f"dims; {self.dim:,}-dim vectors are stored in {len(self.layout)} chunks whose scores are summed "
+                "over every point, which only exact search can do: use --index exact")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -187,7 +195,7 @@ class CollectionMeta:
     #: JSON type of every field, checked by :meth:`from_dict` (stored metadata may be damaged)
     _TYPES = {"dataset": str, "size": int, "model": str, "backend": str, "dim": int, "distance": str,
               "weights": str, "random_init": bool, "preprocessing": str, "is_3d": bool, "aggregation": str,
-              "layout": list, "extra": dict, "input_size": (int, type(None))}
+              "layout": list, "extra": dict, "input_size": (int, type(None)), "index": dict}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CollectionMeta":
@@ -210,6 +218,13 @@ class CollectionMeta:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
+    def index_config(self):
+        """The collection's search mode, :class:`cbmir.search.index_config.IndexConfig` (exact when none is
+        recorded)."""
+        from cbmir.search.index_config import IndexConfig
+
+        return IndexConfig.from_meta(self.index)
+
     def differences(self, other: "CollectionMeta") -> dict[str, tuple[Any, Any]]:
         """Fields (of :attr:`CHECKED`) whose values differ: ``{field: (self, other)}``."""
         return {k: (getattr(self, k), getattr(other, k)) for k in self.CHECKED
@@ -219,8 +234,9 @@ class CollectionMeta:
         """One-line human description (model, backend, dim, weights, distance)."""
         ri = " RANDOM-INIT" if self.random_init else ""
         ins = f" input_size={self.input_size}" if self.input_size is not None else ""
+        mode = f" index={self.index_config().describe()}" if self.index else ""
         return (f"{self.dataset}@{self.size} model={self.model} backend={self.backend}{ins} dim={self.dim} "
-                f"distance={self.distance} weights={self.weights}{ri} preprocessing={self.preprocessing!r}")
+                f"distance={self.distance} weights={self.weights}{ri} preprocessing={self.preprocessing!r}{mode}")
 
 
 class DamagedMetaError(CbmirError):

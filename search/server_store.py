@@ -17,6 +17,13 @@ itself is never printed). Any other HTTP error becomes a :class:`~cbmir.core.err
 server's answer. Re-sending is safe: upserts use deterministic point ids
 (:func:`cbmir.search.schema.point_id`), so a batch whose first attempt did reach the server overwrites
 itself; a collection creation answered 409 after a lost reply counts as done.
+
+**Cluster.** :class:`cbmir.search.cluster.ClusterConfig` (``cluster=``) sets the shards, replicas and
+write consistency of the collections created, the read consistency of every read, and gRPC
+(``prefer_grpc``) instead of REST; each collection gets payload indexes on ``split`` (keyword) and
+``label`` (integer), and its search mode's HNSW / quantization settings
+(:func:`cbmir.search.cluster.collection_params`).
+Several processes may upsert into one collection at once (sharded ingest writes directly).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ except ImportError:  # pragma: no cover - older qdrant-client
     ResourceExhaustedResponse = None  # type: ignore[assignment]
 
 from cbmir.core.errors import CbmirError, StoreUnavailableError
+from cbmir.search.cluster import ClusterConfig, collection_params, search_params
 from cbmir.search.filters import Selection, as_selection
 from cbmir.search.schema import CollectionMeta, parse_meta
 from cbmir.search.store import VectorStore, engine_distance
@@ -88,6 +96,8 @@ class ServerStore(VectorStore):
         retry_total_s: longest time, in seconds, spent retrying one call before giving up
             (``CBMIR_QDRANT_RETRY_S``); 0 disables retries.
         retry_base_s, retry_max_delay_s: first backoff delay and its cap, in seconds.
+        cluster: :class:`~cbmir.search.cluster.ClusterConfig` (shards, replicas, consistency, gRPC); default: the
+            server's defaults over REST.
 
     Raises:
         CbmirError: from any method, when the server stays unreachable, refuses the API key or
@@ -102,10 +112,13 @@ class ServerStore(VectorStore):
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, location: str | None = None,
                  path: str | None = None, timeout: float = 60.0, retry_total_s: float = 120.0,
-                 retry_base_s: float = 0.5, retry_max_delay_s: float = 15.0) -> None:
+                 retry_base_s: float = 0.5, retry_max_delay_s: float = 15.0,
+                 cluster: ClusterConfig | None = None) -> None:
+        self.cluster = cluster or ClusterConfig()
         if url:
             # check_compatibility=False: no blocking, unretried version request at construction
             self.client = QdrantClient(url=url, api_key=api_key, timeout=max(1, int(round(timeout))),
+                                       prefer_grpc=self.cluster.prefer_grpc, grpc_port=self.cluster.grpc_port,
                                        check_compatibility=False)
             self.engine = "qdrant-server"
         else:
@@ -119,7 +132,14 @@ class ServerStore(VectorStore):
         self._answered = False  # has the server answered once? (a refused first connect fails fast)
 
     def __repr__(self) -> str:  # never shows the API key
-        return f"ServerStore(engine={self.engine!r}, url={self.url!r})"
+        return f"ServerStore(engine={self.engine!r}, url={self.url!r}, transport={self.transport!r})"
+
+    @property
+    def transport(self) -> str:
+        """``grpc`` or ``rest`` for a server (``prefer_grpc``), ``local`` for qdrant-client local mode."""
+        if not self.url:
+            return "local"
+        return "grpc" if self.cluster.prefer_grpc else "rest"
 
     def _where(self) -> str:
         return f"Qdrant server {self.url}" if self.url else "qdrant-client local store"
@@ -194,10 +214,13 @@ class ServerStore(VectorStore):
             name,
             vectors_config={c: models.VectorParams(size=b - a, distance=dist) for c, a, b in meta.layout},
             metadata={_META_KEY: meta.to_json()}, ok_conflict=True,
+            **self.cluster.creation_params(), **collection_params(meta.index_config()),
         )
         if self.url:  # local mode has no payload indexes (and warns)
-            self._call(f"create the split index of {name!r}", self.client.create_payload_index,
-                       name, "split", models.PayloadSchemaType.KEYWORD)
+            for field, schema in (("split", models.PayloadSchemaType.KEYWORD),
+                                  ("label", models.PayloadSchemaType.INTEGER)):
+                self._call(f"create the {field} index of {name!r}", self.client.create_payload_index,
+                           name, field, schema)
 
     def read_meta(self, name: str) -> CollectionMeta | None:
         if not self._call(f"check collection {name!r}", self.client.collection_exists, name):
@@ -223,14 +246,15 @@ class ServerStore(VectorStore):
 
         self._call(f"upsert of {len(ids)} points into {name!r}", send)
 
-    def _query(self, name, vector_name, queries, limit, split):
+    def _query(self, name, vector_name, queries, limit, split, mode=None):
         flt = _split_filter(split)
-        params = models.SearchParams(exact=True)
+        params = search_params(mode)
         reqs = [models.QueryRequest(query=row.tolist(), using=vector_name, limit=int(limit), filter=flt,
                                     params=params, with_payload=False, with_vector=False) for row in queries]
         with warnings.catch_warnings():  # local mode: "search_params has no effect" (it is always exact)
             warnings.simplefilter("ignore", UserWarning)
-            out = self._call(f"query {name!r}", self.client.query_batch_points, name, requests=reqs)
+            out = self._call(f"query {name!r}", self.client.query_batch_points, name, requests=reqs,
+                             consistency=self.cluster.consistency())
         return [[(int(p.id), float(p.score)) for p in r.points] for r in out]
 
     def _scroll(self, name, split, with_vectors, batch=1024) -> Iterator:
@@ -238,7 +262,8 @@ class ServerStore(VectorStore):
         while True:
             recs, offset = self._call(f"scroll {name!r}", self.client.scroll, name,
                                       scroll_filter=_split_filter(split), limit=batch, offset=offset,
-                                      with_payload=True, with_vectors=with_vectors)
+                                      with_payload=True, with_vectors=with_vectors,
+                                      consistency=self.cluster.consistency())
             if recs:
                 chunks = None
                 if with_vectors:
@@ -249,7 +274,7 @@ class ServerStore(VectorStore):
 
     def _retrieve(self, name, ids, with_vectors):
         recs = self._call(f"retrieve points of {name!r}", self.client.retrieve, name, ids=[int(i) for i in ids],
-                          with_payload=True, with_vectors=with_vectors)
+                          with_payload=True, with_vectors=with_vectors, consistency=self.cluster.consistency())
         return [(int(r.id), ({c: np.asarray(v, dtype=np.float32) for c, v in r.vector.items()}
                              if with_vectors else None), dict(r.payload or {})) for r in recs]
 

@@ -8,7 +8,10 @@ delegates a handful of primitives to an engine:
 * :class:`cbmir.search.server_store.ServerStore` — a Qdrant server through qdrant-client (also
   qdrant-client's local mode, which speaks the same client API and stands in for a server in tests).
 
-Both answer every query with ``exact=True`` (never HNSW), so rankings equal brute force.
+Both answer every query with ``exact=True`` (never HNSW), so rankings equal brute force — except a
+search of a collection created in an approximate mode (:mod:`cbmir.search.index_config`: HNSW and/or
+quantization), which uses that mode unless the caller asks for exact search (``search(..., exact=True)``:
+what the study's protocol, :func:`cbmir.evaluation.evaluate.evaluate_collection`, always does).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from cbmir.core.errors import CbmirError, NotFoundError
 from cbmir.search.filters import Selection
+from cbmir.search.index_config import IndexConfig
 from cbmir.search.schema import CollectionMeta, point_id, split_and_index
 
 #: Extra candidates fetched beyond k so that similarity ties at rank k are resolved exactly.
@@ -111,6 +115,9 @@ class VectorStore(ABC):
     #: layouts (rankings then equal a float64 brute force exactly); ``True`` = always; ``False`` = never
     #: (rankings equal brute force up to float32 rounding of near-tied scores).
     exact_rerank: bool | str = "auto"
+    #: Can several processes write one collection at the same time? (a Qdrant server: yes; the embedded
+    #: engine: no, one process per shard — sharded ingest then stages each share, :mod:`cbmir.ingest.shards`)
+    concurrent_writers: bool = True
 
     # ---------------------------------------------------------------- engine primitives
     @abstractmethod
@@ -131,8 +138,12 @@ class VectorStore(ABC):
 
     @abstractmethod
     def _query(self, name: str, vector_name: str, queries: np.ndarray, limit: int,
-               split: str | Selection | None) -> list[list[tuple[int, float]]]:
-        """Exact nearest neighbours of each query row within ``split``: ``[(id, score), ...]`` per query."""
+               split: str | Selection | None, mode: IndexConfig | None = None) -> list[list[tuple[int, float]]]:
+        """Nearest neighbours of each query row within ``split``: ``[(id, score), ...]`` per query.
+
+        ``mode`` None: exact (every point scored on its float32 vector, quantization ignored); else the
+        collection's approximate mode (HNSW with ``mode.ef``, quantized scoring with its rescoring).
+        """
 
     @abstractmethod
     def _scroll(self, name: str, split: str | Selection | None, with_vectors: bool,
@@ -164,6 +175,35 @@ class VectorStore(ABC):
     def list_collections(self) -> list[str]:
         """Names of all collections."""
 
+    def build_index(self, name: str) -> bool:
+        """Build the approximate index / quantized vectors of an approximate collection now (blocking) where the
+        engine does not do it by itself; True when something was built. Default: nothing to do (a Qdrant
+        server optimizes in the background)."""
+        return False
+
+    def lock(self, name: str) -> None:
+        """Take collection ``name`` for this process until :meth:`release_collection` / :meth:`close` (the embedded
+        engine: its advisory lock, waiting up to ``lock_wait_s`` for another process). Default: nothing to take."""
+
+    def release_collection(self, name: str) -> None:
+        """Stop using collection ``name`` in this store (the embedded engine closes its shard and lets another
+        process open it); it is reopened on next use. Default: nothing to release."""
+
+    def copy_points(self, src: str, dst: str) -> int:
+        """Upsert every point of ``src`` (vectors as stored, payloads) into ``dst``, page by page; returns the
+        number of points copied. Idempotent (same point ids), so an interrupted copy is redone by copying again."""
+        meta = self.meta(src)
+        n = 0
+        for ids, chunks, payloads in self._scroll(src, None, True,
+                                                  batch=rows_per_call(meta.dim, self.max_values_per_call)):
+            self._upsert(dst, ids, chunks, payloads)
+            n += len(ids)
+        flush = getattr(self, "flush", None)
+        if flush:
+            flush(dst)
+        self._rerank_cache = None
+        return n
+
     def replace_collection(self, staging: str, name: str) -> None:
         """Make ``name`` hold the points and metadata of ``staging``, then remove ``staging``.
 
@@ -181,7 +221,6 @@ class VectorStore(ABC):
         self.delete_collection(name)
         copy_collection(self, staging, self, name)
         self.delete_collection(staging)
-        self._rerank_cache = None
 
     def set_payloads(self, name: str, pairs: Sequence[tuple[int, dict]]) -> None:
         """Replace the payload of existing points ``[(point id, payload), ...]``; their vectors are not
@@ -307,18 +346,23 @@ class VectorStore(ABC):
             self._upsert(name, ids[lo:lo + step], chunks, payloads[lo:lo + step])
 
     def search(self, name: str, queries: np.ndarray, k: int, *, split: str | Selection = "train",
-               exclude_ids: Sequence[Sequence[int]] | None = None) -> SearchResult:
-        """Exact top-``k`` of each query among the points of ``split`` (the database): a split name, or a
+               exclude_ids: Sequence[Sequence[int]] | None = None, exact: bool | None = None,
+               ef: int | None = None) -> SearchResult:
+        """Top-``k`` of each query among the points of ``split`` (the database): a split name, or a
         :class:`~cbmir.search.filters.Selection` (a split and a payload filter; only matching points
         are scored, so the result stays exact).
 
-        Ties in similarity are broken by lower database index (DESIGN.md §2), so results are
-        deterministic and equal a brute-force ranking.
+        Exact for an exact collection (the default mode) or with ``exact=True``; ties in similarity are
+        then broken by lower database index (DESIGN.md §2), so results are deterministic and equal a
+        brute-force ranking. A collection created in an approximate mode (:mod:`cbmir.search.index_config`)
+        is searched in that mode unless ``exact=True``.
 
         Args:
             queries: float32 ``(Q, dim)`` or ``(dim,)``.
             k: number of results per query (clipped to the database size).
             exclude_ids: optional per-query point ids to leave out (e.g. the query itself).
+            exact: True: exact search whatever the collection's mode; None / False: the collection's mode.
+            ef: HNSW query-time candidate list for an ``hnsw`` collection (None: the collection's ``ef``).
 
         Returns:
             :class:`SearchResult` with ``(Q, k)`` arrays.
@@ -333,34 +377,36 @@ class VectorStore(ABC):
             raise CbmirError(f"k must be >= 1, got {k}")
         excl = [set(map(int, e)) for e in exclude_ids] if exclude_ids is not None else [set()] * len(q)
         lower_better = meta.distance == "euclidean"
+        cfg = meta.index_config()
+        mode = cfg.with_ef(ef) if cfg.approximate and not exact else None
         if len(meta.layout) == 1:
-            hits = self._search_single(name, meta, q, k, n_db, split, excl, lower_better)
+            hits = self._search_single(name, meta, q, k, n_db, split, excl, lower_better, mode)
         else:
             hits = self._search_chunked(name, meta, q, n_db, split, lower_better)
         rerank = self.exact_rerank
-        if rerank is True or (rerank == "auto" and (meta.is_3d or len(meta.layout) > 1)):
+        if mode is None and (rerank is True or (rerank == "auto" and (meta.is_3d or len(meta.layout) > 1))):
             hits = self._exact_rerank(name, meta, q, hits, k, n_db, split, excl, lower_better)
         return self._finish(hits, k, excl, lower_better)
 
-    def _search_single(self, name, meta, q, k, n_db, split, excl, lower_better):
+    def _search_single(self, name, meta, q, k, n_db, split, excl, lower_better, mode=None):
         vname = meta.layout[0][0]
         pad = max(len(e) for e in excl) if excl else 0
         limit = min(n_db, k + TIE_MARGIN + pad)
-        out = self._query_rows(name, vname, q, limit, split)
+        out = self._query_rows(name, vname, q, limit, split, mode)
         for i, res in enumerate(out):
             lim = limit
             while lim < n_db and len(res) >= lim and self._tie_at_boundary(res, k + len(excl[i]), lower_better):
                 lim = min(n_db, lim * 4)
-                res = self._query(name, vname, q[i:i + 1], lim, split)[0]
+                res = self._query(name, vname, q[i:i + 1], lim, split, mode)[0]
             out[i] = res
         return out
 
-    def _query_rows(self, name, vector_name, queries, limit, split):
+    def _query_rows(self, name, vector_name, queries, limit, split, mode=None):
         """:meth:`_query` in groups of at most :attr:`max_values_per_call` query values per call."""
         step = rows_per_call(queries.shape[1], self.max_values_per_call)
         out = []
         for lo in range(0, len(queries), step):
-            out.extend(self._query(name, vector_name, queries[lo:lo + step], limit, split))
+            out.extend(self._query(name, vector_name, queries[lo:lo + step], limit, split, mode))
         return out
 
     @staticmethod
@@ -608,11 +654,16 @@ def open_store(settings=None, *, store_path=None, qdrant_url=None, api_key=None)
         if api_key is None and settings.qdrant_api_key is not None:
             api_key = settings.qdrant_api_key.get_secret_value()
     if qdrant_url:
+        from cbmir.search.cluster import ClusterConfig
         from cbmir.search.server_store import ServerStore
 
         timeout = getattr(settings, "qdrant_timeout_s", 60.0) if settings is not None else 60.0
         retry = getattr(settings, "qdrant_retry_s", 120.0) if settings is not None else 120.0
-        return ServerStore(url=qdrant_url, api_key=api_key, timeout=timeout, retry_total_s=retry)
+        given = {k: getattr(settings, f"qdrant_{k}", None) for k in (
+            "shard_number", "replication_factor", "write_consistency_factor", "read_consistency", "prefer_grpc",
+            "grpc_port")}
+        cluster = ClusterConfig(**{k: v for k, v in given.items() if v is not None})
+        return ServerStore(url=qdrant_url, api_key=api_key, timeout=timeout, retry_total_s=retry, cluster=cluster)
     from cbmir.search.edge_store import EdgeStore
 
     wait = float(getattr(settings, "lock_wait_s", 0.0) or 0.0) if settings is not None else 0.0

@@ -209,7 +209,8 @@ def class_name(names: dict[int, str], label: int) -> str | None:
 
 def collection_info(store, name: str) -> dict:
     """What a user needs to pick a collection: ``{name, dataset, size, model, family, display_name, dim,
-    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d, busy}``.
+    distance, engine, counts: {split: n}, class_names: {label: name}, random_init, baseline, is_3d, busy,
+    search_mode}`` (``search_mode``: ``exact``, or the approximate mode of :mod:`cbmir.search.index_config`).
 
     ``busy`` is None, or (embedded store) the message naming the process that holds the collection now;
     its ``counts`` are then empty (they cannot be read until it is done).
@@ -232,7 +233,8 @@ def collection_info(store, name: str) -> dict:
             "dim": meta.dim, "distance": meta.distance, "engine": store.engine, "counts": counts,
             "class_names": {str(k): v for k, v in class_names(meta).items()}, "random_init": meta.random_init,
             "baseline": bool(spec is not None and spec.baseline),
-            "is_3d": meta.is_3d, "busy": busy}
+            "is_3d": meta.is_3d, "busy": busy,
+            "search_mode": meta.index_config().name}
 
 
 def _spec_or_none(model: str):

@@ -22,7 +22,10 @@ log = logging.getLogger("cbmir.app")
 
 SETTING_OPTIONS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
                    "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device",
-                   "threads": "--threads"}
+                   "threads": "--threads", "qdrant_shard_number": "--shard-number",
+                   "qdrant_replication_factor": "--replication-factor",
+                   "qdrant_write_consistency_factor": "--write-consistency-factor",
+                   "qdrant_read_consistency": "--read-consistency", "qdrant_prefer_grpc": "--prefer-grpc"}
 
 
 def file_on_path(p: Path) -> Path | None:
@@ -47,6 +50,10 @@ def load_settings(**overrides) -> Settings:
     if s.qdrant_url and not str(s.qdrant_url).lower().startswith(("http://", "https://")):
         raise CbmirError(f"--qdrant-url / CBMIR_QDRANT_URL {s.qdrant_url!r} has no scheme: give a full URL such as "
                          f"http://{s.qdrant_url}, or drop --qdrant-url to use the embedded store")
+    if s.qdrant_read_consistency is not None:
+        from cbmir.search.cluster import parse_read_consistency
+
+        parse_read_consistency(s.qdrant_read_consistency)  # all | majority | quorum | N, else CbmirError
     if not s.qdrant_url:
         sp = Path(s.store_path).expanduser()
         bad = file_on_path(sp)

@@ -16,6 +16,8 @@ def evaluate(app, name: str, *, k: int = 5, search_backend: str = "store", progr
              latency_sample: int = 50, query_split: str = "test", database_split: str = "train"):
     """Query every ``query_split`` point of collection ``name`` against its ``database_split`` points (the
     study's protocol: test against train). Equal splits: leave-one-out (each query's own point excluded).
+    The search is exact even when the collection was created for approximate search (its HNSW /
+    quantization is bypassed).
 
     Returns:
         ``(evaluation, notes)``: :class:`cbmir.evaluation.evaluate.Evaluation` (metrics as fractions in
@@ -58,6 +60,8 @@ def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> d
     return {
         "collection": ev.collection, "engine": ev.engine, "distance": ev.distance, "k": ev.k,
         "search_backend": getattr(ev, "search_backend", "store"),
+        # the study's protocol searches exactly, whatever the collection's serving mode (index_mode)
+        "search_mode": "exact", "index_mode": meta.index_config().name,
         "dataset": meta.dataset, "size": meta.size, "model": meta.model, "backend": meta.backend,
         "dim": meta.dim, "weights": meta.weights, "random_init": meta.random_init,
         "family": "handcrafted baseline" if get_spec(meta.model).baseline else None,

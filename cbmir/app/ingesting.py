@@ -24,7 +24,7 @@ def check_model_weights(ref: CollectionRef, weights: str | None = None) -> None:
 
 def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, recreate: bool = False,
                       splits: Sequence[str] = ("train", "test"), progress: bool = True, download: bool = True,
-                      wrap: Callable | None = None, evaluable: bool = False):
+                      wrap: Callable | None = None, evaluable: bool = False, shard=None, index=None):
     """Embed the ``splits`` of ``ref``'s dataset and upsert them into its collection.
 
     Args:
@@ -38,6 +38,9 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
         wrap: optional ``wrap(source, embedder) -> (source, embedder)`` (the grid's feature cache).
         evaluable: refuse, before embedding anything, a dataset the study's metrics cannot evaluate
             (multi-label, :func:`cbmir.evaluation.labels.check_single_label`): ``run`` and the grid.
+        shard: :class:`cbmir.ingest.shards.Share` — embed only this share of every split (``--shard i/n``).
+        index: :class:`cbmir.search.index_config.IndexConfig` — search mode of a new collection (None: exact,
+            or the existing collection's own).
 
     Returns:
         ``(source, report)``: the opened source and :class:`cbmir.ingest.job.IngestReport`
@@ -73,7 +76,7 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
     if wrap is not None:
         source, embedder = wrap(source, embedder)
     report = ingest(source, embedder, app.store, splits=tuple(splits), batch_size=s.batch_size,
-                    distance=ref.distance, recreate=recreate, progress=progress)
+                    distance=ref.distance, recreate=recreate, progress=progress, shard=shard, index=index)
     report.extra["model_load_s"] = model_load_s
     # for a later run that reuses the collection (the grid's Table 6); features replayed from a cache are not
     # an extraction time

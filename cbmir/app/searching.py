@@ -18,6 +18,9 @@ call :func:`search`):
 * **distance**: a request that names a distance other than the collection's is refused (a cosine collection
   never silently answers a Euclidean request).
 * **filter**: payload equality / any-of (:mod:`cbmir.search.filters`), applied inside the exact search.
+* **mode**: a collection created for approximate search (HNSW / quantization,
+  :mod:`cbmir.search.index_config`) is searched in its mode (``ef`` overrides its HNSW query-time candidate
+  list) unless ``exact=True``; the response names the mode (``search_mode``) and notes that it is approximate.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class SearchRequest:
         distance: the distance the caller expects (None: the collection's).
         weights: local weights file/directory for embedding images/files (default: the model's source).
         file_options: :class:`FileOptions`.
+        exact: True: exact search even on an approximate collection. ef: HNSW query-time ``ef`` (None: the
+            collection's).
     """
 
     collection: str
@@ -76,6 +81,8 @@ class SearchRequest:
     distance: str | None = None
     weights: str | None = None
     file_options: FileOptions = field(default_factory=FileOptions)
+    exact: bool | None = None
+    ef: int | None = None
 
 
 @dataclass
@@ -116,6 +123,8 @@ class SearchResponse:
 
     ``excluded_self`` tells whether stored queries were left out of their own results; ``notes`` holds
     one-line warnings (an all-zero query vector; a collapsed collection whose vectors barely differ).
+    ``search_mode`` is ``exact`` or the approximate mode
+    used (e.g. ``hnsw+int8 (ef=128)``).
     """
 
     collection: str
@@ -127,6 +136,7 @@ class SearchResponse:
     queries: list[QueryInfo]
     hits: list[list[Hit]]
     notes: list[str] = field(default_factory=list)
+    search_mode: str = "exact"
 
     def to_dict(self) -> dict:
         """JSON-ready form (the CLI's ``--json`` and the service's body)."""
@@ -298,13 +308,35 @@ def search(app, req: SearchRequest) -> SearchResponse:
         in_db = [i.split == sel.split and _in_selection(store, name, i, sel) for i in infos]
         excl = [[i.point_id] if hit else [] for i, hit in zip(infos, in_db)]
     k = _check_k(req.k, n_db, str(sel), minus_self=bool(excl and any(excl)))
-    res = store.search(name, vectors, k, split=sel, exclude_ids=excl)
+    mode, mode_note = _search_mode(meta, req)
+    res = store.search(name, vectors, k, split=sel, exclude_ids=excl, exact=req.exact, ef=req.ef)
     hits = _hits(store, name, class_names(meta), res, sel.split)
     notes = [n for n in (zero_query_warning(zero_rows(vectors), len(vectors), "query"),
-                         app.collapse_warning(name, sel.split)) if n]
+                         app.collapse_warning(name, sel.split), mode_note) if n]
     return SearchResponse(collection=name, k=k, distance=meta.distance, database_split=sel.split,
                           filter={f: list(v) for f, v in sel.match} or None, excluded_self=bool(exclude),
-                          queries=infos, hits=hits, notes=notes)
+                          queries=infos, hits=hits, notes=notes, search_mode=mode)
+
+
+def _search_mode(meta, req: SearchRequest) -> tuple[str, str | None]:
+    """``(mode name, note)`` of a search: ``("exact", None)``, or the approximate mode and a one-line note.
+
+    Raises:
+        CbmirError: ``ef`` for a collection without an HNSW index, or not a positive integer.
+    """
+    cfg = meta.index_config()
+    if req.ef is not None and (cfg.index != "hnsw" or req.exact):
+        raise CbmirError(f"ef {req.ef} applies to an HNSW collection searched approximately; collection "
+                         f"{req.collection!r} is searched "
+                         f"{'exactly' if req.exact or not cfg.approximate else cfg.name}")
+    if req.ef is not None and (isinstance(req.ef, bool) or not isinstance(req.ef, (int, np.integer)) or req.ef < 1):
+        raise CbmirError(f"ef {req.ef!r}: must be an integer >= 1")
+    if not cfg.approximate or req.exact:
+        return "exact", None
+    cfg = cfg.with_ef(req.ef)
+    mode = cfg.name + (f" (ef={cfg.ef})" if cfg.index == "hnsw" else "")
+    return mode, (f"approximate search ({cfg.describe()}): hits may differ from the exact top-k; "
+                  "ask for exact search to compare (--exact)")
 
 
 def _in_selection(store, name: str, info: QueryInfo, sel) -> bool:

@@ -28,6 +28,13 @@ class Settings(BaseSettings):
         qdrant_retry_s: longest time, in seconds, one server call is retried (exponential backoff)
             while the server is unreachable, timing out or answering 5xx, before a clear error
             (``CBMIR_QDRANT_RETRY_S``; 0 = no retries).
+        qdrant_shard_number, qdrant_replication_factor, qdrant_write_consistency_factor: a Qdrant server's
+            shards, copies of each shard and replicas acknowledging a write, for collections cbmir creates
+            (``CBMIR_QDRANT_SHARD_NUMBER`` ...; None: the server's default). See ``docs/scaling.md``.
+        qdrant_read_consistency: replicas that must answer a read: ``all``, ``majority``, ``quorum`` or a number
+            (``CBMIR_QDRANT_READ_CONSISTENCY``; None: the server's default, one).
+        qdrant_prefer_grpc: talk to the server over gRPC (port ``qdrant_grpc_port``) instead of REST
+            (``CBMIR_QDRANT_PREFER_GRPC``): protobuf bulk upserts and batched queries.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: images per extractor forward pass.
         num_workers: DataLoader workers for preprocessing (0 = in the main process).
@@ -46,6 +53,12 @@ class Settings(BaseSettings):
     qdrant_api_key: SecretStr | None = None
     qdrant_timeout_s: float = Field(default=60.0, gt=0)
     qdrant_retry_s: float = Field(default=120.0, ge=0)
+    qdrant_shard_number: int | None = Field(default=None, ge=1)
+    qdrant_replication_factor: int | None = Field(default=None, ge=1)
+    qdrant_write_consistency_factor: int | None = Field(default=None, ge=1)
+    qdrant_read_consistency: str | None = None
+    qdrant_prefer_grpc: bool = False
+    qdrant_grpc_port: int = Field(default=6334, ge=1, le=65535)
     device: str = "auto"
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=0, ge=0)
