@@ -233,3 +233,25 @@ def test_reused_collection_reports_the_ingest_timing_recorded_in_its_metadata(da
     assert second["query_extraction_s"] == pytest.approx(first["query_extraction_s"])
     assert "recorded in the collection" in second["timing_note"]
     assert "no earlier timing known" not in second["timing_note"]
+
+
+def test_run_json_of_a_reused_collection_reports_the_recorded_ingest_times(tmp_path, data_dir):
+    """A second ``cbmir run`` reuses the collection: its JSON gives the database-creation and query-extraction
+    times recorded when the collection was built (not 0.0)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cbmir.cli import app
+
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.json"
+        r = CliRunner().invoke(app, ["run", "-d", "breastmnist", "-s", "28", "-m", "hog", "--data-dir", str(data_dir),
+                                     "--store-path", str(tmp_path / "s"), "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        outs.append(json.loads(out.read_text()))
+    assert outs[1]["reused_splits"] == ["train", "test"]
+    for key in ("database_creation_s", "query_extraction_s"):
+        assert outs[0]["timings"][key] > 0
+        assert outs[1]["timings"][key] == outs[0]["timings"][key]

@@ -73,8 +73,8 @@ def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> d
         "majority_class_rate": ev.majority_class_rate,
         "majority_class_rate_percent": 100.0 * float(ev.majority_class_rate), "warnings": ev.warnings,
         "timings": {
-            "database_creation_s": rep.seconds.get("train", 0.0) if rep else None,
-            "query_extraction_s": rep.seconds.get("test", 0.0) if rep else None,
+            "database_creation_s": _split_seconds(rep, meta, "train"),
+            "query_extraction_s": _split_seconds(rep, meta, "test"),
             "ingest_total_s": ingest_total_s,
             "slices_per_s": rep.extra.get("slices_per_s") if rep else None,
             **ev.timings,
@@ -87,3 +87,16 @@ def result_dict(ev, meta, report=None, ingest_total_s: float | None = None) -> d
                       "topk_indices": ev.topk_indices.tolist(),
                       "topk_scores": [[float(x) for x in row] for row in ev.topk_scores]},
     }
+
+
+def _split_seconds(report, meta, split: str) -> float | None:
+    """Seconds to embed and upsert ``split``: measured by this run, or, for a split this run reused, the time
+    recorded in the collection metadata when it was built (``extra["ingest_timings"]``, None if unknown)."""
+    if report is None:
+        return None
+    if split in report.skipped:
+        from cbmir.ingest.job import TIMINGS_KEY
+
+        rec = ((meta.extra or {}).get(TIMINGS_KEY) or {}).get(split)
+        return float(rec["seconds"]) if rec else None
+    return float(report.seconds.get(split, 0.0))
