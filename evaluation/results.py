@@ -12,7 +12,9 @@ report (:mod:`cbmir.evaluation.report`) reads it. The table is rewritten atomica
   (CNN input-size policy: ``native``, the study's, or a side such as ``224``; ``native`` in older tables);
 * identity: ``family``, ``collection``, ``engine``, ``store``, ``weights`` (identity recorded in
   the collection: hub id, ``sha256:...``, ``random-init`` or ``none``), ``dim``, ``is_3d``,
-  ``aggregation``, ``k``, ``n_queries``, ``n_database``, ``device``, ``threads`` (torch CPU threads);
+  ``aggregation``, ``k``, ``n_queries``, ``n_database``, ``device``, ``threads`` (torch CPU threads),
+  ``precision`` (the forward-pass precision the collection was built with: ``fp32``, ``bf16-autocast``,
+  ``fp16-autocast``; empty when not recorded: no torch extractor, or an older collection);
 * metrics, **percent** (0-100), as the study prints them: ``mAP@5, mMV@5, ACC@1, ACC@3, ACC@5``
   and ``majority_class_rate`` (ACC@1 of always answering the database's majority class);
 * evaluation rules (:mod:`cbmir.evaluation.labels`, the README section "Metrics"): ``leave_one_out`` (bool: query
@@ -84,7 +86,7 @@ METRIC_COLUMNS: tuple[str, ...] = ("mAP@5", "mMV@5", "ACC@1", "ACC@3", "ACC@5")
 COLUMNS: tuple[str, ...] = (
     *KEY, "status", "error",
     "family", "collection", "engine", "store", "weights", "dim", "is_3d", "aggregation", "k",
-    "n_queries", "n_database", "device", "threads",
+    "n_queries", "n_database", "device", "threads", "precision",
     *METRIC_COLUMNS, "majority_class_rate",
     "leave_one_out", "n_unlabelled_queries", "n_unlabelled_database", "label_task", "warnings",
     "model_load_s", "database_creation_s", "database_items_per_s", "query_extraction_s", "search_s",

@@ -84,8 +84,9 @@ class IngestReport:
 
 def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine",
                index: IndexConfig | None = None) -> CollectionMeta:
-    """Collection metadata of ``source`` embedded by ``embedder`` (records weights, preprocessing and the
-    search mode ``index``, exact when None).
+    """Collection metadata of ``source`` embedded by ``embedder`` (records weights, preprocessing, the
+    search mode ``index``, exact when None, and in ``extra["precision"]`` the forward-pass precision of torch
+    extractors: ``fp32``, ``bf16-autocast``, ``fp16-autocast``).
 
     Raises:
         CbmirError: an approximate ``index`` for vectors above Qdrant's per-vector limit (chunked layout).
@@ -98,9 +99,16 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine",
         preprocessing="; ".join(x for x in (str(ident.get("preprocessing", "")),
                                             str(getattr(source, "preprocessing", "") or "")) if x),
         is_3d=bool(source.is_3d), aggregation=getattr(embedder, "aggregation", "none"),
-        extra=source_extra(source), input_size=ident.get("input_size"),
+        extra=source_extra(source) | embedder_extra(embedder), input_size=ident.get("input_size"),
         index=index.to_meta() if index is not None else {},
     )
+
+
+def embedder_extra(embedder) -> dict:
+    """``{"precision": label}`` for an embedder whose extractor states the precision of its forward pass
+    (:mod:`cbmir.ingest.extractors.precision`), else ``{}``."""
+    precision = getattr(getattr(embedder, "extractor", None), "precision", None)
+    return {"precision": str(precision)} if precision else {}
 
 
 def source_extra(source: DatasetSource) -> dict:

@@ -128,6 +128,9 @@ def test_timing_tables_split_test_time_and_use_the_extracting_twin():
              features_cached=True)
     t6, t7 = timing_tables(prepare_results(pd.DataFrame([a, b])))
     assert len(t6) == 1 and t6.iloc[0]["database creation s"] == 30.0
+    assert t6.iloc[0]["precision"] == ""  # not recorded (a table from before the column)
+    t6b, _ = timing_tables(prepare_results(pd.DataFrame([dict(a, precision="bf16-autocast")])))
+    assert t6b.iloc[0]["precision"] == "bf16-autocast"
     e = t7.set_index("distance").loc["euclidean"]
     assert e["query extraction s"] == 10.0 and e["search s"] == 1.5 and e["test s"] == 11.5
     assert e["search share %"] == pytest.approx(100 * 1.5 / 11.5)

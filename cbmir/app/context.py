@@ -22,6 +22,7 @@ log = logging.getLogger("cbmir.app")
 
 SETTING_OPTIONS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
                    "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device",
+                   "precision": "--precision",
                    "threads": "--threads", "qdrant_shard_number": "--shard-number",
                    "qdrant_replication_factor": "--replication-factor",
                    "qdrant_write_consistency_factor": "--write-consistency-factor",
@@ -219,7 +220,7 @@ class App:
                 ext = create_extractor(meta.model, weights=weights, random_init=meta.random_init,
                                        device=self.settings.device, batch_size=self.settings.batch_size,
                                        backend=meta.backend if meta.backend != "numpy" else None,
-                                       input_size=meta.input_size)
+                                       input_size=meta.input_size, precision=self.settings.precision)
                 emb = make_embedder(ext, size=meta.size, is_3d=meta.is_3d,
                                     aggregation=meta.aggregation if meta.is_3d else "concat")
                 check_same_weights(meta, emb)

@@ -65,7 +65,8 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
         torch.set_num_threads(int(s.threads))
     t0 = time.perf_counter()
     extractor = create_extractor(ref.model_name, weights=weights, random_init=ref.random_init, device=s.device,
-                                 batch_size=s.batch_size, backend=backend, input_size=ref.input_size)
+                                 batch_size=s.batch_size, backend=backend, input_size=ref.input_size,
+                                 precision=s.precision)
     model_load_s = time.perf_counter() - t0
     embedder = make_embedder(extractor, size=ref.size, is_3d=source.is_3d, aggregation=ref.aggregation)
     if evaluable:

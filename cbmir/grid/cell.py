@@ -59,12 +59,12 @@ def collection_for(cell: Cell, aggregation: str = "concat") -> str:
 
 
 def settings_for(config: GridConfig):
-    """:class:`cbmir.core.settings.Settings` with the grid's paths, device and batch size on top (checked:
+    """:class:`cbmir.core.settings.Settings` with the grid's paths, device, batch size and precision on top (checked:
     :func:`cbmir.app.load_settings`)."""
     from cbmir.app import load_settings
 
     return load_settings(data_dir=config.data_dir, store_path=config.store_path, qdrant_url=config.qdrant_url,
-                         device=config.device, batch_size=config.batch_size)
+                         device=config.device, batch_size=config.batch_size, precision=config.precision)
 
 
 def _store_location(settings) -> str:
@@ -265,7 +265,7 @@ def _ok_row(cell: Cell, run: _CellRun, *, device: str, per_query_file: str, star
         "collection": run.name, "engine": ev.engine, "store": run.store_loc, "weights": meta.weights,
         "dim": int(meta.dim), "is_3d": bool(meta.is_3d), "aggregation": meta.aggregation, "k": int(ev.k),
         "n_queries": int(ev.n_queries), "n_database": int(ev.n_database), "device": device,
-        "threads": _torch_threads(),
+        "threads": _torch_threads(), "precision": str((meta.extra or {}).get("precision", "")),
         **metrics,
         "majority_class_rate": 100.0 * ev.majority_class_rate,
         "leave_one_out": bool(ev.leave_one_out), "n_unlabelled_queries": int(ev.n_unlabelled_queries),

@@ -89,6 +89,8 @@ class GridConfig:
         latency_sample: queries timed one by one for the latency percentiles.
         threads: torch intra-op CPU threads for the run (None: ``CBMIR_THREADS``, else torch's default). On a shared,
             oversubscribed CPU one thread is several times faster (OpenMP threads spin-wait).
+        precision: torch forward-pass precision, ``auto``, ``fp32`` or ``bf16`` (None: ``CBMIR_PRECISION``, else
+            ``auto``); recorded per collection and in the table's ``precision`` column.
         progress: show tqdm progress bars.
     """
 
@@ -114,6 +116,7 @@ class GridConfig:
     download: bool = False
     latency_sample: int = 50
     threads: int | None = None
+    precision: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -211,7 +211,10 @@ def timings_section(lines: list[str], out: ReportOutput, df: pd.DataFrame) -> No
     lines.append("## Timings (Tables 6 and 7)\n")
     lines.append(PAPER_TIMING_NOTE + "\n")
     lines.append("### Table 6 layout: database creation (train split: extraction + upsert), seconds\n")
-    lines.append("`threads`: torch CPU threads of the run (`—`: not recorded, torch's default). On a shared CPU "
+    lines.append("`threads`: torch CPU threads of the run (`—`: not recorded, torch's default). `precision`: the "
+                 "forward pass the collection was built with (`fp32`, `bf16-autocast`; empty: not recorded or no "
+                 "torch model); bf16 reorders near-tied neighbours, so compare metrics within one precision. "
+                 "On a shared CPU "
                  "the times depend on the load of the machine; compare them within one run. `note`: how a time "
                  "was obtained when not measured in this run: a reused collection shows the time its earlier "
                  "ingest (`cbmir run` or the grid) recorded, with its date.\n")

@@ -176,19 +176,21 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     extraction time (the search time is always its own).
 
     Returns:
-        ``(table6, table7)``. table6: ``Dataset, size, Model, threads (torch CPU threads), model load s,
+        ``(table6, table7)``. table6: ``Dataset, size, Model, threads (torch CPU threads), precision (the
+        collection's forward-pass precision, ``""`` when not recorded), model load s,
         database creation s, items/s, note``; table7: ``Dataset, size, Model, distance, query extraction s, search s,
         test s, search share %, search ms/query, latency p50 ms, latency p95 ms``.
     """
     rows = sort_rows(ok_rows(df))
-    cols6 = ["Dataset", "size", "Model", "threads", "model load s", "database creation s", "items/s", "note"]
+    cols6 = ["Dataset", "size", "Model", "threads", "precision", "model load s", "database creation s", "items/s",
+             "note"]
     cols7 = ["Dataset", "size", "Model", "distance", "query extraction s", "search s", "test s",
              "search share %", "search ms/query", "latency p50 ms", "latency p95 ms"]
     if rows.empty:
         return pd.DataFrame(columns=cols6), pd.DataFrame(columns=cols7)
     for c in ("features_cached", "model_load_s", "database_creation_s", "database_items_per_s",
               "query_extraction_s", "search_s", "search_per_query_ms", "latency_p50_ms", "latency_p95_ms",
-              "timing_note", "threads"):
+              "timing_note", "threads", "precision"):
         if c not in rows.columns:
             rows[c] = np.nan
     cached = rows["features_cached"].map(to_bool)
@@ -199,9 +201,10 @@ def timing_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         r = pick.iloc[0]
         src[(d, s, lab)] = r
         note = r.get("timing_note")
-        thr = r.get("threads")
+        thr, prec = r.get("threads"), r.get("precision")
         t6.append({"Dataset": dataset_display_name(d), "size": int(s), "Model": lab,
                    "threads": int(thr) if pd.notna(thr) else None,
+                   "precision": prec if isinstance(prec, str) else "",
                    "model load s": float(r["model_load_s"]), "database creation s": float(r["database_creation_s"]),
                    "items/s": float(r["database_items_per_s"]),
                    "note": "" if not isinstance(note, str) else note})

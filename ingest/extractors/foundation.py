@@ -31,7 +31,6 @@ library calls of the published torchvision / open_clip transforms) runs in a thr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
@@ -45,6 +44,7 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import ExtractorSpec, PreprocessCfg, uint8_image_batch
+from cbmir.ingest.extractors.precision import autocast, autocast_dtype, precision_label
 from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
 from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
@@ -382,13 +382,12 @@ class FoundationExtractor:
         architecture: description recorded in the identity.
 
     Attributes:
-        precision: ``bf16-autocast`` / ``fp16-autocast`` on CUDA, ``fp32`` on CPU.
+        precision: the forward pass's precision label (:mod:`cbmir.ingest.extractors.precision`): with
+            ``precision="auto"`` ``bf16-autocast`` / ``fp16-autocast`` on CUDA, ``fp32`` on CPU.
     """
 
     def __init__(self, spec: ExtractorSpec, model, preprocess: ImagePreprocess, weights_id: str,
-                 *, device="auto", batch_size: int = 64, architecture: str = "") -> None:
-        import torch
-
+                 *, device="auto", batch_size: int = 64, architecture: str = "", precision: str = "auto") -> None:
         from cbmir.ingest.extractors.timm_cnn import resolve_device
 
         self.spec = spec
@@ -400,22 +399,15 @@ class FoundationExtractor:
         self.model = model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self._amp = None
-        if self.device.type == "cuda":
-            self._amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.precision = {None: "fp32", torch.bfloat16: "bf16-autocast",
-                          torch.float16: "fp16-autocast"}[self._amp]
+        self._amp = autocast_dtype(self.device, precision)
+        self.precision = precision_label(self._amp)
 
     def dim_for(self, size: int) -> int:
         """Embedding dim for ``size`` px input: ``spec.dim`` at every size (input resized)."""
         return int(self.spec.dim)
 
     def _autocast(self):
-        import torch
-
-        if self._amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self._amp)
+        return autocast(self.device, self._amp)
 
     def extract(self, images: np.ndarray) -> np.ndarray:
         """Embed a batch: uint8 ``(B, H, W, 3)`` (or 1-channel / ``(B, H, W)``) -> float32
@@ -524,7 +516,7 @@ ARCHS: dict[str, Arch] = {
 
 
 def build_foundation(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                     batch_size=64, **_ignored) -> FoundationExtractor:
+                     batch_size=64, precision="auto", **_ignored) -> FoundationExtractor:
     """Builder ``foundation``: the image tower of ``spec`` with pretrained, local or random weights.
 
     Order: device check, then weights (hub / file: fails fast, before any model is built), then
@@ -541,11 +533,11 @@ def build_foundation(spec: ExtractorSpec, *, weights=None, random_init=False, de
         return path, wid, wid
 
     return build_tower(spec, locate_weights, random_init=random_init, device=device,
-                       batch_size=batch_size)
+                       batch_size=batch_size, precision=precision)
 
 
 def build_tower(spec: ExtractorSpec, locate_weights: Callable[[], tuple], *, random_init=False,
-                device="auto", batch_size=64) -> FoundationExtractor:
+                device="auto", batch_size=64, precision="auto") -> FoundationExtractor:
     """The body of the image-tower builders (``foundation``, ``medclip``): the device check, then
     the checkpoint from ``locate_weights() -> (path, weights id, source for messages)`` (not
     called for random init), then the tower (random init: :func:`seeded`; else the checkpoint
@@ -566,7 +558,7 @@ def build_tower(spec: ExtractorSpec, locate_weights: Callable[[], tuple], *, ran
         path, wid, source = locate_weights()
         model = _load(make, arch, opts, load_state_dict_file(path), source)
     return FoundationExtractor(spec, model, preprocess_of(spec), wid, device=device,
-                               batch_size=batch_size, architecture=arch.describe(opts))
+                               batch_size=batch_size, architecture=arch.describe(opts), precision=precision)
 
 
 def _load(make, arch: Arch, opts: dict, sd: Mapping, source: str):

@@ -220,7 +220,7 @@ ARCHS["medclip_vit"] = Arch(
 
 
 def build_medclip(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                  batch_size=64, **_ignored) -> FoundationExtractor:
+                  batch_size=64, precision="auto", **_ignored) -> FoundationExtractor:
     """Builder ``medclip``: local release weights (``--weights DIR|FILE`` or a default directory)
     or random init.
 
@@ -233,7 +233,7 @@ def build_medclip(spec: ExtractorSpec, *, weights=None, random_init=False, devic
         return path, file_identity(path), str(path)
 
     return build_tower(spec, locate_weights, random_init=random_init, device=device,
-                       batch_size=batch_size)
+                       batch_size=batch_size, precision=precision)
 
 
 def medclip_weights_path(spec: ExtractorSpec, weights=None, **_ignored) -> Path:

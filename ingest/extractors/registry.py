@@ -203,6 +203,7 @@ def create_extractor(
     backend: str | None = None,
     input_size: int | None = None,
     keep_head: bool = False,
+    precision: str = "auto",
 ) -> Extractor:
     """Build the extractor registered as ``name`` - the one factory for every model.
 
@@ -219,6 +220,8 @@ def create_extractor(
             (models whose ``preprocess_cfg.resizable``: the ImageNet CNNs; :mod:`cbmir.core.input_size`).
         keep_head: keep the ImageNet classifier (``extractor.logits``), for the weights sanity check
             (:func:`cbmir.ingest.extractors.sanity.check_pretrained`); families without one ignore it.
+        precision: ``auto``, ``fp32`` or ``bf16`` for the torch families' forward pass
+            (:mod:`cbmir.ingest.extractors.precision`); other backends ignore it.
 
     Returns:
         An :class:`~cbmir.ingest.base.Extractor`: ``extract(uint8 (B, H, W, 3)) -> float32 (B, dim)``.
@@ -227,8 +230,13 @@ def create_extractor(
         CbmirError: unknown name or backend, no builder installed for the backend, both
             ``weights`` and ``random_init`` given, ``batch_size < 1``, an ``input_size`` for a model
             with its own fixed preprocessing, or any error of the builder (e.g. weights
-            unreachable: names the model and ``--weights``).
+            unreachable: names the model and ``--weights``); an unknown ``precision``.
     """
+    from cbmir.ingest.extractors.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise CbmirError(f"unknown precision {precision!r} (--precision / CBMIR_PRECISION); "
+                         f"valid: {', '.join(PRECISIONS)}")
     spec = get_spec(name)
     chosen = resolve_backend(spec, backend)
     if weights is not None and random_init:
@@ -252,6 +260,7 @@ def create_extractor(
         backend=chosen,
         **({"input_size": int(input_size)} if input_size is not None else {}),
         **({"keep_head": True} if keep_head else {}),
+        **({"precision": precision} if precision != "auto" else {}),
     )
 
 

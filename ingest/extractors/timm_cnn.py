@@ -29,7 +29,6 @@ but not bit-identical features.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import ExtractorSpec, PreprocessCfg, WeightsCfg, uint8_image_batch
+from cbmir.ingest.extractors.precision import autocast, autocast_dtype, precision_label
 from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
 from cbmir.ingest.extractors.weights import (
     RANDOM_INIT,
@@ -179,7 +179,9 @@ class TimmCNNExtractor:
         mean, std: per-channel normalisation of the weights (the entry's ``preprocess_cfg``, else
             timm's ``pretrained_cfg``).
         input_size: as given; min_side: 32 for ``native`` (volumes are resized to 32^3 at 28), else 1.
-        precision: ``bf16-autocast`` on CUDA, ``fp32`` on CPU.
+        precision: the forward pass's precision label (:mod:`cbmir.ingest.extractors.precision`): with
+            ``precision="auto"`` ``bf16-autocast`` on CUDA, ``fp32`` on CPU; ``"bf16"``: bf16 autocast on
+            either; ``"fp32"``: none.
 
     Raises:
         CbmirError: weights file unreadable / not matching, or hub unreachable with no cached
@@ -188,7 +190,8 @@ class TimmCNNExtractor:
     """
 
     def __init__(self, spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                 batch_size=64, input_size: int | None = None, keep_head: bool = False) -> None:
+                 batch_size=64, input_size: int | None = None, keep_head: bool = False,
+                 precision: str = "auto") -> None:
         if keep_head and (weights is not None or random_init):
             raise CbmirError(f"keep_head needs the pretrained weights of {spec.name!r} (not --weights / --random-init)")
         located = None
@@ -229,7 +232,8 @@ class TimmCNNExtractor:
         # channels-last (NHWC) convolutions: our batches are NHWC already, and oneDNN / cuDNN run
         # them faster (CPU, 32 px: DenseNet121 2.6x, VGG19 1.6x); features equal NCHW to ~1e-6
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
-        self.precision = "bf16-autocast" if self.device.type == "cuda" else "fp32"
+        self._amp = autocast_dtype(self.device, precision)
+        self.precision = precision_label(self._amp)
 
     @staticmethod
     def locate_pretrained(spec: ExtractorSpec):
@@ -307,11 +311,7 @@ class TimmCNNExtractor:
         return self.batch_size * max(1, (BATCH_REF_SIDE * BATCH_REF_SIDE) // max(1, int(h) * int(w)))
 
     def _autocast(self):
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self._amp)
 
     def target_side(self, h: int, w: int) -> tuple[int, int] | None:
         """Model input side for ``h x w`` images, or None when they go in as they are: ``(N, N)`` for
@@ -400,10 +400,12 @@ class TimmCNNExtractor:
 
 
 def build_timm_cnn(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                   batch_size=64, input_size=None, keep_head=False, **_ignored) -> TimmCNNExtractor:
+                   batch_size=64, input_size=None, keep_head=False, precision="auto",
+                   **_ignored) -> TimmCNNExtractor:
     """Builder ``imagenet_cnn`` for the torch backend (see :class:`TimmCNNExtractor`)."""
     return TimmCNNExtractor(spec, weights=weights, random_init=random_init, device=device,
-                            batch_size=batch_size, input_size=input_size, keep_head=keep_head)
+                            batch_size=batch_size, input_size=input_size, keep_head=keep_head,
+                            precision=precision)
 
 
 def check_timm_cnn_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:
