@@ -3,7 +3,10 @@ driven by Playwright, against the service running in this process (uvicorn on 12
 real collections: BreastMNIST 28 ``hog`` (the handcrafted baseline), BreastMNIST 28 ``resnet50`` with random
 weights (RANDOM-INIT) and a small manifest archive whose class names are HTML.
 
-Every result the page shows is checked against a float64 numpy brute force over the stored vectors.
+A second service over the same store runs with an API key: the page must ask for it, send it only as the
+``X-API-Key`` header of /api requests, keep it only in the tab's sessionStorage, and load the point images
+with it (object URLs). Every result the page shows is checked against a float64 numpy brute force over the
+stored vectors.
 ``CBMIR_WEB_SCREENSHOTS=DIR`` also saves the two screenshots of ``docs/`` (search result, side by side).
 """
 

@@ -2,6 +2,8 @@
 //
 // It only talks to the HTTP API of `cbmir serve` (GET /api/collections, POST /api/collections/{name}/search,
 // POST /api/collections/{name}/search/image, GET .../points/{id}/image); no search logic lives here.
+// With an API key on the service, the page asks for it on the first 401 (see "API key" below) and fetches
+// point images itself (an <img src> cannot carry the key).
 // Every string that comes from the API or the URL is inserted as text (Node.append / textContent /
 // setAttribute), never parsed as HTML, so class names such as "<b>x</b>" show as typed.
 //
