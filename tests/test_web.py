@@ -609,14 +609,16 @@ def test_wrong_api_key_shows_the_form_again(keyed_page, browser_context):
     _assert_key_kept_private(page, browser_context)
 
 
-def test_forget_key_clears_it_and_the_next_call_asks(keyed_page, collections, browser_context):
-    """"Forget key" empties sessionStorage, hides the results and revokes their images; the next search
-    goes out without a key, gets 401 and shows the form (no "wrong" message); the key again gives results."""
+def test_forget_key_clears_it_and_the_next_call_asks(keyed_page, collections, browser_context, tmp_path, data_dir):
+    """"Forget key" empties sessionStorage, hides the results and revokes their images; the next call (an
+    upload) goes out without a key, gets 401 and shows the form (no "wrong" message); with the key the same
+    upload is sent again and gives the brute-force top-5."""
     page = keyed_page
     hog = collections[1][HOG]
     page.goto(f"{page.base}/?collection={HOG}&split=test&index=3&k=5")
     _enter_key(page, KEY)
     _n_hits(page, 5)
+    _assert_hits(page, _expected(hog, hog[2][3], 5))
     _assert_images_loaded(page)
     shown = _blob_images(page)
     page.locator("#forget-key").focus()
@@ -626,14 +628,16 @@ def test_forget_key_clears_it_and_the_next_call_asks(keyed_page, collections, br
     assert "forgotten" in page.locator("#status").inner_text()
     assert _loads(page, shown) == [False] * len(shown)
     before = len(page.requests)
-    page.click("#search-stored")
+    page.set_input_files("#query-file", str(_png(tmp_path, data_dir, 12)))
     page.locator("#key-form").wait_for(state="visible")
     assert page.evaluate("document.activeElement.id") == "api-key"
     assert page.locator("#key-message").is_hidden()
-    search = [r for r in page.requests[before:] if r.url.endswith("/search")]
-    assert search and "x-api-key" not in search[0].all_headers() and _status(search[0].response()) == 401
+    upload = [r for r in page.requests[before:] if r.url.endswith("/search/image")]
+    assert upload and "x-api-key" not in upload[0].all_headers() and _status(upload[0].response()) == 401
     _enter_key(page, KEY)
     _n_hits(page, 5)
-    _assert_hits(page, _expected(hog, hog[2][3], 5))
+    _assert_hits(page, _expected(hog, hog[2][12], 5))
     _assert_images_loaded(page)
+    upload = [r for r in page.requests[before:] if r.url.endswith("/search/image")]
+    assert [(r.all_headers().get("x-api-key"), _status(r.response())) for r in upload] == [(None, 401), (KEY, 200)]
     _assert_key_kept_private(page, browser_context)
