@@ -561,7 +561,10 @@ def test_api_key_form_then_results_with_images(keyed_page, collections, browser_
     assert len(large) == 1
     page.keyboard.press("Escape")
     page.locator("#detail").wait_for(state="hidden")
-    assert _loads(page, large) == [False]  # closing the larger view revokes its object URL
+    deadline = time.monotonic() + 10  # the dialog's close event (which revokes its object URL) is queued
+    while _loads(page, large) != [False]:
+        assert time.monotonic() < deadline, "closing the larger view did not revoke its object URL"
+        time.sleep(0.1)
     # another search: new images, the old object URLs revoked
     page.fill("#index", "8")
     page.click("#search-stored")
