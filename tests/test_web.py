@@ -3,12 +3,16 @@ driven by Playwright, against the service running in this process (uvicorn on 12
 real collections: BreastMNIST 28 ``hog`` (the handcrafted baseline), BreastMNIST 28 ``resnet50`` with random
 weights (RANDOM-INIT) and a small manifest archive whose class names are HTML.
 
-Every result the page shows is checked against a float64 numpy brute force over the stored vectors.
+A second service over the same store runs with an API key: the page must ask for it, send it only as the
+``X-API-Key`` header of /api requests, keep it only in the tab's sessionStorage, and load the point images
+with it (object URLs). Every result the page shows is checked against a float64 numpy brute force over the
+stored vectors.
 ``CBMIR_WEB_SCREENSHOTS=DIR`` also saves the two screenshots of ``docs/`` (search result, side by side).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +20,10 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,8 @@ BOLD, SCRIPT = "<b>x</b>", "<script>window.__xss = 1</script>"
 EVIL_FILE = "<img src=x onerror=window.__xss=2>.png"
 TIMEOUT_MS = 60_000  # per browser action; the first upload to a CNN collection builds the model
 SHOTS = os.environ.get("CBMIR_WEB_SCREENSHOTS")
+#: the key of the keyed service; it must never show up in a URL, a cookie, localStorage, the page or the console
+KEY = "pg-Key_7f3a9c-not-in-urls"
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -88,16 +97,24 @@ def collections(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def service(collections):
-    """Base URL of ``cbmir serve``'s app, run by uvicorn in a thread on 127.0.0.1 and a free port."""
+def app_ctx(collections):
+    """The application context both services share (closed after them)."""
+    from cbmir.app import App
+
+    ctx = App(collections[0])
+    yield ctx
+    ctx.close()
+
+
+@contextmanager
+def _serving(app_ctx, **config):
+    """Base URL of ``cbmir serve``'s app over ``app_ctx`` (``ServiceConfig(**config)``, 1 MB uploads), run by
+    uvicorn in a thread on 127.0.0.1 and a free port."""
     import uvicorn
 
-    from cbmir.app import App
     from cbmir.service import ServiceConfig, create_app
 
-    settings = collections[0]
-    app_ctx = App(settings)
-    api = create_app(app_ctx, ServiceConfig(max_upload_bytes=1024 * 1024, idle_release_s=0))
+    api = create_app(app_ctx, ServiceConfig(max_upload_bytes=1024 * 1024, idle_release_s=0, **config))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -108,11 +125,26 @@ def service(collections):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the service did not start within 30 s"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(15)
-    sock.close()
-    app_ctx.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def service(app_ctx):
+    """Base URL of the service without an API key."""
+    with _serving(app_ctx) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_service(app_ctx):
+    """Base URL of the service started with ``--api-key KEY``."""
+    with _serving(app_ctx, api_key=KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +162,37 @@ def browser_context():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.fixture
-def page(browser_context, service):
-    """A fresh tab; fails the test on any uncaught script error of the page."""
+@contextmanager
+def _tab(browser_context, base: str):
+    """A fresh tab on ``base`` that records its requests (``.requests``) and console messages
+    (``.console``); fails the test on any uncaught script error of the page."""
     p = browser_context.new_page()
     p.set_viewport_size({"width": 1280, "height": 800})
     errors = []
     p.on("pageerror", lambda exc: errors.append(str(exc)))
-    p.base = service
-    yield p
-    p.close()
+    p.requests, p.console = [], []
+    p.on("request", lambda req: p.requests.append(req))
+    p.on("console", lambda msg: p.console.append(msg.text))
+    p.base = base
+    try:
+        yield p
+    finally:
+        p.close()
     assert not errors, f"script errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(browser_context, service):
+    """A fresh tab on the service without a key."""
+    with _tab(browser_context, service) as p:
+        yield p
+
+
+@pytest.fixture
+def keyed_page(browser_context, keyed_service):
+    """A fresh tab (empty sessionStorage) on the service that needs ``KEY``."""
+    with _tab(browser_context, keyed_service) as p:
+        yield p
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -199,8 +251,11 @@ def _assert_hits(scope, expected: list[tuple[str, str]]) -> None:
 
 
 def _assert_images_loaded(page) -> None:
-    """Every image has an alt text and was decoded (the image endpoint answered a PNG)."""
-    _until(page, "[...document.images].every((i) => i.complete)")
+    """Every image has an alt text and was decoded (the image endpoint answered a PNG; the page fetched
+    it and shows it through an object URL); none failed to load."""
+    _until(page, "!document.querySelector('img[data-pending]') && [...document.images].every((i) => i.complete)")
+    failed = page.locator("[data-image-failed]")
+    assert failed.count() == 0, failed.first.get_attribute("title")
     imgs = page.evaluate("[...document.images].map((i) => [i.alt, i.naturalWidth, i.getAttribute('src')])")
     assert imgs
     for alt, width, src in imgs:
@@ -287,6 +342,9 @@ def test_deep_link_shows_the_stored_query_and_its_marks(page, collections):
     assert ("is in the majority" in summary) == (votes[q_name] == max(votes.values()))
     _assert_images_loaded(page)
     assert page.evaluate("location.search") == f"?collection={HOG}&split=test&index=0&k=5"
+    # no key configured: no key form, no "Forget key", no key sent
+    assert page.locator("#key-form").is_hidden() and page.locator("#forget-key").is_hidden()
+    assert not [r.url for r in page.requests if "x-api-key" in r.all_headers()]
     _screenshot(page, "webpage-search.png")
 
 
@@ -420,3 +478,169 @@ def test_readable_wide_and_narrow(page, width):
         assert first["y"] + first["height"] <= 800  # the first hits are visible without scrolling
     else:
         assert controls["y"] + controls["height"] <= results["y"]
+
+
+# ----------------------------------------------------------------------------------------- with an API key
+def _enter_key(page, key: str) -> None:
+    """Wait for the key form, check it has the focus, type ``key`` and press Enter (keyboard only)."""
+    form = page.locator("#key-form")
+    form.wait_for(state="visible")
+    assert "This service needs an API key" in form.inner_text()
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    assert page.locator("#api-key").get_attribute("type") == "password"
+    assert page.locator("label[for=api-key]").inner_text().strip() == "API key"
+    page.keyboard.type(key)
+    page.keyboard.press("Enter")
+
+
+def _status(response) -> int | None:
+    return response.status if response is not None else None
+
+
+def _api_requests(page) -> list[tuple[str, str | None, int | None]]:
+    """``(url, X-API-Key sent, status)`` of the tab's ``/api/`` requests so far, in order."""
+    return [(r.url, r.all_headers().get("x-api-key"), _status(r.response()))
+            for r in page.requests if "/api/" in r.url]
+
+
+def _blob_images(page, scope: str = "#results") -> list[str]:
+    """The ``blob:`` sources of the images in ``scope``."""
+    return page.evaluate("(scope) => [...document.querySelectorAll(`${scope} img`)].map((i) => i.src)"
+                         ".filter((s) => s.startsWith('blob:'))", scope)
+
+
+def _loads(page, urls: list[str]) -> list[bool]:
+    """Whether each object URL still loads as an image (False once revoked)."""
+    return page.evaluate("""(urls) => Promise.all(urls.map((u) => new Promise((done) => {
+        const img = new Image(); img.onload = () => done(true); img.onerror = () => done(false); img.src = u;
+    })))""", urls)
+
+
+def _assert_key_kept_private(page, browser_context) -> None:
+    """The key is in this tab's sessionStorage only: not in any URL requested, localStorage, a cookie, the
+    page's markup or the console; it went out as ``X-API-Key`` on /api requests only."""
+    enc_key = urllib.request.quote(KEY)
+    assert not [r.url for r in page.requests if KEY in r.url or enc_key in r.url]
+    assert KEY in page.evaluate("JSON.stringify(Object.assign({}, sessionStorage))")
+    assert KEY not in page.evaluate("JSON.stringify(Object.assign({}, localStorage))")
+    assert KEY not in page.evaluate("document.cookie")
+    assert not [c for c in browser_context.cookies() if KEY in c["value"] or KEY in c["name"]]
+    assert KEY not in page.content() and page.locator("#api-key").input_value() == ""
+    assert not [m for m in page.console if KEY in m]
+    assert not [r.url for r in page.requests if "/api/" not in r.url and "x-api-key" in r.all_headers()]
+
+
+def test_api_key_form_then_results_with_images(keyed_page, collections, browser_context):
+    """With ``--api-key``: the first API call answers 401 and the page shows the key form (focused, no
+    "wrong" message); after the key is typed, the deep link's search runs and shows the brute-force top-5
+    with every image decoded (fetched with the key, shown through blob: URLs). Every /api request after
+    the key carries it as ``X-API-Key`` and is answered 200; the key appears nowhere else. A second
+    search revokes the first one's object URLs; a reload keeps the key (same tab)."""
+    page = keyed_page
+    hog = collections[1][HOG]
+    page.goto(f"{page.base}/?collection={HOG}&split=test&index=7&k=5")
+    _enter_key(page, KEY)
+    assert page.locator("#key-message").is_hidden()
+    page.wait_for_selector("body[data-ready=true]")
+    _n_hits(page, 5)
+    _assert_hits(page, _expected(hog, hog[2][7], 5))
+    _assert_images_loaded(page)
+    assert page.locator("#key-form").is_hidden() and page.locator("#forget-key").is_visible()
+    first = _blob_images(page)
+    assert len(first) == 6  # the query and its 5 hits
+    calls = _api_requests(page)
+    assert calls[0][1:] == (None, 401)  # GET /api/collections without a key
+    assert all(key == KEY and status == 200 for _, key, status in calls[1:]), calls
+    assert sum("/points/" in url and url.split("?")[0].endswith("/image") for url, _, _ in calls) >= 6
+    _assert_key_kept_private(page, browser_context)
+    # the larger view loads with the key too
+    page.locator("[data-hit-rank='1'] button").click()
+    page.locator("#detail").wait_for(state="visible")
+    _assert_images_loaded(page)
+    large = _blob_images(page, "#detail")
+    assert len(large) == 1
+    page.keyboard.press("Escape")
+    page.locator("#detail").wait_for(state="hidden")
+    deadline = time.monotonic() + 10  # the dialog's close event (which revokes its object URL) is queued
+    while _loads(page, large) != [False]:
+        assert time.monotonic() < deadline, "closing the larger view did not revoke its object URL"
+        time.sleep(0.1)
+    # another search: new images, the old object URLs revoked
+    page.fill("#index", "8")
+    page.click("#search-stored")
+    sync_api.expect(page.locator("[data-query]")).to_contain_text("#8", timeout=TIMEOUT_MS)
+    _assert_hits(page, _expected(hog, hog[2][8], 5))
+    _assert_images_loaded(page)
+    assert not set(first) & set(_blob_images(page))
+    assert _loads(page, first) == [False] * len(first)
+    assert all(_loads(page, _blob_images(page)))
+    # the key stays for this tab: a reload searches again without asking
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    _n_hits(page, 5)
+    assert page.locator("#key-form").is_hidden()
+    _assert_key_kept_private(page, browser_context)
+
+
+def _wrong_key_detail(base: str) -> str:
+    """The service's own 401 ``detail`` for a wrong key (asked here without the page)."""
+    req = urllib.request.Request(f"{base}/api/collections", headers={"X-API-Key": "wrong"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 401
+    return json.loads(err.value.read())["detail"]
+
+
+def test_wrong_api_key_shows_the_form_again(keyed_page, browser_context):
+    """A wrong key gives the form again, focused, with the 401 body's ``detail`` ("wrong API key ...") as
+    text; the wrong key is not kept; the right one then works."""
+    page = keyed_page
+    page.goto(f"{page.base}/")
+    wrong = "not-the-key-123"
+    _enter_key(page, wrong)
+    message = page.locator("#key-message")
+    sync_api.expect(message).to_be_visible(timeout=TIMEOUT_MS)
+    assert message.inner_text() == _wrong_key_detail(page.base)
+    assert "wrong API key" in message.inner_text()
+    assert page.locator("#key-form").is_visible() and page.evaluate("document.activeElement.id") == "api-key"
+    assert wrong not in page.evaluate("JSON.stringify(Object.assign({}, sessionStorage))")
+    assert [(k, s) for _, k, s in _api_requests(page)] == [(None, 401), (wrong, 401)]
+    _enter_key(page, KEY)
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#key-form").is_hidden()
+    assert page.locator("#collection option").count() >= 3
+    _assert_key_kept_private(page, browser_context)
+
+
+def test_forget_key_clears_it_and_the_next_call_asks(keyed_page, collections, browser_context, tmp_path, data_dir):
+    """"Forget key" empties sessionStorage, hides the results and revokes their images; the next call (an
+    upload) goes out without a key, gets 401 and shows the form (no "wrong" message); with the key the same
+    upload is sent again and gives the brute-force top-5."""
+    page = keyed_page
+    hog = collections[1][HOG]
+    page.goto(f"{page.base}/?collection={HOG}&split=test&index=3&k=5")
+    _enter_key(page, KEY)
+    _n_hits(page, 5)
+    _assert_hits(page, _expected(hog, hog[2][3], 5))
+    _assert_images_loaded(page)
+    shown = _blob_images(page)
+    page.locator("#forget-key").focus()
+    page.keyboard.press("Enter")
+    assert page.evaluate("sessionStorage.length") == 0
+    assert page.locator("#forget-key").is_hidden() and page.locator("[data-hit-rank]").count() == 0
+    assert "forgotten" in page.locator("#status").inner_text()
+    assert _loads(page, shown) == [False] * len(shown)
+    before = len(page.requests)
+    page.set_input_files("#query-file", str(_png(tmp_path, data_dir, 12)))
+    page.locator("#key-form").wait_for(state="visible")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    assert page.locator("#key-message").is_hidden()
+    upload = [r for r in page.requests[before:] if r.url.endswith("/search/image")]
+    assert upload and "x-api-key" not in upload[0].all_headers() and _status(upload[0].response()) == 401
+    _enter_key(page, KEY)
+    _n_hits(page, 5)
+    _assert_hits(page, _expected(hog, hog[2][12], 5))
+    _assert_images_loaded(page)
+    upload = [r for r in page.requests[before:] if r.url.endswith("/search/image")]
+    assert [(r.all_headers().get("x-api-key"), _status(r.response())) for r in upload] == [(None, 401), (KEY, 200)]
+    _assert_key_kept_private(page, browser_context)

@@ -2,6 +2,8 @@
 //
 // It only talks to the HTTP API of `cbmir serve` (GET /api/collections, POST /api/collections/{name}/search,
 // POST /api/collections/{name}/search/image, GET .../points/{id}/image); no search logic lives here.
+// With an API key on the service, the page asks for it on the first 401 (see "API key" below) and fetches
+// point images itself (an <img src> cannot carry the key).
 // Every string that comes from the API or the URL is inserted as text (Node.append / textContent /
 // setAttribute), never parsed as HTML, so class names such as "<b>x</b>" show as typed.
 //
@@ -21,6 +23,7 @@ const ui = {
   messages: $("messages"), status: $("status"), queryPanel: $("query-panel"), rows: $("rows"),
   results: $("results"), service: $("service"),
   detail: $("detail"), detailTitle: $("detail-title"), detailBody: $("detail-body"), detailClose: $("detail-close"),
+  keyForm: $("key-form"), keyInput: $("api-key"), keyMessage: $("key-message"), forgetKey: $("forget-key"),
 };
 
 const state = {
@@ -89,6 +92,95 @@ function describe(c) {
   ];
 }
 
+// ---------------------------------------------------------------- API key (only when the service asks)
+//
+// With `cbmir serve --api-key`, every /api/... call needs `X-API-Key`. The page learns that from a 401:
+// it shows the key form, waits for the key and sends the call again. The key lives in sessionStorage
+// (gone with the tab) and in `auth.key`; it is never put in a URL, a cookie or localStorage, never logged
+// and never written into the page.
+
+const KEY_STORAGE = "cbmir.apiKey";
+const auth = { key: storedKey(), asking: null }; // asking: the promise of the open key form, if any
+
+function storedKey() {
+  try { return window.sessionStorage.getItem(KEY_STORAGE) || null; } catch { return null; }
+}
+
+/** Hold `key` (null: forget it) in memory and sessionStorage; the "Forget key" button shows while one is held. */
+function setKey(key) {
+  auth.key = key || null;
+  try {
+    if (auth.key) window.sessionStorage.setItem(KEY_STORAGE, auth.key);
+    else window.sessionStorage.removeItem(KEY_STORAGE);
+  } catch { /* storage disabled: the key lives until the page is left */ }
+  ui.forgetKey.hidden = !auth.key;
+}
+
+/** True for a same-origin path under /api (the only requests that carry the key). */
+function isApi(path) {
+  const u = new URL(path, window.location.href);
+  return u.origin === window.location.origin && (u.pathname === API || u.pathname.startsWith(`${API}/`));
+}
+
+/** Show the key form (focus on its input) and resolve once a key is entered; calls that arrive while it is
+ * open wait on the same form. `detail`: the service's reason when a key was refused (shown as text). */
+function askForKey(detail) {
+  if (auth.asking) return auth.asking;
+  if (ui.detail.open) ui.detail.close(); // a modal dialog would make the form unreachable
+  const back = document.activeElement;
+  ui.keyMessage.textContent = detail || "";
+  ui.keyMessage.hidden = !detail;
+  if (detail) ui.keyMessage.setAttribute("role", "alert"); // announced; also the input's description
+  else ui.keyMessage.removeAttribute("role");
+  ui.keyForm.hidden = false;
+  ui.keyInput.value = "";
+  ui.keyInput.focus();
+  auth.asking = new Promise((resolve) => {
+    const submit = (e) => {
+      e.preventDefault();
+      const key = ui.keyInput.value.trim();
+      ui.keyInput.value = "";
+      if (!key) { ui.keyInput.focus(); return; }
+      ui.keyForm.removeEventListener("submit", submit);
+      ui.keyForm.hidden = true;
+      setKey(key);
+      auth.asking = null;
+      if (back && back !== document.body && back.isConnected) back.focus();
+      resolve();
+    };
+    ui.keyForm.addEventListener("submit", submit);
+  });
+  return auth.asking;
+}
+
+/** The service's reason for refusing a key (the 401 body's `detail`), as text. */
+function refusal(body) {
+  return body && typeof body.detail === "string" ? body.detail : errorText(401, body);
+}
+
+/** `fetch(path, init)` with the key as `X-API-Key` on /api paths. A 401 there drops a refused key, asks for
+ * one (see `askForKey`) and sends the request again, so callers never see a 401 from the API.
+ * Throws Error(readable message) when the service cannot be reached. */
+async function send(path, init = {}) {
+  const guarded = isApi(path);
+  for (;;) {
+    const key = guarded ? auth.key : null;
+    const headers = new Headers(init.headers || {});
+    if (key) headers.set("X-API-Key", key);
+    let resp;
+    try {
+      resp = await fetch(path, { ...init, headers });
+    } catch (err) {
+      throw new Error(`The search service cannot be reached (${err.message}). Is \`cbmir serve\` running?`);
+    }
+    if (!guarded || resp.status !== 401) return resp;
+    const body = await readBody(resp);
+    if (key && auth.key === key) setKey(null); // this key was refused: forget it
+    if (!auth.key) await askForKey(key ? refusal(body) : null);
+    // then again, with the key just entered (or the one another call got meanwhile)
+  }
+}
+
 // ---------------------------------------------------------------- API
 
 /** A readable message from an API error body (FastAPI `detail` string or list, or `error`/`message`). */
@@ -107,18 +199,26 @@ function errorText(status, body) {
   return text ? `${text} (${what})` : `The service answered ${what}.`;
 }
 
-/** JSON of `path`; throws Error(readable message) on a network failure or a non-2xx answer. */
-async function api(path, init = {}) {
-  let resp;
-  try {
-    resp = await fetch(path, { ...init, headers: { Accept: "application/json", ...(init.headers || {}) } });
-  } catch (err) {
-    throw new Error(`The search service cannot be reached (${err.message}). Is \`cbmir serve\` running?`);
-  }
+/** The JSON or text body of `resp` (null / "" when unreadable). */
+async function readBody(resp) {
   const type = resp.headers.get("content-type") || "";
-  const body = type.includes("json") ? await resp.json().catch(() => null) : await resp.text().catch(() => "");
+  return type.includes("json") ? resp.json().catch(() => null) : resp.text().catch(() => "");
+}
+
+/** JSON of `path` (through `send`: the API key and its form); throws Error(readable message) on a network
+ * failure or a non-2xx answer. */
+async function api(path, init = {}) {
+  const resp = await send(path, { ...init, headers: { Accept: "application/json", ...(init.headers || {}) } });
+  const body = await readBody(resp);
   if (!resp.ok) throw new Error(errorText(resp.status, body));
   return body;
+}
+
+/** The image at the same-origin `path` as a Blob (sent with the API key); throws Error like `api`. */
+async function apiBlob(path) {
+  const resp = await send(path, { headers: { Accept: "image/*" } });
+  if (!resp.ok) throw new Error(errorText(resp.status, await readBody(resp)));
+  return resp.blob();
 }
 
 const enc = encodeURIComponent;
@@ -143,6 +243,66 @@ function searchFile(name, file, opts) {
   form.append("k", String(opts.k));
   if (opts.filter) form.append("filter", JSON.stringify(opts.filter));
   return api(`${API}/collections/${enc(name)}/search/image`, { method: "POST", body: form });
+}
+
+// ---------------------------------------------------------------- point images (fetched with the key)
+//
+// An <img src="/api/..."> cannot carry the key, so point images are fetched and shown through object URLs.
+// Each group's URLs are revoked when its images are replaced ("results": query and hits; "detail": the
+// larger view); an answer that arrives after its group was replaced is dropped.
+
+const imageGroups = { results: { gen: 0, urls: [] }, detail: { gen: 0, urls: [] } };
+const pendingImages = new WeakMap(); // <img> waiting to come into view -> [src, group]
+const nearView = "IntersectionObserver" in window
+  ? new IntersectionObserver(onNearView, { rootMargin: "1200px 0px" }) : null;
+
+function onNearView(entries) {
+  for (const entry of entries) {
+    if (!entry.isIntersecting || !pendingImages.has(entry.target)) continue;
+    nearView.unobserve(entry.target);
+    const [src, group] = pendingImages.get(entry.target);
+    pendingImages.delete(entry.target);
+    loadImage(entry.target, src, group);
+  }
+}
+
+/** Revoke the object URLs of `group` and drop its answers still on the way. */
+function releaseImages(group) {
+  const g = imageGroups[group];
+  g.gen += 1;
+  for (const url of g.urls) URL.revokeObjectURL(url);
+  g.urls = [];
+  if (group === "results" && nearView) nearView.disconnect();
+}
+
+/** An <img> (`attrs`: alt, class, width, height) showing the API image at the same-origin `src` once fetched
+ * (with `lazy`, when it comes near the viewport). It carries `data-pending` until its object URL is set. */
+function apiImage(src, attrs, group, lazy = false) {
+  const img = el("img", { ...attrs, "data-pending": true });
+  if (lazy && nearView) {
+    pendingImages.set(img, [src, group]);
+    nearView.observe(img);
+  } else loadImage(img, src, group);
+  return img;
+}
+
+/** Fetch `src` into `img`; on failure `img` becomes a "no image" placeholder (`data-image-failed`, the
+ * reason as its title). */
+async function loadImage(img, src, group) {
+  const g = imageGroups[group];
+  const gen = g.gen;
+  try {
+    const blob = await apiBlob(src);
+    if (gen !== g.gen) return;
+    const url = URL.createObjectURL(blob);
+    g.urls.push(url);
+    img.src = url;
+    img.removeAttribute("data-pending");
+  } catch (err) {
+    if (gen !== g.gen) return;
+    img.replaceWith(el("div", { class: `${img.getAttribute("class") || ""} placeholder`.trim(), role: "img",
+      "aria-label": img.alt, title: err.message, "data-image-failed": true }, "no image"));
+  }
 }
 
 // ---------------------------------------------------------------- messages
@@ -276,6 +436,7 @@ async function run(query, { push = true } = {}) {
     ? searchPoint(c.name, query.split, query.index, opts) : searchFile(c.name, query.file, opts))));
   if (id !== state.run) return; // a newer search started meanwhile
   ui.results.removeAttribute("aria-busy");
+  releaseImages("results"); // the rows and the query below are replaced
   const failed = answers.map((r, i) => [r, targets[i]]).filter(([r]) => r.status === "rejected");
   if (failed.length) {
     showError(failed.map(([r, c]) => (targets.length > 1 ? `${c.name}: ` : "") + r.reason.message).join(" — "));
@@ -301,17 +462,19 @@ function renderQuery(query, c, resp) {
   const q = (resp && resp.query) || {};
   const title = query.kind === "point" ? `Stored query: ${query.split} #${query.index}` : `Uploaded: ${query.file.name}`;
   const known = q.class_name !== undefined && q.class_name !== null;
-  let src = null;
-  if (query.kind === "point") src = queryImageUrl(c.name, resp);
-  else if (/^image\/(png|jpeg|gif|bmp|webp)$/.test(query.file.type)) {
+  const alt = `Query image (${title}${known ? `, class ${q.class_name}` : ""})`;
+  const attrs = { alt, class: "query-img", width: 128, height: 128 };
+  let img = null;
+  if (query.kind === "point") {
+    const src = queryImageUrl(c.name, resp);
+    if (src) img = apiImage(src, attrs, "results");
+  } else if (/^image\/(png|jpeg|gif|bmp|webp)$/.test(query.file.type)) {
     if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
     state.objectUrl = URL.createObjectURL(query.file);
-    src = state.objectUrl;
+    img = el("img", { src: state.objectUrl, ...attrs });
   }
-  const alt = `Query image (${title}${known ? `, class ${q.class_name}` : ""})`;
   ui.queryPanel.replaceChildren(
-    src ? el("img", { src, alt, class: "query-img", width: 128, height: 128 })
-      : el("div", { class: "query-img placeholder", role: "img", "aria-label": alt }, "no preview"),
+    img || el("div", { class: "query-img placeholder", role: "img", "aria-label": alt }, "no preview"),
     el("div", { class: "query-text" },
       el("h2", {}, "Query"),
       el("p", {}, title),
@@ -358,7 +521,7 @@ function renderHit(c, hit, qLabel) {
   const alt = `Rank ${hit.rank}: ${hit.split} #${hit.index}, class ${name}`;
   return el("li", { "data-hit-rank": hit.rank },
     el("button", { type: "button", class: "hit", onclick: () => openDetail(c, hit, same) },
-      src ? el("img", { src, alt, loading: "lazy", width: 112, height: 112 })
+      src ? apiImage(src, { alt, width: 112, height: 112 }, "results", true)
         : el("div", { class: "placeholder", role: "img", "aria-label": alt }, "no image"),
       el("span", { class: "hit-head" }, el("span", { class: "rank" }, `#${hit.rank}`), mark,
         el("span", { class: "score muted", title: `${c.distance} ${scoreKind(c)}` },
@@ -378,9 +541,10 @@ function openDetail(c, hit, same) {
     ["label", hit.label], ["class", name], ["score", scoreText(c, hit.score)],
     ...(same === null ? [] : [["same class as query", same ? "✓ yes" : "✗ no"]]),
     ...Object.entries(hit.payload || {}).map(([k, v]) => [`payload.${k}`, v])];
+  releaseImages("detail");
   ui.detailBody.replaceChildren(
-    src ? el("img", { src, alt: `Larger view of rank ${hit.rank}: ${hit.split} #${hit.index}, class ${name}`,
-      class: "large", width: LARGE_PX, height: LARGE_PX }) : null,
+    src ? apiImage(src, { alt: `Larger view of rank ${hit.rank}: ${hit.split} #${hit.index}, class ${name}`,
+      class: "large", width: LARGE_PX, height: LARGE_PX }, "detail") : null,
     el("table", { class: "payload" }, el("caption", {}, "Point and payload"),
       el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { scope: "row" }, k), el("td", {}, valueText(v)))))));
   ui.detail.showModal();
@@ -388,6 +552,22 @@ function openDetail(c, hit, same) {
 }
 
 // ---------------------------------------------------------------- events
+
+/** "Forget key": drop the key from this tab and the results it opened; the next API call asks again. */
+function forgetKey() {
+  setKey(null);
+  state.run += 1; // answers still on the way are dropped
+  releaseImages("results");
+  if (ui.detail.open) ui.detail.close();
+  if (state.objectUrl) { URL.revokeObjectURL(state.objectUrl); state.objectUrl = null; }
+  ui.rows.replaceChildren();
+  ui.queryPanel.replaceChildren();
+  ui.queryPanel.hidden = true;
+  ui.results.removeAttribute("aria-busy");
+  clearError();
+  setStatus("API key forgotten: the next search asks for it again.");
+  ui.results.focus();
+}
 
 function fileQuery(file) {
   if (!file) return;
@@ -427,6 +607,8 @@ function bind() {
     fileQuery(e.dataTransfer && e.dataTransfer.files[0]);
   });
   ui.detailClose.addEventListener("click", () => ui.detail.close());
+  ui.detail.addEventListener("close", () => releaseImages("detail"));
+  ui.forgetKey.addEventListener("click", forgetKey);
   ui.detail.addEventListener("click", (e) => { if (e.target === ui.detail) ui.detail.close(); });
   window.addEventListener("popstate", () => {
     const q = readUrl();
@@ -444,6 +626,7 @@ async function health() {
 }
 
 async function main() {
+  setKey(auth.key); // shows "Forget key" when this tab already holds one
   bind();
   health();
   try {
