@@ -288,8 +288,13 @@ def test_api_key_missing_or_wrong_is_401_and_never_logged(built, data_dir, caplo
             assert c.get("/api/collections", headers={"Authorization": "Bearer nope"}).status_code == 401
             schema = c.get("/openapi.json")  # the schema is open and declares the key
             assert schema.status_code == 200 and "APIKeyHeader" in schema.json()["components"]["securitySchemes"]
-            assert c.post(url, json=body, headers={"X-API-Key": KEY}).status_code == 200
+            ok = c.post(url, json=body, headers={"X-API-Key": KEY})
+            assert ok.status_code == 200 and ok.headers["vary"] == "X-API-Key, Authorization"
             assert c.get("/api/collections", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+            img = c.get(ok.json()["hits"][0]["image_url"], headers={"X-API-Key": KEY})
+            # a browser cache keys a cached image on the key header: never served to a request without it
+            assert img.status_code == 200 and "X-API-Key" in img.headers["vary"]
+            assert "X-API-Key" in wrong.headers["vary"] and "vary" not in c.get("/health").headers
             assert _upload(c, b"x").status_code == 401  # refused before the upload is read
             assert c.get("/health").status_code == 200  # shows no data
         assert KEY not in caplog.text and KEY[:-1] not in caplog.text

@@ -73,7 +73,9 @@ class ApiKey:
     """With a key configured, ``/api/...`` requests need ``X-API-Key: KEY`` or ``Authorization: Bearer
     KEY`` (401 otherwise). The key is compared with :func:`hmac.compare_digest` and never logged.
     ``/health``, ``/``, ``/static``, ``/docs`` and ``/openapi.json`` stay open (they show no data; the
-    docs page has an "Authorize" button for the key)."""
+    docs page has an "Authorize" button for the key). Every protected answer carries ``Vary: X-API-Key,
+    Authorization``, so a browser cache never serves an answer (e.g. a cached point image) to a request
+    without the key that got it."""
 
     def __init__(self, app, key: str | None) -> None:
         self.app = app
@@ -93,8 +95,21 @@ class ApiKey:
                         "wrong" if given else "missing")
             return await send_json(send, 401, {"detail": ("wrong API key" if given else "missing API key") +
                                                ": send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"},
-                                   [(b"www-authenticate", b"Bearer")])
-        return await self.app(scope, receive, send)
+                                   [(b"www-authenticate", b"Bearer"), VARY_KEY])
+        return await self.app(scope, receive, _with_header(send, VARY_KEY))
+
+
+#: the request headers a protected answer depends on (see :class:`ApiKey`)
+VARY_KEY = (b"vary", b"X-API-Key, Authorization")
+
+
+def _with_header(send, header: tuple[bytes, bytes]):
+    """``send`` that adds ``header`` to the response start."""
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+    return wrapped
 
 
 def _protected(path: str) -> bool:
