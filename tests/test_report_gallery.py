@@ -1,5 +1,5 @@
 """The report's query galleries (``cbmir report --gallery``): the best / worst picks, the images drawn (the source
-rows of the raw MedMNIST npz), the note when the source is missing, and the CLI flags.
+rows of the raw MedMNIST npz; the files of a user archive), the note when the source is missing, and the CLI flags.
 
 One tiny grid on the real BreastMNIST 28 px file: HOG and EfficientNet-Lite0 with random weights, cosine,
 per-query files saved.
@@ -166,3 +166,42 @@ def test_cli_gallery_flags(grid, data_dir, tmp_path):
     assert heights[2] > heights[1]  # two more rows
     r = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "bad"), "--gallery-n", "0"], env=env)
     assert r.exit_code != 0 and "--gallery-n 0" in str(r.exception)
+
+
+def test_archive_collection_gallery_shows_the_archive_files(data_dir, tmp_path):
+    """A user folder archive: the gallery's pictures are read back from the archive recorded at ingest (its rows
+    are key hashes, not positions), one PNG file per point."""
+    from cbmir.app import load_settings
+    from cbmir.app.report_images import ReportImages
+    from cbmir.search.edge_store import EdgeStore
+
+    raw = np.load(data_dir / "breastmnist.npz")
+    root = tmp_path / "breastfolder"
+    for split, n in (("train", 60), ("test", 12)):
+        for i in range(n):
+            d = root / split / f"class{int(raw[f'{split}_labels'][i, 0])}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(raw[f"{split}_images"][i]).save(d / f"{i:04d}.png")
+    results, store = tmp_path / "grid" / "results.csv", tmp_path / "store"
+    r = CliRunner().invoke(cli, ["benchmark", "--datasets", str(root), "--models", "hog", "--sizes", "28",
+                                 "--save-per-query", "--no-progress", "--results", str(results),
+                                 "--store-path", str(store)])
+    assert r.exit_code == 0, r.output
+    (row,) = prepare_results(read_results(results)).to_dict("records")
+    pq = _per_query(results, row)
+    best, worst = pick_queries(pq, 2)
+    picks = np.concatenate([best, worst])
+    with ReportImages(load_settings(data_dir=tmp_path / "none")) as images:  # no MedMNIST file needed
+        pixels = {"test": images(row, "test", pq["query_indices"][picks]),
+                  "train": images(row, "train", pq["topk_indices"][picks].ravel())}
+    grows = gallery_rows(row, pq, best, worst, pixels)
+    with EdgeStore(store) as s:
+        for g, p in zip(grows, picks):
+            for tile, (split, idx) in zip(g, [("test", pq["query_indices"][p])]
+                                          + [("train", i) for i in pq["topk_indices"][p]]):
+                _, (pay,) = s.get_points(row["collection"], split, [int(idx)], with_vectors=False)
+                src = np.asarray(Image.open(root / pay["source_path"]))
+                assert np.array_equal(tile.picture, np.repeat(src[..., None], 3, axis=-1)), (split, idx)
+    with ReportImages(load_settings(data_dir=tmp_path / "none")) as images:
+        out = build_report(results, tmp_path / "rep", tsne=False, n_boot=20, images=images)
+    assert [p.name for p in out.galleries] == ["gallery_breastfolder_28_hog.png"]
