@@ -24,7 +24,8 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 __all__ = ["MIN_SIZE", "MAX_SIZE", "DEFAULT_SIZE", "VIEWS", "MONTAGE_SLICES", "display_image", "check_size",
-           "fit_picture", "Tile", "query_tile", "hit_tile", "draw_gallery", "tile_box", "png_bytes", "CORRECT", "WRONG", "NEUTRAL"]
+           "fit_picture", "Tile", "query_tile", "hit_tile", "draw_gallery", "tile_box", "png_bytes", "CORRECT",
+           "WRONG", "NEUTRAL"]
 
 #: bounds and default of the side of a rendered image, in pixels
 MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 16, 1024, 256

@@ -148,9 +148,9 @@ def _read_pixels(cells: list[_Cell], images: ImageSource, missing: list[str]) ->
         groups.setdefault((str(c.row["dataset"]), int(c.row["size"])), []).append(c)
     out = {}
     for key, group in groups.items():
+        needed = [c.needed() for c in group]
         try:
-            out[key] = {split: dict(images(group[0].row, split, sorted(set().union(*(c.needed()[split]
-                                                                                      for c in group)))))
+            out[key] = {split: dict(images(group[0].row, split, sorted(set().union(*(nd[split] for nd in needed)))))
                         for split in (QUERY_SPLIT, DATABASE_SPLIT)}
         except (CbmirError, OSError) as exc:
             missing.append(f"{dataset_display_name(key[0])} {key[1]} px ({len(group)} collection"
@@ -197,6 +197,7 @@ def galleries_section(lines: list[str], out: ReportOutput, df: pd.DataFrame, res
     if not cells:
         lines.append("No gallery: no ok row has a per-query file.\n")
     if missing:
+        out.notes.append(f"query galleries: {len(cells) - drawn} of {len(cells)} missing (their section says why)")
         lines.append(f"**Galleries missing** ({len(cells) - drawn} of {len(cells)}):\n")
         lines.extend(f"- {m}" for m in missing)
         lines.append("")
