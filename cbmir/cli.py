@@ -818,13 +818,21 @@ def report_cmd(
         tsne_collection: Optional[str] = typer.Option(None, "--tsne-collection",
                                                       help="collection of the t-SNE figure [best 2D ACC@1 row]"),
         tsne: bool = typer.Option(True, "--tsne/--no-tsne", help="draw the t-SNE figure (Figure 11)"),
-        n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples for CIs and paired tests")) -> None:
+        n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples for CIs and paired tests"),
+        gallery: bool = typer.Option(True, "--gallery/--no-gallery",
+                                     help="query galleries: per collection with a per-query file, its best and worst "
+                                          "queries with their top-k (images from CBMIR_DATA_DIR or the archive)"),
+        gallery_n: int = typer.Option(3, "--gallery-n", help="best and worst queries per gallery (each)")) -> None:
     """Markdown report with figures (300 dpi PNG + vector PDF): ours first (Tables S1-S4, 3-7, Figures 3-11 and a
-    cross-dataset figure, beside the paper's values), the study's published tables in an appendix."""
+    cross-dataset figure, beside the paper's values, query galleries), the study's published tables in an
+    appendix."""
+    from cbmir.app.report_images import ReportImages
     from cbmir.evaluation.report import build_report
 
     if n_boot < 1:  # before any work (tables, figures, t-SNE)
         raise CbmirError(f"--n-boot {n_boot}: must be an integer >= 1 (bootstrap resamples, e.g. 2000)")
+    if gallery and gallery_n < 1:
+        raise CbmirError(f"--gallery-n {gallery_n}: must be an integer >= 1 (best / worst queries, e.g. 3)")
     op = Path(output).expanduser()
     from cbmir.app.context import file_on_path
 
@@ -832,9 +840,11 @@ def report_cmd(
     if bad is not None:
         what = "is a file" if bad == op else f"is inside {bad}, which is a file"
         raise CbmirError(f"--output {output} {what}; give a directory (created if missing)")
-    out = build_report(results or None, output, store_path=store_path, qdrant_url=qdrant_url,
-                       tsne_collection=tsne_collection, tsne=tsne, n_boot=n_boot)
-    typer.echo(f"wrote {out.markdown} ({len(out.figures)} figures)")
+    with ReportImages(store_path=store_path, qdrant_url=qdrant_url) as images:
+        out = build_report(results or None, output, store_path=store_path, qdrant_url=qdrant_url,
+                           tsne_collection=tsne_collection, tsne=tsne, n_boot=n_boot, gallery=gallery,
+                           gallery_n=gallery_n, images=images)
+    typer.echo(f"wrote {out.markdown} ({len(out.figures)} figures, {len(out.galleries)} galleries)")
     for note in out.notes:
         typer.echo(f"  note: {note}")
 

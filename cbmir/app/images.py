@@ -4,18 +4,18 @@
   dataset file in ``settings.data_dir``), or the archive file (the archive recorded in the collection
   metadata at ingest, ``extra["archive"]``, reopened with the same options, so the same pixel rules and
   the DICOM window apply). The caller names a point id only; no path ever comes from a request.
-* :func:`display_image` — a 2D view: the image itself, or for a volume its middle axial slice or an
-  axial montage.
-* :func:`render_png` — that view as PNG bytes, fitted into ``size x size`` (bounded:
-  :data:`MIN_SIZE`..:data:`MAX_SIZE`).
+* :func:`render_png` — a 2D view of them (:func:`cbmir.evaluation.pictures.display_image`: the image itself,
+  or for a volume its middle axial slice or an axial montage) as PNG bytes, fitted into ``size x size``
+  (bounded: :data:`MIN_SIZE`..:data:`MAX_SIZE`).
 * :func:`gallery_png` — a query and its top-k as one picture (class names, scores, ✓/✗), for
-  ``cbmir search --gallery``.
+  ``cbmir search --gallery``, drawn by :func:`cbmir.evaluation.pictures.draw_gallery` (the renderer of the
+  report's query galleries too).
+* :func:`source_rows` — pixels of many rows of a split read from the source at once, in ascending row order
+  (the report's query galleries, :class:`cbmir.app.report_images.ReportImages`).
 """
 
 from __future__ import annotations
 
-import io
-import math
 import threading
 from pathlib import Path
 
@@ -23,13 +23,20 @@ import numpy as np
 
 from cbmir.app.collections import require_collection
 from cbmir.core.errors import CbmirError, NotFoundError
-
-#: bounds and default of the side of a rendered image, in pixels
-MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 16, 1024, 256
-#: views of a volume
-VIEWS = ("middle", "montage")
-#: most slices in a montage
-MONTAGE_SLICES = 16
+from cbmir.evaluation.pictures import (  # noqa: F401 - MONTAGE_SLICES, fit_picture: part of this module's API
+    DEFAULT_SIZE,
+    MAX_SIZE,
+    MIN_SIZE,
+    MONTAGE_SLICES,
+    VIEWS,
+    check_size,
+    display_image,
+    draw_gallery,
+    fit_picture,
+    hit_tile,
+    png_bytes,
+    query_tile,
+)
 
 
 def split_index_of(name: str, pid) -> tuple[str, int]:
@@ -75,22 +82,45 @@ def point_pixels(app, name: str, pid: int) -> tuple[np.ndarray, bool]:
 
 
 def _medmnist_pixels(app, name: str, meta, split: str, index: int) -> np.ndarray:
-    from cbmir.ingest.medmnist_data import MEDMNIST_FLAGS, open_medmnist
-    from cbmir.ingest.sources.pixels import as_rgb
+    from cbmir.ingest.medmnist_data import MEDMNIST_FLAGS
 
     if meta.dataset not in MEDMNIST_FLAGS:
         raise CbmirError(f"collection {name!r} records no archive to read images from (ingested before "
                          "archive roots were recorded); re-ingest it with --recreate to show its images")
+    try:
+        return source_rows(app, meta.dataset, int(meta.size), split, [index])[index]
+    except IndexError as exc:
+        raise NotFoundError(f"collection {name!r}: {exc}") from None
 
-    src = app.cached(("medmnist", meta.dataset, int(meta.size)),
-                     lambda: open_medmnist(meta.dataset, meta.size, app.settings.data_dir, download=False))
-    if not 0 <= index < src.split_size(split):
-        raise NotFoundError(f"collection {name!r}: {split} row {index} is not in {src.path.name}")
-    row = app.cached(("medmnist-rows", meta.dataset, int(meta.size), split), lambda: _row_reader(src, split))
-    img = np.array(row(index))
-    if not meta.is_3d and img.ndim == 2:
-        img = img[..., None]
-    return img if meta.is_3d else as_rgb(img)
+
+def source_rows(app, dataset: str, size: int, split: str, indices) -> dict[int, np.ndarray]:
+    """Pixels of rows ``indices`` of ``split`` of MedMNIST ``dataset`` at ``size``, read from the file in
+    ``app.settings.data_dir`` (never downloaded) in ascending row order, so a large deflated split is
+    decompressed once, forward; the reader is kept by ``app`` for later calls.
+
+    Returns:
+        ``{row: pixels}``: uint8 ``(H, W, 3)`` for a 2D dataset (grey replicated), ``(D, H, W)`` for a 3D one.
+
+    Raises:
+        CbmirError: the file is missing or invalid (naming the file and ``data_dir``).
+        IndexError: a row outside the split (naming it).
+    """
+    from cbmir.ingest.medmnist_data import is_3d_flag, open_medmnist
+    from cbmir.ingest.sources.pixels import as_rgb
+
+    src = app.cached(("medmnist", dataset, int(size)),
+                     lambda: open_medmnist(dataset, size, app.settings.data_dir, download=False))
+    rows = sorted({int(i) for i in indices})
+    bad = [i for i in rows if not 0 <= i < src.split_size(split)]
+    if bad:
+        raise IndexError(f"{split} row {bad[0]} is not in {src.path.name} ({src.split_size(split)} rows)")
+    row = app.cached(("medmnist-rows", dataset, int(size), split), lambda: _row_reader(src, split))
+    is_3d = is_3d_flag(dataset)
+    out = {}
+    for i in rows:
+        img = np.array(row(i))
+        out[i] = img if is_3d else as_rgb(img[..., None] if img.ndim == 2 else img)
+    return out
 
 
 #: a MedMNIST split whose images take at most this many bytes is decompressed once and kept in memory for
@@ -145,57 +175,6 @@ def _archive_pixels(app, name: str, meta, archive: dict, payload: dict, split: s
     return as_rgb(arr)
 
 
-def display_image(pixels: np.ndarray, is_3d: bool, view: str = "middle") -> np.ndarray:
-    """A 2D uint8 picture of ``pixels``: ``(H, W, 3)`` as is; a volume ``(D, H, W)`` as its middle slice
-    (``view="middle"``) or a montage of up to :data:`MONTAGE_SLICES` evenly spaced axial slices in a
-    near-square grid, row by row from the first slice (``view="montage"``).
-
-    Raises:
-        CbmirError: an unknown view; ``montage`` for a 2D image.
-    """
-    if view not in VIEWS:
-        raise CbmirError(f"unknown view {view!r}; valid: {', '.join(VIEWS)}")
-    if not is_3d:
-        if view != "middle":
-            raise CbmirError("view 'montage' applies to 3D collections; this one holds 2D images: use view=middle")
-        return pixels
-    d = pixels.shape[0]
-    if view == "middle":
-        return pixels[d // 2]
-    n = min(d, MONTAGE_SLICES)
-    picks = np.unique(np.linspace(0, d - 1, n).round().astype(int))
-    cols = math.ceil(math.sqrt(len(picks)))
-    rows = math.ceil(len(picks) / cols)
-    h, w = pixels.shape[1:]
-    out = np.zeros((rows * h, cols * w), dtype=np.uint8)
-    for i, z in enumerate(picks):
-        r, c = divmod(i, cols)
-        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = pixels[z]
-    return out
-
-
-def check_size(size) -> int:
-    """``size`` as an int in :data:`MIN_SIZE`..:data:`MAX_SIZE`, else CbmirError naming the range."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise CbmirError(f"image size {size!r} is out of range; give an integer from {MIN_SIZE} to {MAX_SIZE}")
-    return int(size)
-
-
-def fit_picture(img: np.ndarray, size: int) -> "object":
-    """A PIL image of uint8 ``img`` (``(H, W)`` or ``(H, W, 3)``) scaled so that its longer side is
-    ``size`` (aspect ratio kept): nearest-neighbour when enlarging (each stored pixel stays a visible
-    square), Lanczos when shrinking."""
-    from PIL import Image
-
-    im = Image.fromarray(np.ascontiguousarray(img))
-    h, w = img.shape[:2]
-    scale = size / max(h, w)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new != (w, h):
-        im = im.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
-    return im
-
-
 def render_png(pixels: np.ndarray, is_3d: bool, *, size: int = DEFAULT_SIZE, view: str = "middle") -> bytes:
     """PNG bytes of :func:`display_image` fitted into ``size x size`` (:func:`fit_picture`).
 
@@ -203,9 +182,7 @@ def render_png(pixels: np.ndarray, is_3d: bool, *, size: int = DEFAULT_SIZE, vie
         CbmirError: size out of range; unknown or inapplicable view.
     """
     size = check_size(size)
-    buf = io.BytesIO()
-    fit_picture(display_image(pixels, is_3d, view), size).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(fit_picture(display_image(pixels, is_3d, view), size))
 
 
 def point_png(app, name: str, pid: int, *, size: int = DEFAULT_SIZE, view: str = "middle") -> bytes:
@@ -221,46 +198,25 @@ def point_png(app, name: str, pid: int, *, size: int = DEFAULT_SIZE, view: str =
 def gallery_png(app, answer, *, query_pixels: np.ndarray | None = None, view: str = "middle",
                 tile: int = 160) -> bytes:
     """The first query of ``answer`` (:class:`cbmir.app.searching.SearchResponse`) and its top-k as one
-    PNG: the query (its stored image, or ``query_pixels`` for a file / image query; a blank tile for a
-    vector), then each hit with rank, class name, score and ✓ (same label as the query) / ✗.
+    PNG (:func:`cbmir.evaluation.pictures.draw_gallery`): the query (its stored image, or ``query_pixels`` for
+    a file / image query; a blank tile for a vector), then each hit with rank, class name, score and ✓ (same
+    label as the query) / ✗.
 
     Args:
         query_pixels: pixels of a non-stored query (as :func:`point_pixels` returns them).
         view: how volumes are shown (:data:`VIEWS`).
         tile: side of each picture in pixels (bounded like :func:`check_size`).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
     tile = check_size(tile)
     q, hits = answer.queries[0], answer.hits[0]
     is_3d = bool(app.store.meta(answer.collection).is_3d)
     if q.kind == "point":
         query_pixels, _ = point_pixels(app, answer.collection, q.point_id)
-    pictures = [None if query_pixels is None else display_image(query_pixels, is_3d, view)]
-    pictures += [display_image(point_pixels(app, answer.collection, h.point_id)[0], is_3d, view) for h in hits]
-    known = q.label is not None and q.label >= 0
     what = (f"{q.split} row {q.index}" if q.kind == "point" else q.kind)
-    titles = [f"query: {what}\n" + (f"{q.class_name} (label {q.label})" if known else "label unknown")]
-    for h in hits:
-        mark = (" ✓" if h.label == q.label else " ✗") if known else ""
-        titles.append(f"#{h.rank} {h.split} row {h.index}{mark}\n{h.class_name or 'unlabelled'}  {h.score:.4f}")
-    n = len(pictures)
-    inch = tile / 100
-    fig = Figure(figsize=(n * inch, inch + 0.6), dpi=100)
-    for i, (pic, title) in enumerate(zip(pictures, titles)):
-        ax = fig.add_subplot(1, n, i + 1)
-        ax.set_axis_off()
-        if pic is not None:
-            ax.imshow(np.asarray(fit_picture(pic, tile)), cmap="gray", vmin=0, vmax=255)
-        else:
-            ax.text(0.5, 0.5, "vector query\n(no image)", ha="center", va="center", fontsize=8)
-        color = "black" if i == 0 or not known else ("green" if hits[i - 1].label == q.label else "red")
-        ax.set_title(title, fontsize=7, color=color)
-    fig.suptitle(f"{answer.collection}: top-{answer.k} of {answer.database_split} ({answer.distance})", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    row = [query_tile(None if query_pixels is None else display_image(query_pixels, is_3d, view), what=what,
+                      label=q.label, class_name=q.class_name)]
+    row += [hit_tile(display_image(point_pixels(app, answer.collection, h.point_id)[0], is_3d, view), rank=h.rank,
+                     split=h.split, index=h.index, label=h.label, class_name=h.class_name, score=h.score,
+                     query_label=q.label) for h in hits]
+    title = f"{answer.collection}: top-{answer.k} of {answer.database_split} ({answer.distance})"
+    return png_bytes(draw_gallery([row], title, tile=tile))

@@ -17,6 +17,9 @@ tables follows Mahbod et al. (2025), *Engineering Applications of Artificial Int
   grouped by image size, one figure per dataset, y-axis 0-100 %, the paper's pretrained values never over
   ``RANDOM-INIT`` bars; Figure 11 — t-SNE of the database features of one collection, its legend naming
   the classes;
+* query galleries (:mod:`~cbmir.evaluation.report.galleries`): per collection with a per-query file, its best and
+  worst queries with their top-k as pictures (``figures/gallery_<collection>.png``), from an image source the
+  caller gives (``cbmir report``: :class:`cbmir.app.report_images.ReportImages`);
 * beyond the study: 95% percentile-bootstrap CIs of every metric, paired comparisons of models on
   the same dataset / size (paired bootstrap of the difference; McNemar for ACC@1, Holm-adjusted per
   dataset and size), cosine vs Euclidean where both were run (:mod:`cbmir.evaluation.stats`).
@@ -36,7 +39,8 @@ Modules: :mod:`~cbmir.evaluation.report.labels` (display names), :mod:`~cbmir.ev
 :mod:`~cbmir.evaluation.report.tables` (S1-S4, 3-7, baselines), :mod:`~cbmir.evaluation.report.statistics`
 (CIs, paired tests), :mod:`~cbmir.evaluation.report.markdown` (pipe tables),
 :mod:`~cbmir.evaluation.report.figures` and :mod:`~cbmir.evaluation.report.tsne` (PNG figures; matplotlib and
-scikit-learn imported when drawing), :mod:`~cbmir.evaluation.report.published` (the paper's own tables),
+scikit-learn imported when drawing), :mod:`~cbmir.evaluation.report.galleries` (query galleries),
+:mod:`~cbmir.evaluation.report.published` (the paper's own tables),
 :mod:`~cbmir.evaluation.report.sections` (the Markdown sections), :mod:`~cbmir.evaluation.report.build`
 (:func:`build_report`, the order of the sections).
 """

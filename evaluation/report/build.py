@@ -1,10 +1,11 @@
 """``build_report``: the report of one or more results tables, section by section.
 
-Writes ``<output>/report.md``, ``<output>/figures/*.png`` (300 dpi) with their vector ``*.pdf`` and the
-statistics as CSV
+Writes ``<output>/report.md``, ``<output>/figures/*.png`` (300 dpi) with their vector ``*.pdf``, the query
+galleries (``<output>/figures/gallery_<collection>.png``) and the statistics as CSV
 (``<output>/stats_ci.csv``, ``<output>/stats_paired.csv``); each section is a function of
 :mod:`cbmir.evaluation.report.sections`, :mod:`~cbmir.evaluation.report.figures`,
-:mod:`~cbmir.evaluation.report.tsne` or :mod:`~cbmir.evaluation.report.published`.
+:mod:`~cbmir.evaluation.report.tsne`, :mod:`~cbmir.evaluation.report.galleries` or
+:mod:`~cbmir.evaluation.report.published`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 
 from cbmir.core.errors import CbmirError
 from cbmir.evaluation.report.figures import figures_section
+from cbmir.evaluation.report.galleries import DEFAULT_GALLERY_N, ImageSource, galleries_section
 from cbmir.evaluation.report.markdown import ReportOutput, markdown_table
 from cbmir.evaluation.report.merge import read_results_tables
 from cbmir.evaluation.report.published import appendix_section, published_only
@@ -67,7 +69,8 @@ def _write(out: ReportOutput, lines: list[str]) -> ReportOutput:
 def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None, output: str | os.PathLike, *,
                  store_path=None,
                  qdrant_url: str | None = None, tsne_collection: str | None = None, tsne: bool = True,
-                 tsne_max_points: int = 2000, n_boot: int = 2000, seed: int = 0) -> ReportOutput:
+                 tsne_max_points: int = 2000, n_boot: int = 2000, seed: int = 0, gallery: bool = True,
+                 gallery_n: int = DEFAULT_GALLERY_N, images: ImageSource | None = None) -> ReportOutput:
     """Write the report (``<output>/report.md``, ``<output>/figures/*.png`` + ``*.pdf``, statistics CSVs): the
     metric definitions, our results, then the study's published tables in an appendix.
 
@@ -81,13 +84,20 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
         tsne: draw the t-SNE figure; tsne_max_points: its subsample size (at most 2,000 in the study's
             spirit; fewer is faster).
         n_boot: bootstrap resamples for CIs and paired tests; seed: their seed.
+        gallery: add the "Query galleries" section (:mod:`~cbmir.evaluation.report.galleries`): per row with a
+            per-query file, ``figures/gallery_<collection>.png`` with its ``gallery_n`` best and worst queries;
+            images: where their pictures come from (:data:`~cbmir.evaluation.report.galleries.ImageSource`,
+            e.g. :class:`cbmir.app.report_images.ReportImages`); None: the section says no source was given.
 
     Returns:
         :class:`ReportOutput`.
 
     Raises:
-        CbmirError: ``results`` is given but missing or not a results table; ``output`` cannot be created.
+        CbmirError: ``results`` is given but missing or not a results table; ``output`` cannot be created;
+            ``gallery_n`` below 1.
     """
+    if gallery and gallery_n < 1:
+        raise CbmirError(f"--gallery-n {gallery_n}: give at least 1 best / worst query per collection (e.g. 3)")
     out_dir, fig_dir = _report_dirs(output)
     out = ReportOutput(markdown=out_dir / "report.md")
     lines: list[str] = [_TITLE, _PROTOCOL]
@@ -123,6 +133,8 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     if tsne:
         tsne_section(lines, df, fig_dir, out, store_path=store_path, qdrant_url=qdrant_url,
                      collection=tsne_collection, max_points=tsne_max_points)
+    if gallery:
+        galleries_section(lines, out, df, results_dir, fig_dir, images=images, n=gallery_n)
     # then the study's own tables, in an appendix
     appendix_section(lines, out)
     if out.notes:

@@ -16,11 +16,13 @@ __all__ = ["ReportOutput", "markdown_table", "emit", "fmt", "fmt_p"]
 @dataclass
 class ReportOutput:
     """What :func:`build_report` wrote: the Markdown file, the PNG figures (300 dpi) and their vector copies
-    (PDF, same names), notes (skipped parts), and the tables as DataFrames (keyed by section)."""
+    (PDF, same names), the query galleries (PNG only: pictures of images), notes (skipped parts), and the
+    tables as DataFrames (keyed by section)."""
 
     markdown: Path
     figures: list[Path] = field(default_factory=list)
     vector_figures: list[Path] = field(default_factory=list)
+    galleries: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 

@@ -3,7 +3,8 @@ in the :class:`~cbmir.evaluation.report.markdown.ReportOutput` (``out.tables``).
 
 Order in the report (:func:`cbmir.evaluation.report.build.build_report`): metric definitions, runs,
 evaluation warnings, ties, baselines, ours beside the study's, per-size tables (S1-S4), averages (Tables 3
-and 4), size robustness (Table 5), timings (Tables 6 and 7), statistics, figures, t-SNE; then the appendix
+and 4), size robustness (Table 5), timings (Tables 6 and 7), statistics, figures, t-SNE, query galleries
+(:mod:`cbmir.evaluation.report.galleries`); then the appendix
 with the study's published tables (:func:`cbmir.evaluation.report.published.appendix_section`).
 
 ``df`` is :func:`cbmir.evaluation.report.rows.prepare_results` output; ``ok`` its ok rows;
