@@ -23,11 +23,10 @@ import numpy as np
 
 from cbmir.app.collections import require_collection
 from cbmir.core.errors import CbmirError, NotFoundError
-from cbmir.evaluation.pictures import (  # noqa: F401 - MONTAGE_SLICES, fit_picture: part of this module's API
+from cbmir.evaluation.pictures import (
     DEFAULT_SIZE,
     MAX_SIZE,
     MIN_SIZE,
-    MONTAGE_SLICES,
     VIEWS,
     check_size,
     display_image,
