@@ -23,7 +23,7 @@ import numpy as np
 
 from cbmir.app.collections import require_collection
 from cbmir.core.errors import CbmirError, NotFoundError
-from cbmir.evaluation.pictures import (
+from cbmir.evaluation.pictures import (  # noqa: F401 - MAX_SIZE, MIN_SIZE: for the service routes
     DEFAULT_SIZE,
     MAX_SIZE,
     MIN_SIZE,
