@@ -84,14 +84,16 @@ class SearchResult:
 
 
 def _as_matrix(x: np.ndarray, dim: int, what: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: refused below
+        x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != dim:
         raise CbmirError(f"{what} must have shape (n, {dim}); got {tuple(np.shape(x))}")
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise CbmirError(f"{what} contains NaN/inf in rows {bad[:10].tolist()}; refusing to store or search it")
+        raise CbmirError(f"{what} contains NaN/inf (or values beyond float32's ±3.4e38) in rows {bad[:10].tolist()}; "
+                         "refusing to store or search it")
     return np.ascontiguousarray(x)
 
 

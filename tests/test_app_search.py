@@ -143,11 +143,15 @@ def test_errors_name_the_input(client):
             __import__("cbmir.app", fromlist=["SearchRequest"]).SearchRequest(
                 NAME, vectors=np.ones(1296, np.float32), distance="euclidean")),
         "must have shape (n, 1296)": lambda: client.search_by_vector(NAME, np.ones(10, np.float32)),
+        "beyond float32's": lambda: client.search_by_vector(NAME, [1e39] * 1296),
         "numeric array": lambda: client.search_by_image(NAME, np.array([["a"]])),
         "not found": lambda: client.search_by_image(NAME, "/nonexistent/x.png"),
     }
+    import warnings
+
     for word, call in msgs.items():
-        with pytest.raises(CbmirError, match=__import__("re").escape(word)):
+        with pytest.raises(CbmirError, match=__import__("re").escape(word)), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # refused with a message, not an overflow warning
             call()
 
 

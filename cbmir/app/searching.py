@@ -294,7 +294,8 @@ def search(app, req: SearchRequest) -> SearchResponse:
     if stored:
         vectors, infos = _stored_queries(store, name, req, kind)
     elif kind == "vectors":
-        vectors = np.asarray(req.vectors, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused by the store
+            vectors = np.asarray(req.vectors, dtype=np.float32)
         infos = [QueryInfo("vector") for _ in range(1 if vectors.ndim == 1 else len(vectors))]
     else:
         vectors, infos = _embedded_queries(app, meta, req, kind)
