@@ -147,6 +147,12 @@ def test_report_says_hog_missing_only_where_no_distance_ran_it(tmp_path):
     pd.DataFrame(rows).to_csv(results, index=False)
     md = build_report(results, tmp_path / "rep", tsne=False, n_boot=50).markdown.read_text()
     assert "No weights-free baseline was run for: VesselMNIST3D@28.\n" in md
+    assert f"Results table: `{results.resolve()}`" in md  # outside the report's folder: absolute
+    inside = tmp_path / "rep2" / "table" / "results.csv"
+    inside.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(inside, index=False)
+    md2 = build_report(inside, tmp_path / "rep2", tsne=False, n_boot=50).markdown.read_text()
+    assert "Results table: `table/results.csv`" in md2  # inside: relative, so report and table move together
     assert "HOG was not run with the euclidean distance for: AdrenalMNIST3D@28 " in md
     assert "BreastMNIST@28" not in md.split("## Baselines")[1].split("## Per-size")[0]  # HOG ran with both
 

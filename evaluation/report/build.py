@@ -117,7 +117,7 @@ def build_report(results: str | os.PathLike | Sequence[str | os.PathLike] | None
     # ours first: what the numbers mean, the runs and their warnings, our tables, statistics and figures
     lines.append(_ORDER)
     definitions_section(lines)
-    runs_section(lines, df, ok, tables, distances)
+    runs_section(lines, df, ok, tables, distances, report_dir=out_dir)
     evaluation_notes_section(lines, out, ok)
     ties_section(lines, out, df, results_dir)
     baselines_section(lines, out, ok, distances)

@@ -101,13 +101,23 @@ def evaluation_notes_section(lines: list[str], out: ReportOutput, ok: pd.DataFra
     lines.append(markdown_table(table))
 
 
-def runs_section(lines: list[str], df: pd.DataFrame, ok: pd.DataFrame, tables: Sequence, distances: list[str]) -> None:
-    """Provenance: the results tables, cell counts, software versions, the RANDOM-INIT note and the
+def _shown_path(table, report_dir: Path | None) -> str:
+    """``table`` relative to ``report_dir`` when inside it, else its absolute path (POSIX separators)."""
+    p = Path(table).resolve()
+    if report_dir is not None and p.is_relative_to(Path(report_dir).resolve()):
+        return p.relative_to(Path(report_dir).resolve()).as_posix()
+    return str(p)
+
+
+def runs_section(lines: list[str], df: pd.DataFrame, ok: pd.DataFrame, tables: Sequence, distances: list[str],
+                 report_dir: Path | None = None) -> None:
+    """Provenance: the results tables (relative to ``report_dir`` when they lie inside it, so the report and its
+    table can move together; else absolute), cell counts, software versions, the RANDOM-INIT note and the
     failed cells."""
     failed = df[df["status"].astype(str) != "ok"]
     lines.append("## Runs\n")
     lines.append(f"Results table{'s' if len(tables) > 1 else ''}: "
-                 f"{', '.join(f'`{Path(t).resolve()}`' for t in tables)} — {len(df)} cells, {len(ok)} ok, "
+                 f"{', '.join(f'`{_shown_path(t, report_dir)}`' for t in tables)} — {len(df)} cells, {len(ok)} ok, "
                  f"{len(failed)} failed. Distances: {', '.join(distances) or 'none'}.")
     vers = []
     for c in ("cbmir_version", "torch_version", "timm_version", "qdrant_edge_version", "numpy_version",
