@@ -194,7 +194,11 @@ def test_archive_collection_gallery_shows_the_archive_files(data_dir, tmp_path):
     with ReportImages(load_settings(data_dir=tmp_path / "none")) as images:  # no MedMNIST file needed
         pixels = {"test": images(row, "test", pq["query_indices"][picks]),
                   "train": images(row, "train", pq["topk_indices"][picks].ravel())}
-    grows = gallery_rows(row, pq, best, worst, pixels)
+        names = images.class_names(row)
+    assert names == {0: "class0", 1: "class1"}  # the archive's folder names, from its metadata
+    grows = gallery_rows(row, pq, best, worst, pixels, names)
+    assert all(names[int(pq["query_labels"][p])] in g[0].caption for g, p in zip(grows, picks))
+    assert all(names[int(pq["topk_labels"][p, 0])] in g[1].caption for g, p in zip(grows, picks))
     with EdgeStore(store) as s:
         for g, p in zip(grows, picks):
             for tile, (split, idx) in zip(g, [("test", pq["query_indices"][p])]

@@ -62,6 +62,20 @@ class ReportImages:
         name = str(row["collection"])
         return {int(i): point_pixels(app, name, point_id(split, int(i)))[0] for i in indices}
 
+    def class_names(self, row: Mapping) -> dict[int, str] | None:
+        """``{label: class name}`` recorded in the metadata of ``row``'s user-archive collection; None for MedMNIST
+        rows (the report knows their names).
+
+        Raises:
+            CbmirError: the collection's store cannot be read.
+        """
+        from cbmir.app.collections import class_names
+        from cbmir.ingest.medmnist_data import MEDMNIST_FLAGS
+
+        if str(row["dataset"]).lower() in MEDMNIST_FLAGS:
+            return None
+        return class_names(self._app_for(row).store.meta(str(row["collection"]))) or None
+
     def _app_for(self, row: Mapping) -> App:
         """The application context of the store holding ``row``'s collection (opened once per store)."""
         loc = self._qdrant_url or (str(self._store_path) if self._store_path else None) or row.get("store")

@@ -34,7 +34,8 @@ __all__ = ["ImageSource", "DEFAULT_GALLERY_N", "QUERY_SPLIT", "DATABASE_SPLIT", 
 
 #: ``images(row, split, indices) -> {index: uint8 pixels}``: ``row`` a results row (dict), ``split`` ``test`` or
 #: ``train``, ``indices`` the split's rows; pixels ``(H, W, 3)`` (2D) or ``(D, H, W)`` (3D). Raises CbmirError /
-#: OSError when the source cannot be read.
+#: OSError when the source cannot be read. An optional method ``images.class_names(row) -> {label: name} | None``
+#: gives a collection's own class names (a user archive's).
 ImageSource = Callable[[Mapping, str, Sequence[int]], Mapping[int, np.ndarray]]
 
 #: best and worst queries shown per collection, by default
@@ -88,7 +89,8 @@ class _Cell:
 
 
 def gallery_rows(cell_row: Mapping, pq: Mapping, best: np.ndarray, worst: np.ndarray,
-                 pixels: Mapping[str, Mapping[int, np.ndarray]]) -> list[list]:
+                 pixels: Mapping[str, Mapping[int, np.ndarray]],
+                 class_names: Mapping[int, str] | None = None) -> list[list]:
     """The gallery rows of one collection: per picked query (best first, then worst) its query tile and its
     top-k hit tiles (:func:`cbmir.evaluation.pictures.query_tile` / ``hit_tile``; volumes as their middle slice).
 
@@ -96,17 +98,19 @@ def gallery_rows(cell_row: Mapping, pq: Mapping, best: np.ndarray, worst: np.nda
         cell_row: the results row (``dataset``, ``kind``).
         pq: its per-query record; best / worst: :func:`pick_queries`.
         pixels: ``{split: {row: pixels}}`` holding every row shown.
+        class_names: ``{label: name}`` of the collection (a user archive's, from its metadata); None: the MedMNIST
+            names of ``cell_row["dataset"]``; a label without a name shows as ``class N``.
     """
     from cbmir.evaluation.pictures import display_image, hit_tile, query_tile
 
-    names = dataset_class_names(str(cell_row["dataset"])) or []
+    names = dict(class_names) if class_names else dict(enumerate(dataset_class_names(str(cell_row["dataset"])) or []))
     is_3d = cell_row.get("kind") == "3d"
     k = int(pq["k"])
     ap = per_query_outcomes(pq)[f"mAP@{k}"]
     relevant = (np.asarray(pq["topk_labels"]) == np.asarray(pq["query_labels"])[:, None]).sum(axis=1)
 
     def name(label: int) -> str | None:
-        return names[label] if 0 <= label < len(names) else (None if label < 0 else f"class {label}")
+        return None if label < 0 else names.get(label, f"class {label}")
 
     rows = []
     for which, picks in (("best", best), ("worst", worst)):
@@ -158,6 +162,18 @@ def _read_pixels(cells: list[_Cell], images: ImageSource, missing: list[str]) ->
     return out
 
 
+def _class_names(images, row: Mapping) -> Mapping[int, str] | None:
+    """The collection's own class names when the image source knows them (``images.class_names(row)``, e.g. a
+    user archive's), else None (MedMNIST's are used)."""
+    fn = getattr(images, "class_names", None)
+    if fn is None:
+        return None
+    try:
+        return fn(row)
+    except (CbmirError, OSError):
+        return None
+
+
 def galleries_section(lines: list[str], out: ReportOutput, df: pd.DataFrame, results_dir: Path, fig_dir: Path, *,
                       images: ImageSource | None, n: int = DEFAULT_GALLERY_N) -> None:
     """"Query galleries": for each ok row with a per-query file, ``figures/gallery_<collection>.png`` (its ``n``
@@ -189,7 +205,8 @@ def galleries_section(lines: list[str], out: ReportOutput, df: pd.DataFrame, res
         path = fig_dir / f"gallery_{name}.png"
         title = (f"{name} — {c.row['label']}, {c.row['distance']}: {len(c.best)} best and {len(c.worst)} worst "
                  f"of {len(c.pq['query_indices'])} queries by AP@{int(c.pq['k'])}")
-        draw_gallery(gallery_rows(c.row, c.pq, c.best, c.worst, px), title, tile=GALLERY_TILE).save(path)
+        draw_gallery(gallery_rows(c.row, c.pq, c.best, c.worst, px, _class_names(images, c.row)), title,
+                     tile=GALLERY_TILE).save(path)
         out.galleries.append(path)
         lines.append(f"### {dataset_display_name(c.row['dataset'])} {int(c.row['size'])} px, {c.row['label']}, "
                      f"{c.row['distance']}\n\n![gallery of {name}](figures/{path.name})\n")
