@@ -612,6 +612,25 @@ def test_wrong_api_key_shows_the_form_again(keyed_page, browser_context):
     _assert_key_kept_private(page, browser_context)
 
 
+def test_cancelling_the_key_form_fails_the_waiting_call_with_a_message(keyed_page, browser_context):
+    """Cancel (and Escape) closes the key form: the call that waited for it fails with a readable error instead
+    of waiting forever, nothing more is sent, and the next call asks again."""
+    page = keyed_page
+    page.goto(f"{page.base}/")
+    page.locator("#key-form").wait_for(state="visible")
+    page.locator("#key-cancel").click()
+    alert = page.locator("#messages [role=alert]")
+    sync_api.expect(alert).to_be_visible(timeout=TIMEOUT_MS)
+    assert "Could not list the collections: no API key was given" in alert.inner_text()
+    assert page.locator("#key-form").is_hidden()
+    assert [(k, s) for _, k, s in _api_requests(page)] == [(None, 401)]
+    page.reload()  # a new call asks again; Escape cancels too
+    page.locator("#key-form").wait_for(state="visible")
+    page.keyboard.press("Escape")
+    sync_api.expect(page.locator("#key-form")).to_be_hidden(timeout=TIMEOUT_MS)
+    sync_api.expect(alert).to_contain_text("no API key was given", timeout=TIMEOUT_MS)
+
+
 def test_forget_key_clears_it_and_the_next_call_asks(keyed_page, collections, browser_context, tmp_path, data_dir):
     """"Forget key" empties sessionStorage, hides the results and revokes their images; the next call (an
     upload) goes out without a key, gets 401 and shows the form (no "wrong" message); with the key the same

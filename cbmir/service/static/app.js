@@ -23,7 +23,7 @@ const ui = {
   messages: $("messages"), status: $("status"), queryPanel: $("query-panel"), rows: $("rows"),
   results: $("results"), service: $("service"),
   detail: $("detail"), detailTitle: $("detail-title"), detailBody: $("detail-body"), detailClose: $("detail-close"),
-  keyForm: $("key-form"), keyInput: $("api-key"), keyMessage: $("key-message"), forgetKey: $("forget-key"),
+  keyForm: $("key-form"), keyInput: $("api-key"), keyCancel: $("key-cancel"), keyMessage: $("key-message"), forgetKey: $("forget-key"),
 };
 
 const state = {
@@ -122,8 +122,9 @@ function isApi(path) {
   return u.origin === window.location.origin && (u.pathname === API || u.pathname.startsWith(`${API}/`));
 }
 
-/** Show the key form (focus on its input) and resolve once a key is entered; calls that arrive while it is
- * open wait on the same form. `detail`: the service's reason when a key was refused (shown as text). */
+/** Show the key form (focus on its input) and resolve once a key is entered, or reject (a readable Error) when
+ * the user cancels it (Cancel or Escape); calls that arrive while it is open wait on the same form. `detail`:
+ * the service's reason when a key was refused (shown as text). */
 function askForKey(detail) {
   if (auth.asking) return auth.asking;
   if (ui.detail.open) ui.detail.close(); // a modal dialog would make the form unreachable
@@ -135,20 +136,34 @@ function askForKey(detail) {
   ui.keyForm.hidden = false;
   ui.keyInput.value = "";
   ui.keyInput.focus();
-  auth.asking = new Promise((resolve) => {
+  auth.asking = new Promise((resolve, reject) => {
+    const done = () => {
+      ui.keyForm.removeEventListener("submit", submit);
+      ui.keyCancel.removeEventListener("click", cancel);
+      ui.keyForm.removeEventListener("keydown", escape);
+      ui.keyForm.hidden = true;
+      auth.asking = null;
+      if (back && back !== document.body && back.isConnected) back.focus();
+    };
     const submit = (e) => {
       e.preventDefault();
       const key = ui.keyInput.value.trim();
       ui.keyInput.value = "";
       if (!key) { ui.keyInput.focus(); return; }
-      ui.keyForm.removeEventListener("submit", submit);
-      ui.keyForm.hidden = true;
       setKey(key);
-      auth.asking = null;
-      if (back && back !== document.body && back.isConnected) back.focus();
+      done();
       resolve();
     };
+    // Cancel (button or Escape): every call waiting for the key fails with this message instead of waiting
+    const cancel = () => {
+      ui.keyInput.value = "";
+      done();
+      reject(new Error("no API key was given, and this service needs one: try again to enter it"));
+    };
+    const escape = (e) => { if (e.key === "Escape") { e.preventDefault(); cancel(); } };
     ui.keyForm.addEventListener("submit", submit);
+    ui.keyCancel.addEventListener("click", cancel);
+    ui.keyForm.addEventListener("keydown", escape);
   });
   return auth.asking;
 }
@@ -160,7 +175,7 @@ function refusal(body) {
 
 /** `fetch(path, init)` with the key as `X-API-Key` on /api paths. A 401 there drops a refused key, asks for
  * one (see `askForKey`) and sends the request again, so callers never see a 401 from the API.
- * Throws Error(readable message) when the service cannot be reached. */
+ * Throws Error(readable message) when the service cannot be reached or the key form is cancelled. */
 async function send(path, init = {}) {
   const guarded = isApi(path);
   for (;;) {
