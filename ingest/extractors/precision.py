@@ -28,6 +28,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LABELS = {None: "fp32", "bfloat16": "bf16-autocast", "float16": "fp16-autocast"}
 
 
+def check_precision(precision: str) -> None:
+    """Raise CbmirError for a ``precision`` not in :data:`PRECISIONS` (names ``--precision`` and the valid values)."""
+    if precision not in PRECISIONS:
+        raise CbmirError(f"unknown precision {precision!r} (--precision / CBMIR_PRECISION); "
+                         f"valid: {', '.join(PRECISIONS)}")
+
+
 def autocast_dtype(device, precision: str = "auto"):
     """The autocast dtype for a forward pass on ``device`` at ``precision`` (None: no autocast, fp32).
 
@@ -43,9 +50,7 @@ def autocast_dtype(device, precision: str = "auto"):
     """
     import torch
 
-    if precision not in PRECISIONS:
-        raise CbmirError(f"unknown precision {precision!r} (--precision / CBMIR_PRECISION); "
-                         f"valid: {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -232,11 +232,9 @@ def create_extractor(
             with its own fixed preprocessing, or any error of the builder (e.g. weights
             unreachable: names the model and ``--weights``); an unknown ``precision``.
     """
-    from cbmir.ingest.extractors.precision import PRECISIONS
+    from cbmir.ingest.extractors.precision import check_precision
 
-    if precision not in PRECISIONS:
-        raise CbmirError(f"unknown precision {precision!r} (--precision / CBMIR_PRECISION); "
-                         f"valid: {', '.join(PRECISIONS)}")
+    check_precision(precision)
     spec = get_spec(name)
     chosen = resolve_backend(spec, backend)
     if weights is not None and random_init:
