@@ -106,9 +106,12 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine",
 
 def embedder_extra(embedder) -> dict:
     """``{"precision": label}`` for an embedder whose extractor states the precision of its forward pass
-    (:mod:`cbmir.ingest.extractors.precision`), else ``{}``."""
-    precision = getattr(getattr(embedder, "extractor", None), "precision", None)
-    return {"precision": str(precision)} if precision else {}
+    (:mod:`cbmir.ingest.extractors.precision`), plus ``{"torch_compile": True}`` when its forward pass was compiled
+    (:mod:`cbmir.ingest.extractors.compiled`); else ``{}``."""
+    extractor = getattr(embedder, "extractor", None)
+    precision = getattr(extractor, "precision", None)
+    compiled = {"torch_compile": True} if getattr(extractor, "torch_compile", False) else {}
+    return ({"precision": str(precision)} if precision else {}) | compiled
 
 
 def source_extra(source: DatasetSource) -> dict:

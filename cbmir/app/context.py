@@ -22,7 +22,7 @@ log = logging.getLogger("cbmir.app")
 
 SETTING_OPTIONS = {"distance": "--distance", "batch_size": "--batch-size", "data_dir": "--data-dir",
                    "store_path": "--store-path", "qdrant_url": "--qdrant-url", "device": "--device",
-                   "precision": "--precision",
+                   "precision": "--precision", "torch_compile": "--torch-compile",
                    "threads": "--threads", "qdrant_shard_number": "--shard-number",
                    "qdrant_replication_factor": "--replication-factor",
                    "qdrant_write_consistency_factor": "--write-consistency-factor",

@@ -66,7 +66,7 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
     t0 = time.perf_counter()
     extractor = create_extractor(ref.model_name, weights=weights, random_init=ref.random_init, device=s.device,
                                  batch_size=s.batch_size, backend=backend, input_size=ref.input_size,
-                                 precision=s.precision)
+                                 precision=s.precision, torch_compile=s.torch_compile)
     model_load_s = time.perf_counter() - t0
     embedder = make_embedder(extractor, size=ref.size, is_3d=source.is_3d, aggregation=ref.aggregation)
     if evaluable:

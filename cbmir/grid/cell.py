@@ -64,7 +64,8 @@ def settings_for(config: GridConfig):
     from cbmir.app import load_settings
 
     return load_settings(data_dir=config.data_dir, store_path=config.store_path, qdrant_url=config.qdrant_url,
-                         device=config.device, batch_size=config.batch_size, precision=config.precision)
+                         device=config.device, batch_size=config.batch_size, precision=config.precision,
+                         torch_compile=config.torch_compile)
 
 
 def _store_location(settings) -> str:

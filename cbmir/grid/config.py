@@ -91,6 +91,8 @@ class GridConfig:
             oversubscribed CPU one thread is several times faster (OpenMP threads spin-wait).
         precision: torch forward-pass precision, ``auto``, ``fp32`` or ``bf16`` (None: ``CBMIR_PRECISION``, else
             ``auto``); recorded per collection and in the table's ``precision`` column.
+        torch_compile: build the CNN collections with ``torch.compile`` (None: ``CBMIR_TORCH_COMPILE``, else off;
+            :mod:`cbmir.ingest.extractors.compiled`).
         progress: show tqdm progress bars.
     """
 
@@ -117,6 +119,7 @@ class GridConfig:
     latency_sample: int = 50
     threads: int | None = None
     precision: str | None = None
+    torch_compile: bool | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -151,6 +154,8 @@ class GridConfig:
         for name in ("random_init", "save_per_query", "retry_failed", "download", "progress"):
             if not isinstance(getattr(self, name), (bool, int)):  # a string "false" would read as true
                 raise CbmirError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.torch_compile is not None and not isinstance(self.torch_compile, (bool, int)):
+            raise CbmirError(f"torch_compile must be true or false, got {self.torch_compile!r}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], **overrides) -> "GridConfig":

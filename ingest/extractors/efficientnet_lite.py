@@ -204,11 +204,11 @@ def _timm_model(spec: ExtractorSpec):
 
 def build_efficientnet_lite(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
                             batch_size=64, input_size=None, keep_head=False, precision="auto",
-                            **_ignored) -> EfficientNetLiteExtractor:
+                            torch_compile=False, **_ignored) -> EfficientNetLiteExtractor:
     """Builder ``efficientnet_lite`` (torch; see :class:`EfficientNetLiteExtractor`)."""
     return EfficientNetLiteExtractor(spec, weights=weights, random_init=random_init, device=device,
                                      batch_size=batch_size, input_size=input_size, keep_head=keep_head,
-                                     precision=precision)
+                                     precision=precision, torch_compile=torch_compile)
 
 
 def check_efficientnet_lite_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:

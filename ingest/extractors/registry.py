@@ -204,6 +204,7 @@ def create_extractor(
     input_size: int | None = None,
     keep_head: bool = False,
     precision: str = "auto",
+    torch_compile: bool = False,
 ) -> Extractor:
     """Build the extractor registered as ``name`` - the one factory for every model.
 
@@ -222,6 +223,8 @@ def create_extractor(
             (:func:`cbmir.ingest.extractors.sanity.check_pretrained`); families without one ignore it.
         precision: ``auto``, ``fp32`` or ``bf16`` for the torch families' forward pass
             (:mod:`cbmir.ingest.extractors.precision`); other backends ignore it.
+        torch_compile: run the ImageNet CNNs' pooled-feature pass through ``torch.compile``
+            (:mod:`cbmir.ingest.extractors.compiled`); other families ignore it.
 
     Returns:
         An :class:`~cbmir.ingest.base.Extractor`: ``extract(uint8 (B, H, W, 3)) -> float32 (B, dim)``.
@@ -259,6 +262,7 @@ def create_extractor(
         **({"input_size": int(input_size)} if input_size is not None else {}),
         **({"keep_head": True} if keep_head else {}),
         **({"precision": precision} if precision != "auto" else {}),
+        **({"torch_compile": True} if torch_compile else {}),
     )
 
 

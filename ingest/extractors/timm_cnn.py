@@ -36,6 +36,7 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import ExtractorSpec, PreprocessCfg, WeightsCfg, uint8_image_batch
+from cbmir.ingest.extractors.compiled import padded, pooled_forward
 from cbmir.ingest.extractors.precision import autocast, autocast_dtype, precision_label
 from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
 from cbmir.ingest.extractors.weights import (
@@ -182,6 +183,8 @@ class TimmCNNExtractor:
         precision: the forward pass's precision label (:mod:`cbmir.ingest.extractors.precision`): with
             ``precision="auto"`` ``bf16-autocast`` on CUDA, ``fp32`` on CPU; ``"bf16"``: bf16 autocast on
             either; ``"fp32"``: none.
+        torch_compile: whether the pooled-feature forward pass runs through ``torch.compile``
+            (:mod:`cbmir.ingest.extractors.compiled`).
 
     Raises:
         CbmirError: weights file unreadable / not matching, or hub unreachable with no cached
@@ -191,7 +194,7 @@ class TimmCNNExtractor:
 
     def __init__(self, spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
                  batch_size=64, input_size: int | None = None, keep_head: bool = False,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", torch_compile: bool = False) -> None:
         if keep_head and (weights is not None or random_init):
             raise CbmirError(f"keep_head needs the pretrained weights of {spec.name!r} (not --weights / --random-init)")
         located = None
@@ -234,6 +237,8 @@ class TimmCNNExtractor:
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self._amp = autocast_dtype(self.device, precision)
         self.precision = precision_label(self._amp)
+        self.torch_compile = bool(torch_compile)
+        self._pooled_forward = pooled_forward(self.model, self.torch_compile)
 
     @staticmethod
     def locate_pretrained(spec: ExtractorSpec):
@@ -351,8 +356,12 @@ class TimmCNNExtractor:
                 x = normalize(x / 255.0, self.mean, self.std)
                 x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
                 with self._autocast():
-                    fmap = self.model.forward_features(x)
-                    out = self.model.forward_head(fmap) if head else fmap.mean(dim=(2, 3))
+                    if head:
+                        out = self.model.forward_head(self.model.forward_features(x))
+                    elif self.torch_compile:  # one fixed shape: the graph compiles once
+                        out = self._pooled_forward(padded(x, step))[: len(chunk)]
+                    else:
+                        out = self._pooled_forward(x)
                 parts.append(out.float().cpu().numpy())
         width = 0 if head else self.spec.dim
         return np.concatenate(parts) if parts else np.empty((0, width), dtype=np.float32)
@@ -400,12 +409,12 @@ class TimmCNNExtractor:
 
 
 def build_timm_cnn(spec: ExtractorSpec, *, weights=None, random_init=False, device="auto",
-                   batch_size=64, input_size=None, keep_head=False, precision="auto",
+                   batch_size=64, input_size=None, keep_head=False, precision="auto", torch_compile=False,
                    **_ignored) -> TimmCNNExtractor:
     """Builder ``imagenet_cnn`` for the torch backend (see :class:`TimmCNNExtractor`)."""
     return TimmCNNExtractor(spec, weights=weights, random_init=random_init, device=device,
                             batch_size=batch_size, input_size=input_size, keep_head=keep_head,
-                            precision=precision)
+                            precision=precision, torch_compile=torch_compile)
 
 
 def check_timm_cnn_weights(spec: ExtractorSpec, *, weights=None, **_ignored) -> None:

@@ -1,0 +1,80 @@
+"""``--torch-compile``: the CNN forward pass through ``torch.compile`` gives the eager features (fp32 rounding),
+pads every pass to one shape, and is recorded in the collection metadata; other families ignore it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cbmir.core.errors import CbmirError
+from cbmir.ingest.extractors import create_extractor
+from cbmir.ingest.extractors.compiled import padded
+
+
+def test_padded_appends_zero_rows_up_to_the_compiled_batch():
+    import torch
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    p = padded(x, 5)
+    assert p.shape == (5, 3, 4, 4) and p.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(p[:2], x) and not p[2:].any()
+    assert padded(x, 2) is x
+    with pytest.raises(ValueError, match="exceeds the compiled batch size 1"):
+        padded(x, 1)
+
+
+def test_compiled_features_equal_eager_ones_across_a_padded_last_pass():
+    """70 images in passes of 64 (``batch_size`` 4 at 32 px): the second pass is padded from 6 to 64 rows; the
+    compiled features match eager ones to fp32 rounding, row by row (a padding or ordering slip would not)."""
+    images = np.random.default_rng(0).integers(0, 256, size=(70, 28, 28, 3), dtype=np.uint8)
+    eager = create_extractor("efficientnet_lite0", random_init=True, device="cpu", batch_size=4)
+    compiled = create_extractor("efficientnet_lite0", random_init=True, device="cpu", batch_size=4,
+                                torch_compile=True)
+    assert compiled.torch_compile and not eager.torch_compile and compiled.forward_batch(32, 32) == 64
+    a, b = eager.extract(images), compiled.extract(images)
+    assert b.shape == a.shape == (70, 1280) and b.dtype == np.float32
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+    assert not np.allclose(b[1:], b[:-1])  # rows are distinct images, not one repeated row
+
+
+def test_other_families_ignore_torch_compile():
+    hog = create_extractor("hog", torch_compile=True)
+    assert not getattr(hog, "torch_compile", False)
+
+
+def test_settings_and_grid_read_the_flag(monkeypatch):
+    from cbmir.app import load_settings
+    from cbmir.grid import GridConfig
+
+    assert load_settings().torch_compile is False
+    monkeypatch.setenv("CBMIR_TORCH_COMPILE", "1")
+    assert load_settings().torch_compile is True
+    assert GridConfig(datasets=["breastmnist"], models=["hog"], torch_compile=True).torch_compile is True
+    with pytest.raises(CbmirError, match="torch_compile must be true or false, got 'yes'"):
+        GridConfig(datasets=["breastmnist"], models=["hog"], torch_compile="yes")
+
+
+def test_cli_run_records_torch_compile_and_matches_the_eager_run(data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cbmir.cli import app
+    from cbmir.search.edge_store import EdgeStore
+
+    env = {"CBMIR_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    out = {}
+    for flag in ("--torch-compile", "--no-torch-compile"):
+        store, o = tmp_path / flag, tmp_path / f"{flag}.json"
+        res = CliRunner().invoke(app, ["run", "-d", "breastmnist", "-m", "efficientnet_lite0", "--random-init",
+                                       "--precision", "fp32", flag, "--store-path", str(store), "-o", str(o),
+                                       "--threads", "1", "--batch-size", "8"], env=env)
+        assert res.exit_code == 0, res.output
+        result = json.loads(o.read_text())
+        out[flag] = (result["metrics"], EdgeStore(store).meta(result["collection"]).extra)
+    compiled, eager = ({k: v for k, v in out[f][1].items() if k != "ingest_timings"}
+                       for f in ("--torch-compile", "--no-torch-compile"))
+    assert compiled == {**eager, "torch_compile": True}
+    assert out["--torch-compile"][1]["precision"] == "fp32"
+    for name, value in out["--no-torch-compile"][0].items():
+        assert out["--torch-compile"][0][name] == pytest.approx(value, abs=0.01), name
