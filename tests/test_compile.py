@@ -78,3 +78,14 @@ def test_cli_run_records_torch_compile_and_matches_the_eager_run(data_dir, tmp_p
     assert out["--torch-compile"][1]["precision"] == "fp32"
     for name, value in out["--no-torch-compile"][0].items():
         assert out["--torch-compile"][0][name] == pytest.approx(value, abs=0.01), name
+
+
+def test_compile_speed_benchmark_prints_both_modes(data_dir, capsys):
+    from cbmir.benchmarks.compile_speed import main
+
+    out = main(["--images", "10", "--input-size", "native", "--batch-size", "4", "--repeats", "1",
+                "--data-dir", str(data_dir), "--threads", "1"])
+    text = capsys.readouterr().out
+    assert out["images"] == 10 and out["eager_images_per_s"] > 0 and out["compiled_images_per_s"] > 0
+    assert out["max_abs_diff"] <= 1e-4 * out["max_abs_feature"]
+    assert "eager" in text and "compiled" in text and "speed-up" in text
