@@ -24,15 +24,7 @@ import time
 
 import numpy as np
 
-
-def timed(extractor, images: np.ndarray, repeats: int) -> tuple[np.ndarray, float]:
-    """``(features float32 (B, dim), best seconds over repeats)`` of ``extractor.extract(images)``."""
-    best, out = float("inf"), None
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        out = extractor.extract(images)
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+from cbmir.benchmarks.timing import best_of
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     compiled.extract(images[:1])  # the one-off compile (every pass is padded to one shape)
     compile_s = time.perf_counter() - t0
-    a, eager_s = timed(eager, images, args.repeats)
-    b, compiled_s = timed(compiled, images, args.repeats)
+    a, eager_s = best_of(lambda: eager.extract(images), args.repeats)
+    b, compiled_s = best_of(lambda: compiled.extract(images), args.repeats)
     n = len(images)
     out = {"images": n, "eager_s": eager_s, "compiled_s": compiled_s, "eager_images_per_s": n / eager_s,
            "compiled_images_per_s": n / compiled_s, "speedup": eager_s / compiled_s, "compile_s": compile_s,

@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
+
+from cbmir.benchmarks.timing import best_of
 
 
 def measure(embedder, volumes: np.ndarray, repeats: int = 1) -> tuple[np.ndarray, float]:
     """Embed ``volumes`` ``repeats`` times; returns ``(vectors float32 (B, dim), best seconds)``."""
-    best = float("inf")
-    out = None
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        out = embedder.embed(volumes)
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+    return best_of(lambda: embedder.embed(volumes), repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:
