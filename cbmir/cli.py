@@ -96,7 +96,7 @@ PrecisionOpt = typer.Option(None, "--precision", help="torch forward pass: auto 
                             "fp32 | bf16 (autocast on CPU too; ~2x faster on CPUs with native bf16) "
                             "[CBMIR_PRECISION]")
 CompileOpt = typer.Option(None, "--torch-compile/--no-torch-compile", help="ingest with the CNN forward pass "
-                          "compiled by torch.compile (~1.8x images/s on CPU after a ~30 s compile; same "
+                          "compiled by torch.compile (~1.5x images/s on CPU after a ~30 s compile; same "
                           "precision) [CBMIR_TORCH_COMPILE; off]")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads for extraction (1 is often fastest on a busy "
                                                   "CPU) [CBMIR_THREADS; default one per core]")

@@ -56,28 +56,40 @@ def test_settings_and_grid_read_the_flag(monkeypatch):
         GridConfig(datasets=["breastmnist"], models=["hog"], torch_compile="yes")
 
 
-def test_cli_run_records_torch_compile_and_matches_the_eager_run(data_dir, tmp_path):
+def test_benchmark_records_torch_compile_and_matches_the_eager_run(data_dir, tmp_path):
+    """``cbmir benchmark --torch-compile``: the collection records it, the row's timing note says so, and the metrics
+    equal those of an eager ``cbmir run --no-torch-compile`` of the same cell (same features to fp32 rounding)."""
     from typer.testing import CliRunner
 
     from cbmir.cli import app
+    from cbmir.evaluation.results import read_results
+    from cbmir.grid.cell import COMPILED_NOTE
     from cbmir.search.edge_store import EdgeStore
 
     env = {"CBMIR_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
-    out = {}
-    for flag in ("--torch-compile", "--no-torch-compile"):
-        store, o = tmp_path / flag, tmp_path / f"{flag}.json"
-        res = CliRunner().invoke(app, ["run", "-d", "breastmnist", "-m", "efficientnet_lite0", "--random-init",
-                                       "--precision", "fp32", flag, "--store-path", str(store), "-o", str(o),
-                                       "--threads", "1", "--batch-size", "8"], env=env)
-        assert res.exit_code == 0, res.output
-        result = json.loads(o.read_text())
-        out[flag] = (result["metrics"], EdgeStore(store).meta(result["collection"]).extra)
-    compiled, eager = ({k: v for k, v in out[f][1].items() if k != "ingest_timings"}
-                       for f in ("--torch-compile", "--no-torch-compile"))
-    assert compiled == {**eager, "torch_compile": True}
-    assert out["--torch-compile"][1]["precision"] == "fp32"
-    for name, value in out["--no-torch-compile"][0].items():
-        assert out["--torch-compile"][0][name] == pytest.approx(value, abs=0.01), name
+    common = ["-m", "efficientnet_lite0", "--random-init", "--precision", "fp32", "--threads", "1",
+              "--batch-size", "8"]
+    table = tmp_path / "grid" / "results.csv"
+    res = CliRunner().invoke(app, ["benchmark", "--datasets", "breastmnist", *common[2:], "--models",
+                                   "efficientnet_lite0", "--torch-compile", "--results", str(table),
+                                   "--store-path", str(tmp_path / "compiled"), "--no-progress"], env=env)
+    assert res.exit_code == 0, res.output
+    row = read_results(table).iloc[0]
+    assert row["status"] == "ok" and COMPILED_NOTE in row["timing_note"] and row["precision"] == "fp32"
+    compiled = EdgeStore(tmp_path / "compiled").meta(row["collection"]).extra
+    assert compiled["torch_compile"] is True
+
+    o = tmp_path / "eager.json"
+    res = CliRunner().invoke(app, ["run", "-d", "breastmnist", *common, "--no-torch-compile", "--store-path",
+                                   str(tmp_path / "eager"), "-o", str(o)], env=env)
+    assert res.exit_code == 0, res.output
+    result = json.loads(o.read_text())
+    eager = EdgeStore(tmp_path / "eager").meta(result["collection"]).extra
+    assert "torch_compile" not in eager and eager["precision"] == "fp32"
+    assert {k: v for k, v in compiled.items() if k not in ("ingest_timings", "torch_compile")} == \
+        {k: v for k, v in eager.items() if k != "ingest_timings"}
+    for name, value in result["metrics"].items():
+        assert row[name] == pytest.approx(100.0 * value, abs=0.65), name  # one query of 156 at most
 
 
 def test_compile_speed_benchmark_prints_both_modes(data_dir, capsys):

@@ -254,6 +254,10 @@ def _save_per_query(ev, name: str, results_dir: Path) -> str:
     return rel.as_posix()
 
 
+#: ``timing_note`` of a cell whose collection was ingested with ``--torch-compile`` (its timings are not eager ones)
+COMPILED_NOTE = "ingested with torch.compile (one-off compile included)"
+
+
 def _ok_row(cell: Cell, run: _CellRun, *, device: str, per_query_file: str, started: str) -> dict:
     """The results row of a cell that ran (metrics in percent; ``cell_wall_s`` is added by the caller)."""
     ev, meta, rep, timing = run.ev, run.rep.meta, run.rep, run.timing
@@ -281,7 +285,7 @@ def _ok_row(cell: Cell, run: _CellRun, *, device: str, per_query_file: str, star
         "search_per_query_ms": ev.timings["search_per_query_ms"],
         "latency_p50_ms": ev.timings["latency_p50_ms"], "latency_p95_ms": ev.timings["latency_p95_ms"],
         "fetch_s": ev.timings["fetch_s"],
-        "timing_note": "; ".join(run.notes),
+        "timing_note": "; ".join([*run.notes, *([COMPILED_NOTE] if (meta.extra or {}).get("torch_compile") else [])]),
         "train_reused": "train" in rep.skipped, "test_reused": "test" in rep.skipped,
         "features_cached": bool(run.replay), "per_query_file": per_query_file,
         "started_at": started, "finished_at": utc_now(),

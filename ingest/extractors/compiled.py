@@ -2,9 +2,10 @@
 
 Off by default. On, the pooled features (``forward_features`` then global average pooling) run through
 ``torch.compile`` (TorchInductor: fused convolution + batch-norm + activation kernels). Measured here,
-EfficientNet-Lite0 at 224 px in fp32 on two AVX-512 CPU cores: 42 -> 75 images/s, features equal to eager ones
-to 5e-6 (fp32 rounding; same precision, so tables stay comparable), after a one-off compile of about 30 s per
-process. Worth it for bulk ingestion (a MedMNIST 3D 64^3 dataset is 100k slices), not for a handful of queries.
+EfficientNet-Lite0 / Lite2 at 224 px in fp32 on two AVX-512 CPU cores: 42 -> 60 / 31 -> 47 images/s with the resize
+(the network alone: 42 -> 75), features equal to eager ones to 2e-6 (fp32 rounding; same precision, so tables stay
+comparable), after a one-off compile of 20-30 s per process (seconds when TorchInductor's cache has it).
+Worth it for bulk ingestion (a MedMNIST 3D 64^3 dataset is 100k slices), not for a handful of queries.
 
 Every forward pass is padded to one fixed batch size (:func:`padded`) so the graph compiles once; padded rows
 are dropped (eval mode: rows are independent). The ImageNet head used by the weights sanity check stays eager.
