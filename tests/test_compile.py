@@ -101,3 +101,22 @@ def test_compile_speed_benchmark_prints_both_modes(data_dir, capsys):
     assert out["images"] == 10 and out["eager_images_per_s"] > 0 and out["compiled_images_per_s"] > 0
     assert out["max_abs_diff"] <= 1e-4 * out["max_abs_feature"]
     assert "eager" in text and "compiled" in text and "speed-up" in text
+
+
+def test_a_compiler_failure_names_the_model_and_the_fix(monkeypatch):
+    """Where TorchInductor cannot build (e.g. no C++ compiler), extraction fails with one message naming the model
+    and ``--torch-compile``, not a compiler traceback."""
+    import torch
+
+    def broken_compile(fn, **_kw):
+        def run(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nlong traceback")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    ext = create_extractor("efficientnet_lite0", random_init=True, device="cpu", torch_compile=True)
+    images = np.zeros((2, 28, 28, 3), dtype=np.uint8)
+    with pytest.raises(CbmirError, match=r"torch.compile failed for efficientnet_lite0: RuntimeError: "
+                                         r"InvalidCxxCompiler: No working C\+\+ compiler found; run without "
+                                         r"--torch-compile"):
+        ext.extract(images)

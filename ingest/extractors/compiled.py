@@ -16,13 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cbmir.core.errors import CbmirError
 
-def pooled_forward(model, enabled: bool) -> Callable:
+
+def pooled_forward(model, enabled: bool, name: str = "the model") -> Callable:
     """The callable ``x -> model.forward_features(x).mean(dim=(2, 3))`` (float ``(B, C, H, W)`` -> ``(B, C)``),
     compiled with ``torch.compile`` when ``enabled``.
 
+    The compiled callable raises :class:`CbmirError` (naming ``name``, the compiler's error and the fix: run without
+    ``--torch-compile``) when compiling or running the compiled graph fails, e.g. on a machine without the C++
+    compiler TorchInductor needs on the CPU.
+
     Example:
-        >>> f = pooled_forward(model, enabled=True)   # compiles lazily on the first call
+        >>> f = pooled_forward(model, enabled=True, name="efficientnet_lite0")   # compiles on the first call
     """
     def pooled(x):
         return model.forward_features(x).mean(dim=(2, 3))
@@ -31,7 +37,17 @@ def pooled_forward(model, enabled: bool) -> Callable:
         return pooled
     import torch
 
-    return torch.compile(pooled, dynamic=False)
+    compiled = torch.compile(pooled, dynamic=False)
+
+    def run(x):
+        try:
+            return compiled(x)
+        except Exception as e:  # noqa: BLE001 - any compiler failure becomes one message with the fix
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CbmirError(f"torch.compile failed for {name}: {type(e).__name__}: {first}; run without "
+                             "--torch-compile (CBMIR_TORCH_COMPILE=false, grid torch_compile: false)") from e
+
+    return run
 
 
 def padded(x, rows: int):

@@ -238,7 +238,7 @@ class TimmCNNExtractor:
         self._amp = autocast_dtype(self.device, precision)
         self.precision = precision_label(self._amp)
         self.torch_compile = bool(torch_compile)
-        self._pooled_forward = pooled_forward(self.model, self.torch_compile)
+        self._pooled_forward = pooled_forward(self.model, self.torch_compile, name=spec.name)
 
     @staticmethod
     def locate_pretrained(spec: ExtractorSpec):
