@@ -95,9 +95,9 @@ GrpcOpt = typer.Option(None, "--prefer-grpc/--no-prefer-grpc", help="Qdrant serv
 PrecisionOpt = typer.Option(None, "--precision", help="torch forward pass: auto (bf16 on CUDA, fp32 on CPU) | "
                             "fp32 | bf16 (autocast on CPU too; ~2x faster on CPUs with native bf16) "
                             "[CBMIR_PRECISION]")
-CompileOpt = typer.Option(None, "--torch-compile/--no-torch-compile", help="ingest with the CNN forward pass "
-                          "compiled by torch.compile (~1.5x images/s on CPU after a ~30 s compile; same "
-                          "precision) [CBMIR_TORCH_COMPILE; off]")
+CompileOpt = typer.Option(None, "--torch-compile/--no-torch-compile", help="ingest with the ImageNet CNN forward "
+                          "pass compiled by torch.compile (~1.5x images/s at 224 px on CPU after a ~30 s compile; "
+                          "slower at native 28-64 px; same precision) [CBMIR_TORCH_COMPILE; off]")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads for extraction (1 is often fastest on a busy "
                                                   "CPU) [CBMIR_THREADS; default one per core]")
 

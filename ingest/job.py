@@ -106,12 +106,9 @@ def build_meta(source: DatasetSource, embedder, *, distance: str = "cosine",
 
 def embedder_extra(embedder) -> dict:
     """``{"precision": label}`` for an embedder whose extractor states the precision of its forward pass
-    (:mod:`cbmir.ingest.extractors.precision`), plus ``{"torch_compile": True}`` when its forward pass was compiled
-    (:mod:`cbmir.ingest.extractors.compiled`); else ``{}``."""
-    extractor = getattr(embedder, "extractor", None)
-    precision = getattr(extractor, "precision", None)
-    compiled = {"torch_compile": True} if getattr(extractor, "torch_compile", False) else {}
-    return ({"precision": str(precision)} if precision else {}) | compiled
+    (:mod:`cbmir.ingest.extractors.precision`), else ``{}``."""
+    precision = getattr(getattr(embedder, "extractor", None), "precision", None)
+    return {"precision": str(precision)} if precision else {}
 
 
 def source_extra(source: DatasetSource) -> dict:
@@ -390,7 +387,8 @@ TIMINGS_KEY = "ingest_timings"
 def record_ingest_timings(store: VectorStore, report: IngestReport, *, replayed: bool = False) -> dict:
     """Record in the collection metadata (``extra["ingest_timings"][split]``) the timing of every split this
     run embedded in full: ``{"seconds": extraction + upsert s, "items": rows, "items_per_s", "at": UTC ISO 8601,
-    "model_load_s"}``, so that a later run reusing the collection can report them (Table 6). Splits reused,
+    "model_load_s"}`` (plus ``"torch_compile": true`` when ``report.extra["torch_compile"]``: the split was embedded
+    through ``torch.compile``), so that a later run reusing the collection can report them (Table 6). Splits reused,
     resumed (part of them stored before), or with refused rows are not recorded (their earlier record stays);
     nothing is recorded when the features were ``replayed`` from a cache (the time is upsert only).
 
@@ -410,7 +408,8 @@ def record_ingest_timings(store: VectorStore, report: IngestReport, *, replayed:
     for sp in full:
         timings[sp] = {"seconds": float(report.seconds[sp]), "items": int(report.written[sp]),
                        "items_per_s": float(report.items_per_s[sp]), "at": at,
-                       "model_load_s": report.extra.get("model_load_s")}
+                       "model_load_s": report.extra.get("model_load_s"),
+                       **({"torch_compile": True} if report.extra.get("torch_compile") else {})}
     meta.extra = {**(meta.extra or {}), TIMINGS_KEY: timings}
     store.write_meta(report.collection, meta)
     return timings

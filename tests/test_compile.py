@@ -1,5 +1,6 @@
-"""``--torch-compile``: the CNN forward pass through ``torch.compile`` gives the eager features (fp32 rounding),
-pads every pass to one shape, and is recorded in the collection metadata; other families ignore it."""
+"""``--torch-compile``: the CNN forward pass through ``torch.compile`` gives the eager features (fp32 rounding)
+across passes of different sizes, and is recorded per embedded split in the collection metadata and in the grid's
+timing note; other families ignore it."""
 
 from __future__ import annotations
 
@@ -10,24 +11,11 @@ import pytest
 
 from cbmir.core.errors import CbmirError
 from cbmir.ingest.extractors import create_extractor
-from cbmir.ingest.extractors.compiled import padded
-
-
-def test_padded_appends_zero_rows_up_to_the_compiled_batch():
-    import torch
-
-    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    p = padded(x, 5)
-    assert p.shape == (5, 3, 4, 4) and p.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(p[:2], x) and not p[2:].any()
-    assert padded(x, 2) is x
-    with pytest.raises(ValueError, match="exceeds the compiled batch size 1"):
-        padded(x, 1)
 
 
 def test_compiled_features_equal_eager_ones_across_a_padded_last_pass():
-    """70 images in passes of 64 (``batch_size`` 4 at 32 px): the second pass is padded from 6 to 64 rows; the
-    compiled features match eager ones to fp32 rounding, row by row (a padding or ordering slip would not)."""
+    """70 images in passes of 64 (``batch_size`` 4 at 32 px), then 6 (a recompile with a dynamic batch dimension),
+    then 3: the compiled features match eager ones to fp32 rounding, row by row."""
     images = np.random.default_rng(0).integers(0, 256, size=(70, 28, 28, 3), dtype=np.uint8)
     eager = create_extractor("efficientnet_lite0", random_init=True, device="cpu", batch_size=4)
     compiled = create_extractor("efficientnet_lite0", random_init=True, device="cpu", batch_size=4,
@@ -35,6 +23,7 @@ def test_compiled_features_equal_eager_ones_across_a_padded_last_pass():
     assert compiled.torch_compile and not eager.torch_compile and compiled.forward_batch(32, 32) == 64
     a, b = eager.extract(images), compiled.extract(images)
     assert b.shape == a.shape == (70, 1280) and b.dtype == np.float32
+    np.testing.assert_allclose(compiled.extract(images[:3]), a[:3], rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
     assert not np.allclose(b[1:], b[:-1])  # rows are distinct images, not one repeated row
 
@@ -52,8 +41,9 @@ def test_settings_and_grid_read_the_flag(monkeypatch):
     monkeypatch.setenv("CBMIR_TORCH_COMPILE", "1")
     assert load_settings().torch_compile is True
     assert GridConfig(datasets=["breastmnist"], models=["hog"], torch_compile=True).torch_compile is True
-    with pytest.raises(CbmirError, match="torch_compile must be true or false, got 'yes'"):
-        GridConfig(datasets=["breastmnist"], models=["hog"], torch_compile="yes")
+    for bad in ("yes", 2):
+        with pytest.raises(CbmirError, match=f"torch_compile must be true or false, got {bad!r}"):
+            GridConfig(datasets=["breastmnist"], models=["hog"], torch_compile=bad)
 
 
 def test_benchmark_records_torch_compile_and_matches_the_eager_run(data_dir, tmp_path):
@@ -75,9 +65,10 @@ def test_benchmark_records_torch_compile_and_matches_the_eager_run(data_dir, tmp
                                    "--store-path", str(tmp_path / "compiled"), "--no-progress"], env=env)
     assert res.exit_code == 0, res.output
     row = read_results(table).iloc[0]
-    assert row["status"] == "ok" and COMPILED_NOTE in row["timing_note"] and row["precision"] == "fp32"
+    assert row["status"] == "ok" and row["precision"] == "fp32"
+    assert row["timing_note"] == f"train, test: {COMPILED_NOTE}"
     compiled = EdgeStore(tmp_path / "compiled").meta(row["collection"]).extra
-    assert compiled["torch_compile"] is True
+    assert all(compiled["ingest_timings"][sp]["torch_compile"] is True for sp in ("train", "test"))
 
     o = tmp_path / "eager.json"
     res = CliRunner().invoke(app, ["run", "-d", "breastmnist", *common, "--no-torch-compile", "--store-path",
@@ -85,8 +76,8 @@ def test_benchmark_records_torch_compile_and_matches_the_eager_run(data_dir, tmp
     assert res.exit_code == 0, res.output
     result = json.loads(o.read_text())
     eager = EdgeStore(tmp_path / "eager").meta(result["collection"]).extra
-    assert "torch_compile" not in eager and eager["precision"] == "fp32"
-    assert {k: v for k, v in compiled.items() if k not in ("ingest_timings", "torch_compile")} == \
+    assert eager["precision"] == "fp32" and not any("torch_compile" in t for t in eager["ingest_timings"].values())
+    assert {k: v for k, v in compiled.items() if k != "ingest_timings"} == \
         {k: v for k, v in eager.items() if k != "ingest_timings"}
     for name, value in result["metrics"].items():
         assert row[name] == pytest.approx(100.0 * value, abs=0.65), name  # one query of 156 at most

@@ -79,6 +79,7 @@ def ingest_collection(app, ref: CollectionRef, *, weights: str | None = None, re
     report = ingest(source, embedder, app.store, splits=tuple(splits), batch_size=s.batch_size,
                     distance=ref.distance, recreate=recreate, progress=progress, shard=shard, index=index)
     report.extra["model_load_s"] = model_load_s
+    report.extra["torch_compile"] = bool(getattr(extractor, "torch_compile", False))
     # for a later run that reuses the collection (the grid's Table 6); features replayed from a cache are not
     # an extraction time
     record_ingest_timings(app.store, report, replayed=bool(getattr(embedder, "replays_features", False)))

@@ -40,8 +40,9 @@ class Settings(BaseSettings):
             on CUDA, fp32 on CPU), ``fp32`` (everywhere) or ``bf16`` (autocast on CPU too: about 2x faster on CPUs
             with native bf16). Recorded per collection; see :mod:`cbmir.ingest.extractors.precision`.
         torch_compile: ingest with the ImageNet CNNs' forward pass compiled by ``torch.compile``
-            (``CBMIR_TORCH_COMPILE``): about 1.5x the images/s of bulk jobs on CPU after a ~30 s compile, same
-            precision; queries stay eager. Recorded per collection; see :mod:`cbmir.ingest.extractors.compiled`.
+            (``CBMIR_TORCH_COMPILE``): about 1.5x the images/s of big jobs at 224 px on CPU after a ~30 s compile
+            (slower for the small ``native`` inputs), same precision; queries stay eager. Recorded per embedded split;
+            see :mod:`cbmir.ingest.extractors.compiled`.
         batch_size: images per extractor forward pass.
         num_workers: DataLoader workers for preprocessing (0 = in the main process).
         threads: torch intra-op CPU threads for extraction (``CBMIR_THREADS``; None = torch's default,

@@ -258,6 +258,16 @@ def _save_per_query(ev, name: str, results_dir: Path) -> str:
 COMPILED_NOTE = "ingested with torch.compile (one-off compile included)"
 
 
+def _compiled_note(meta) -> list[str]:
+    """``["train, test: " + COMPILED_NOTE]`` for the splits whose recorded ingest ran through ``torch.compile``
+    (:func:`cbmir.ingest.job.record_ingest_timings`), else ``[]``."""
+    from cbmir.ingest.job import TIMINGS_KEY
+
+    recorded = (meta.extra or {}).get(TIMINGS_KEY) or {}
+    splits = [sp for sp in _SPLITS if (recorded.get(sp) or {}).get("torch_compile")]
+    return [f"{', '.join(splits)}: {COMPILED_NOTE}"] if splits else []
+
+
 def _ok_row(cell: Cell, run: _CellRun, *, device: str, per_query_file: str, started: str) -> dict:
     """The results row of a cell that ran (metrics in percent; ``cell_wall_s`` is added by the caller)."""
     ev, meta, rep, timing = run.ev, run.rep.meta, run.rep, run.timing
@@ -285,7 +295,7 @@ def _ok_row(cell: Cell, run: _CellRun, *, device: str, per_query_file: str, star
         "search_per_query_ms": ev.timings["search_per_query_ms"],
         "latency_p50_ms": ev.timings["latency_p50_ms"], "latency_p95_ms": ev.timings["latency_p95_ms"],
         "fetch_s": ev.timings["fetch_s"],
-        "timing_note": "; ".join([*run.notes, *([COMPILED_NOTE] if (meta.extra or {}).get("torch_compile") else [])]),
+        "timing_note": "; ".join([*run.notes, *_compiled_note(meta)]),
         "train_reused": "train" in rep.skipped, "test_reused": "test" in rep.skipped,
         "features_cached": bool(run.replay), "per_query_file": per_query_file,
         "started_at": started, "finished_at": utc_now(),

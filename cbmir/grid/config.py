@@ -154,7 +154,7 @@ class GridConfig:
         for name in ("random_init", "save_per_query", "retry_failed", "download", "progress"):
             if not isinstance(getattr(self, name), (bool, int)):  # a string "false" would read as true
                 raise CbmirError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.torch_compile is not None and not isinstance(self.torch_compile, (bool, int)):
+        if self.torch_compile is not None and not isinstance(self.torch_compile, bool):
             raise CbmirError(f"torch_compile must be true or false, got {self.torch_compile!r}")
 
     @classmethod

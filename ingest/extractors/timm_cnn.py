@@ -36,7 +36,7 @@ import numpy as np
 from cbmir.core.errors import CbmirError
 
 from cbmir.ingest.base import ExtractorSpec, PreprocessCfg, WeightsCfg, uint8_image_batch
-from cbmir.ingest.extractors.compiled import padded, pooled_forward
+from cbmir.ingest.extractors.compiled import pooled_forward
 from cbmir.ingest.extractors.precision import autocast, autocast_dtype, precision_label
 from cbmir.ingest.extractors.registry import register, register_builder, register_weights_check
 from cbmir.ingest.extractors.weights import (
@@ -358,8 +358,6 @@ class TimmCNNExtractor:
                 with self._autocast():
                     if head:
                         out = self.model.forward_head(self.model.forward_features(x))
-                    elif self.torch_compile:  # one fixed shape: the graph compiles once
-                        out = self._pooled_forward(padded(x, step))[: len(chunk)]
                     else:
                         out = self._pooled_forward(x)
                 parts.append(out.float().cpu().numpy())
