@@ -13,7 +13,7 @@ from cbmir.core.errors import CbmirError
 from cbmir.ingest.extractors import create_extractor
 
 
-def test_compiled_features_equal_eager_ones_across_a_padded_last_pass():
+def test_compiled_features_equal_eager_ones_across_passes_of_different_sizes():
     """70 images in passes of 64 (``batch_size`` 4 at 32 px), then 6 (a recompile with a dynamic batch dimension),
     then 3: the compiled features match eager ones to fp32 rounding, row by row."""
     images = np.random.default_rng(0).integers(0, 256, size=(70, 28, 28, 3), dtype=np.uint8)
